@@ -1,0 +1,319 @@
+"""Typed run configuration: one dataclass per YAML section, loading, overrides and validation.
+
+Precedence: ``--section.key=value`` on the command line > the YAML file > the defaults below.
+Every field carries a one-line doc (``field.metadata["doc"]``); ``python -m pipedni.config``
+prints the reference table that ``docs/usage.md`` embeds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+
+from pipedni.errors import ConfigError
+
+SCHEDULES = ("single", "naive", "gpipe", "1f1b")
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a documented default (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("default", "Run name; also the default run directory name.")
+    dir: Optional[str] = _f(None, "Output directory (default: runs/<name>).")
+    seed: int = _f(0, "Seed for weights and data order; identical on every rank.")
+    threads: int = _f(0, "Torch CPU threads per stage process (0: cores / local processes).")
+    log_every: int = _f(10, "Steps between console updates (metrics are written every step).")
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "cnn"] = _f("mlp", "Built-in model: mlp (fully connected) or cnn (conv).")
+    depth: int = _f(3, "mlp: number of hidden Linear layers.")
+    width: int = _f(256, "mlp: units per hidden layer.")
+    batchnorm: bool = _f(False, "Add BatchNorm after each hidden Linear / conv layer.")
+    channels: list[int] = _f([32, 64], "cnn: output channels of each 5x5 conv block.")
+    hidden: int = _f(0, "cnn: width of a hidden Linear layer before the classifier (0: none).")
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion_mnist", "mnist", "synthetic"] = _f(
+        "fashion_mnist", "Data set: fashion_mnist, mnist (IDX files) or synthetic (random, no I/O)."
+    )
+    root: str = _f("data", "Directory searched for IDX files (before the Debian package path).")
+    batch_size: int = _f(128, "Training batch size (split into train.microbatches).")
+    eval_batch_size: int = _f(1000, "Batch size of the forward-only evaluation pass.")
+    normalize: bool = _f(True, "Standardise inputs with the training set's mean and std.")
+    train_limit: int = _f(0, "Use only the first N training samples (0: all).")
+    test_limit: int = _f(0, "Evaluate on only the first N test samples (0: all).")
+    synthetic_shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample.")
+    synthetic_classes: int = _f(10, "synthetic: number of classes.")
+    synthetic_size: int = _f(8192, "synthetic: number of training samples (test: a quarter).")
+
+
+@dataclass
+class PartitionConfig:
+    balance: Optional[list[int]] = _f(None, "Layers per stage, e.g. [2, 2]; overrides method.")
+    method: Literal["uniform", "parameters"] = _f(
+        "parameters", "uniform: equal layer counts; parameters: exact min-max parameter split."
+    )
+
+
+@dataclass
+class TrainConfig:
+    schedule: Literal["single", "naive", "gpipe", "1f1b"] = _f(
+        "1f1b", "single (one process, reference), naive, gpipe or 1f1b."
+    )
+    steps: int = _f(0, "Optimizer steps to run (0: use train.epochs).")
+    epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")
+    microbatches: int = _f(4, "Microbatches per batch for gpipe / 1f1b / naive (M).")
+    eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = _f("sgd", "Optimizer: sgd, adam or adamw.")
+    lr: float = _f(0.05, "Peak learning rate.")
+    momentum: float = _f(0.9, "sgd: momentum.")
+    weight_decay: float = _f(0.0, "Weight decay (decoupled for adamw).")
+    betas: list[float] = _f([0.9, 0.999], "adam / adamw: betas.")
+    lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "constant, or cosine: linear warmup then cosine decay to min_lr."
+    )
+    warmup_steps: int = _f(0, "cosine: steps of linear warmup from 0 to lr.")
+    min_lr: float = _f(0.0, "cosine: learning rate at the last step.")
+    grad_clip: float = _f(0.0, "Clip the global gradient norm (all stages together) to this (0: off).")
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = _f(
+        "auto", "auto: nccl when every rank has its own GPU, else gloo."
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu.")
+    timeout_sec: float = _f(300.0, "Longest wait for any message before the job fails.")
+    queue_size: int = _f(64, "Messages buffered per incoming direction before the sender waits.")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = _f(True, "Write final per-stage checkpoints to <run.dir>/checkpoints.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
+
+# --------------------------------------------------------------------------- type checks
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value in typing.get_args(tp):
+            return value
+        raise TypeError
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg)
+            except TypeError:
+                pass
+        raise TypeError
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise TypeError
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item) for v in value]
+    if tp is type(None):
+        if value is None:
+            return None
+        raise TypeError
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and type(value) is tp:
+        return value
+    raise TypeError
+
+
+def _set(section_obj: Any, section: str, key: str, value: Any, source: str) -> None:
+    hints = typing.get_type_hints(type(section_obj))
+    if key not in hints:
+        valid = ", ".join(sorted(hints))
+        raise ConfigError(f"unknown key '{section}.{key}' ({source}); valid keys of '{section}': {valid}")
+    try:
+        setattr(section_obj, key, _coerce(value, hints[key]))
+    except TypeError:
+        raise ConfigError(
+            f"{section}.{key} = {value!r} ({source}) is not valid; expected {_type_name(hints[key])}"
+        ) from None
+
+
+def _apply_mapping(cfg: Config, data: Any, source: str) -> None:
+    if data is None:
+        return
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping of sections, got {type(data).__name__}")
+    for section, values in data.items():
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section '{section}' ({source}); valid sections: {', '.join(SECTIONS)}"
+            )
+        if values is None:
+            continue
+        if not isinstance(values, dict):
+            raise ConfigError(f"section '{section}' ({source}) must be a mapping of key: value")
+        for key, value in values.items():
+            _set(getattr(cfg, section), section, str(key), value, source)
+
+
+def parse_override(arg: str) -> tuple[str, str, Any]:
+    """Split ``--section.key=value`` into (section, key, YAML-parsed value)."""
+    body = arg[2:] if arg.startswith("--") else arg
+    if "=" not in body or "." not in body.split("=", 1)[0]:
+        raise ConfigError(f"override '{arg}' must look like --section.key=value")
+    dotted, raw = body.split("=", 1)
+    section, key = dotted.split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    if section not in SECTIONS:
+        raise ConfigError(f"unknown section '{section}' in '{arg}'; valid sections: {', '.join(SECTIONS)}")
+    return section, key, value
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Defaults, then the YAML file at ``path``, then ``--section.key=value`` overrides; validated."""
+    cfg = Config()
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file '{path}' does not exist; pass a YAML file such as configs/mlp_fashion.yaml")
+        try:
+            data = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
+        _apply_mapping(cfg, data, str(path))
+    for arg in overrides:
+        section, key, value = parse_override(arg)
+        _set(getattr(cfg, section), section, key, value, "command line")
+    validate(cfg)
+    return cfg
+
+
+def config_from_dict(data: dict) -> Config:
+    """A validated Config from a nested dict (as written to ``config.yaml``)."""
+    cfg = Config()
+    _apply_mapping(cfg, data, "dict")
+    validate(cfg)
+    return cfg
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Cross-field checks, run once at load."""
+    _require(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}; must be >= 1")
+    _require(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}; must be >= 1")
+    m = cfg.train.microbatches
+    _require(m >= 1, f"train.microbatches = {m}; must be >= 1")
+    _require(
+        m <= cfg.data.batch_size,
+        f"train.microbatches = {m} exceeds data.batch_size = {cfg.data.batch_size}; "
+        "use at most one microbatch per sample",
+    )
+    _require(cfg.train.steps >= 0, f"train.steps = {cfg.train.steps}; must be >= 0")
+    _require(
+        cfg.train.steps > 0 or cfg.train.epochs > 0,
+        "train.steps and train.epochs are both 0; set one of them",
+    )
+    _require(cfg.train.eval_every >= 0, f"train.eval_every = {cfg.train.eval_every}; must be >= 0")
+    _require(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}; must be > 0")
+    _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}; must be >= 0 (0: off)")
+    _require(len(cfg.optim.betas) == 2, f"optim.betas = {cfg.optim.betas}; give two numbers like [0.9, 0.999]")
+    _require(cfg.model.depth >= 1, f"model.depth = {cfg.model.depth}; must be >= 1")
+    _require(cfg.model.width >= 1, f"model.width = {cfg.model.width}; must be >= 1")
+    _require(
+        len(cfg.model.channels) >= 1 and min(cfg.model.channels) >= 1,
+        f"model.channels = {cfg.model.channels}; give at least one positive channel count",
+    )
+    _require(cfg.dist.timeout_sec > 0, f"dist.timeout_sec = {cfg.dist.timeout_sec}; must be > 0")
+    _require(cfg.dist.queue_size >= 2, f"dist.queue_size = {cfg.dist.queue_size}; must be >= 2")
+    _require(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}; must be >= 0")
+    _require(cfg.run.log_every >= 1, f"run.log_every = {cfg.run.log_every}; must be >= 1")
+    balance = cfg.partition.balance
+    if balance is not None:
+        _require(
+            len(balance) >= 1 and min(balance) >= 1,
+            f"partition.balance = {balance}; every stage needs at least one layer",
+        )
+
+
+def save_config(cfg: Config, path: Path) -> None:
+    path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def reference_markdown() -> str:
+    """The config reference table embedded in docs/usage.md (one row per field)."""
+    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
+    for section, section_type in SECTIONS.items():
+        hints = typing.get_type_hints(section_type)
+        for f in dataclasses.fields(section_type):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            tname = _type_name(hints[f.name]).replace("|", "\\|")
+            lines.append(f"| `{section}.{f.name}` | {tname} | `{default!r}` | {f.metadata['doc']} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(reference_markdown())

@@ -1,0 +1,139 @@
+"""Assembling this rank's stage from a config, and the training loop that drives it."""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from pipedni import data as datasets
+from pipedni.checkpoint import Checkpointer
+from pipedni.config import Config, save_config
+from pipedni.console import make_console
+from pipedni.errors import LaunchError
+from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
+from pipedni.models import build_model
+from pipedni.partition import describe, partition
+from pipedni.runtime import Runtime
+from pipedni.stage import Stage
+from pipedni.transport import TensorSpec, Transport
+from pipedni.worker import StageWorker
+
+
+def total_steps(cfg: Config, num_train_samples: int) -> int:
+    if cfg.train.steps > 0:
+        return cfg.train.steps
+    per_epoch = datasets.steps_per_epoch(num_train_samples, cfg.data.batch_size)
+    return max(1, math.ceil(cfg.train.epochs * per_epoch))
+
+
+def check_layout(cfg: Config, runtime: Runtime) -> None:
+    """One process per stage: the schedule and the balance must fit the world size."""
+    n = runtime.num_stages
+    if cfg.train.schedule == "single" and n > 1:
+        raise LaunchError(
+            f"train.schedule = 'single' runs the whole model in one process but {n} were started; "
+            "use --nproc_per_node=1, plain python, or a pipelined schedule (naive, gpipe, 1f1b)"
+        )
+    balance = cfg.partition.balance
+    if balance is not None and n > 1 and len(balance) != n:
+        raise LaunchError(
+            f"partition.balance = {balance} describes {len(balance)} stages but {n} processes were started; "
+            f"use torchrun --nproc_per_node={len(balance)} or give {n} entries"
+        )
+
+
+def build_worker(cfg: Config, runtime: Runtime, model: nn.Sequential, steps: int) -> StageWorker:
+    """This rank's stage of ``model`` with its optimizer, transport and schedule."""
+    n = runtime.num_stages
+    balance = cfg.partition.balance if n > 1 else None
+    stages = partition(model, n, balance, cfg.partition.method)
+    stage = Stage(stages[runtime.stage_index], runtime.stage_index, n, runtime.device, cfg.optim, steps,
+                  distributed=runtime.distributed)
+    transport = None
+    if n > 1:
+        wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device
+        transport = Transport(runtime.stage_index, n, runtime.device, wire, cfg.dist.queue_size, cfg.dist.timeout_sec)
+    schedule = "single" if n == 1 else cfg.train.schedule
+    worker = StageWorker(stage, transport, schedule, cfg.train.microbatches)
+    worker.describe = describe(stages)
+    return worker
+
+
+class Trainer:
+    """Runs training, evaluation, checkpointing and the summary for one rank."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, model: Optional[nn.Sequential] = None):
+        self.cfg, self.runtime = cfg, runtime
+        self.run_dir = cfg.run_dir
+        check_layout(cfg, runtime)
+        self.train_set, self.test_set = datasets.load_datasets(cfg.data, cfg.run.seed)
+        self.steps = total_steps(cfg, len(self.train_set))
+        sample_shape = tuple(self.train_set.inputs.shape[1:])
+        if model is None:
+            model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
+        self.console = make_console(runtime.is_last, cfg.run.log_every)
+        self.worker = build_worker(cfg, runtime, model, self.steps)
+        self.worker.connect(TensorSpec((1, *sample_shape), self.train_set.inputs.dtype), self.train_set.num_classes)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if runtime.is_first:
+            save_config(cfg, self.run_dir / "config.yaml")
+            print(self.worker.describe, flush=True)
+        self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
+        self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled)
+        self.last_eval: Optional[dict] = None
+
+    def evaluate(self, step: int) -> None:
+        batches = datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size)
+        result = self.worker.evaluate(batches)
+        if result is not None:
+            self.last_eval = {"step": step, "accuracy": result.accuracy, "loss": result.loss}
+            self.metrics.log({"eval_step": step, "test_accuracy": result.accuracy, "test_loss": result.loss})
+            self.console.evaluated(step, result.accuracy, result.loss)
+
+    def fit(self) -> Optional[dict]:
+        """Train for ``self.steps`` steps; returns summary.json's content on the last stage."""
+        cfg, start = self.cfg, time.perf_counter()
+        self.console.start(self.steps)
+        batches = datasets.train_batches(self.train_set, cfg.data.batch_size, cfg.run.seed, self.steps)
+        for step, inputs, targets in batches:
+            stats = self.worker.train_step(step, inputs, targets)
+            self.metrics.step(stats, cfg.data.batch_size, self.worker.stage.scheduler.get_last_lr()[0])
+            if step > 0 or self.steps == 1:  # the first step pays one-off costs
+                self.totals.add(stats)
+            self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))
+            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
+                self.evaluate(step + 1)
+        self.evaluate(self.steps)
+        wall = time.perf_counter() - start
+        self.checkpointer.save(self.worker.stage, self.steps, self.runtime.num_stages, cfg.to_dict())
+        return self._summarize(wall)
+
+    def _summarize(self, wall: float) -> Optional[dict]:
+        self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
+        self.totals.bytes_sent = self.worker.transport.bytes_sent if self.worker.transport else 0
+        stages = [self.totals.summary()]
+        if self.runtime.distributed:
+            gathered: list = [None] * self.runtime.world_size
+            dist.all_gather_object(gathered, stages[0])
+            stages = gathered
+        self.metrics.close()
+        if not self.runtime.is_last:
+            return None
+        t = self.totals
+        summary = build_summary(self.cfg.train.schedule if self.runtime.num_stages > 1 else "single",
+                                self.runtime.num_stages, self.steps, self.cfg.data.batch_size, wall,
+                                t.step_sec, t.steps, self.last_eval, stages)
+        write_json_atomic(self.run_dir / "summary.json", summary)
+        self.console.finish(summary)
+        return summary
+
+    def close(self) -> None:
+        if self.worker.transport is not None:
+            self.worker.transport.close()

@@ -1,0 +1,29 @@
+"""User-facing error types: what a user did wrong, with the value and the fix in the message."""
+
+
+class PipeDNIError(Exception):
+    """Base of every error pipedni raises on purpose."""
+
+
+class ConfigError(PipeDNIError, ValueError):
+    """A config file or override names an unknown key, a wrong type or an impossible value."""
+
+
+class PartitionError(PipeDNIError, ValueError):
+    """A model cannot be split as asked, or one stage cannot take the previous stage's output."""
+
+
+class DataError(PipeDNIError, ValueError):
+    """A data set is missing or malformed."""
+
+
+class LaunchError(PipeDNIError, ValueError):
+    """The process layout does not fit the config (world size, devices, backend)."""
+
+
+class TransportError(PipeDNIError, RuntimeError):
+    """A message did not arrive in time, or arrived with the wrong header."""
+
+
+# Errors the CLI reports as one line with exit code 2 (user mistakes, not bugs).
+USER_ERRORS = (ConfigError, PartitionError, DataError, LaunchError, TransportError)

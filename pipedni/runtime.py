@@ -1,0 +1,101 @@
+"""This process's place in the job: rank, stage, device and backend, from the torchrun env."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from pipedni.config import Config
+from pipedni.errors import LaunchError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    device: torch.device
+    backend: str  # "gloo" or "nccl"; "none" for a single process without torchrun
+    host_staging: bool  # tensors cross the wire through host memory (ranks share a GPU)
+
+    @property
+    def stage_index(self) -> int:
+        return self.rank
+
+    @property
+    def num_stages(self) -> int:
+        return self.world_size
+
+    @property
+    def is_first(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_last(self) -> bool:
+        return self.rank == self.world_size - 1
+
+    @property
+    def prefix(self) -> str:
+        return f"[stage {self.rank}/{self.world_size}]"
+
+    @property
+    def distributed(self) -> bool:
+        return self.backend != "none"
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def _choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[torch.device, str, bool]:
+    """(device, backend, host_staging). See the transport note on backends."""
+    want_cuda = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
+    if not want_cuda:
+        if cfg.dist.backend == "nccl":
+            raise LaunchError("dist.backend = 'nccl' needs CUDA devices; use dist.backend=gloo on CPU")
+        return torch.device("cpu"), "gloo", False
+    num_gpus = torch.cuda.device_count()
+    if num_gpus == 0:
+        raise LaunchError("dist.device = 'cuda' but no CUDA device is visible; use --dist.device=cpu")
+    device = torch.device("cuda", local_rank % num_gpus)
+    shared = local_world_size > num_gpus
+    if shared and cfg.dist.backend == "nccl":
+        raise LaunchError(
+            f"{local_world_size} processes share {num_gpus} GPU(s) and NCCL needs one GPU per rank; "
+            "use --dist.backend=gloo (host staging) or fewer processes per node"
+        )
+    if shared:
+        log.warning("%d processes share %d GPU(s): using gloo with host staging", local_world_size, num_gpus)
+    backend = "gloo" if shared or cfg.dist.backend == "gloo" else "nccl"
+    return device, backend, backend == "gloo"
+
+
+def init_runtime(cfg: Config) -> Runtime:
+    """Pin the device from LOCAL_RANK, then init the default process group (when under torchrun)."""
+    under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
+    rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
+    local_rank, local_world_size = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
+    device, backend, staging = _choose_device(cfg, local_rank, local_world_size)
+    torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world_size))
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not under_torchrun:
+        return Runtime(0, 1, 0, 1, device, "none", False)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=cfg.dist.timeout_sec)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+    return Runtime(rank, world_size, local_rank, local_world_size, device, backend, staging)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,150 @@
+"""Locked pipeline schedules as data: per-stage action lists from pure functions.
+
+An action is ``F3`` (forward microbatch 3), ``B3`` (backward), ``RECV_F3`` / ``SEND_F3``
+(activation in / out), ``RECV_B3`` / ``SEND_B3`` (gradient in / out) or ``STEP`` (optimizer).
+One executor (``pipedni.worker``) runs any list; ``simulate`` checks a set of lists for
+completeness and deadlock without processes and ``format_grid`` prints the tick x stage grid:
+
+    1f1b, N=3, M=4
+    tick     0   1   2   3   4   5   6   7   8   9   10  11
+    stage 0  F0  F1  F2  .   .   B0  F3  B1  .   B2  .   B3
+    stage 1  .   F0  F1  .   B0  F2  B1  F3  B2  .   B3  .
+    stage 2  .   .   F0  B0  F1  B1  F2  B2  F3  B3  .   .
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+SCHEDULES = ("single", "naive", "gpipe", "1f1b")
+
+
+class Action(NamedTuple):
+    kind: str  # RECV_F, F, SEND_F, RECV_B, B, SEND_B, STEP
+    microbatch: int = -1
+
+    def __str__(self) -> str:
+        return self.kind if self.kind == "STEP" else f"{self.kind}{self.microbatch}"
+
+
+def _forward(stage: int, num_stages: int, m: int) -> list[Action]:
+    acts = [] if stage == 0 else [Action("RECV_F", m)]
+    acts.append(Action("F", m))
+    return acts if stage == num_stages - 1 else acts + [Action("SEND_F", m)]
+
+
+def _backward(stage: int, num_stages: int, m: int) -> list[Action]:
+    acts = [] if stage == num_stages - 1 else [Action("RECV_B", m)]
+    acts.append(Action("B", m))
+    return acts if stage == 0 else acts + [Action("SEND_B", m)]
+
+
+def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
+    """The ordered actions of ``stage`` for one training step (one batch) under ``schedule``."""
+    if not 0 <= stage < num_stages:
+        raise ValueError(f"stage {stage} out of range for {num_stages} stages")
+    n, m = num_stages, num_microbatches
+    if schedule == "single":
+        if n != 1:
+            raise ValueError(f"schedule 'single' runs one process, got {n} stages")
+        n, m = 1, 1
+    acts: list[Action] = []
+    if schedule in ("single", "naive"):
+        for mb in range(m):
+            acts += _forward(stage, n, mb) + _backward(stage, n, mb)
+    elif schedule == "gpipe":
+        for mb in range(m):
+            acts += _forward(stage, n, mb)
+        for mb in range(m):
+            acts += _backward(stage, n, mb)
+    elif schedule == "1f1b":
+        warmup = min(n - 1 - stage, m)
+        for mb in range(warmup):
+            acts += _forward(stage, n, mb)
+        for k in range(m - warmup):
+            acts += _forward(stage, n, warmup + k) + _backward(stage, n, k)
+        for mb in range(m - warmup, m):
+            acts += _backward(stage, n, mb)
+    else:
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+    return acts + [Action("STEP")]
+
+
+def pipeline_actions(schedule: str, num_stages: int, num_microbatches: int) -> list[list[Action]]:
+    return [stage_actions(schedule, s, num_stages, num_microbatches) for s in range(num_stages)]
+
+
+class DeadlockError(RuntimeError):
+    pass
+
+
+def simulate(plans: list[list[Action]]) -> list[list[str]]:
+    """Run the plans with unit-time compute and instant messages; return the tick x stage grid.
+
+    Raises DeadlockError if no stage can move while some still have actions, or if a message is
+    received that was never sent, sent twice, or left unreceived at the end.
+    """
+    n = len(plans)
+    pos = [0] * n
+    sent: dict[tuple[str, int, int], int] = {}  # (kind, dst, mb) -> tick it becomes available
+    received: set[tuple[str, int, int]] = set()
+    grid: list[list[str]] = [[] for _ in range(n)]
+    tick = 0
+    while any(pos[s] < len(plans[s]) for s in range(n)):
+        moved = False
+        for s in range(n):
+            did_compute = False
+            while pos[s] < len(plans[s]):
+                act = plans[s][pos[s]]
+                if act.kind in ("F", "B"):
+                    if did_compute:
+                        break
+                    did_compute = True
+                    grid[s].append(str(act))
+                elif act.kind == "STEP":
+                    pass
+                elif act.kind.startswith("SEND"):
+                    dst = s + 1 if act.kind == "SEND_F" else s - 1
+                    key = (act.kind[-1], dst, act.microbatch)
+                    if key in sent or not 0 <= dst < n:
+                        raise DeadlockError(f"stage {s}: {act} is sent twice or to no stage")
+                    sent[key] = tick + 1  # available after the producing compute finishes
+                else:  # RECV_*
+                    key = (act.kind[-1], s, act.microbatch)
+                    if sent.get(key, tick + 1) > tick:
+                        break
+                    received.add(key)
+                pos[s] += 1
+                moved = True
+            if not did_compute:
+                grid[s].append(".")
+        if not moved:
+            stuck = ", ".join(f"stage {s} at {plans[s][pos[s]]}" for s in range(n) if pos[s] < len(plans[s]))
+            raise DeadlockError(f"deadlock at tick {tick}: {stuck}")
+        tick += 1
+    if set(sent) != received:
+        raise DeadlockError(f"messages sent but never received: {sorted(set(sent) - received)}")
+    width = max(len(row) for row in grid)
+    while width and all(len(row) >= width and row[width - 1] == "." for row in grid):
+        width -= 1
+    return [(row + ["."] * width)[:width] for row in grid]
+
+
+def format_grid(schedule: str, num_stages: int, num_microbatches: int) -> str:
+    """The step x stage timeline of ``schedule`` as text (unit-time compute, instant messages)."""
+    grid = simulate(pipeline_actions(schedule, num_stages, num_microbatches))
+    width = len(grid[0])
+    lines = [f"{schedule}, N={num_stages}, M={num_microbatches}",
+             "tick".ljust(9) + "".join(f"{t:<4d}" for t in range(width)).rstrip()]
+    for s, row in enumerate(grid):
+        lines.append(f"stage {s}".ljust(9) + "".join(f"{a:<4s}" for a in row).rstrip())
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import sys
+
+    name = sys.argv[1] if len(sys.argv) > 1 else "1f1b"
+    stages = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+    micro = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+    print(format_grid(name, stages, micro))

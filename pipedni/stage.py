@@ -1,0 +1,102 @@
+"""One stage's computation: forward, backward, optimizer step. It never touches the network."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipedni.config import OptimConfig
+from pipedni.errors import PartitionError
+from pipedni.optim import build_optimizer, build_scheduler, clip_grad_norm
+from pipedni.transport import TensorSpec
+
+
+class Stage:
+    """A slice of the model with its optimizer, holding the autograd state of microbatches in flight.
+
+    ``forward``/``backward`` are called once per microbatch in schedule order; the last stage
+    also computes the loss, weighted by the microbatch's share of the batch so that accumulated
+    gradients equal those of one full-batch step.
+    """
+
+    def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
+                 optim: OptimConfig, total_steps: int, distributed: bool = False):
+        self.module = module.to(device)
+        self.stage_index, self.num_stages, self.device = stage_index, num_stages, device
+        self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
+        self.optim_cfg, self.distributed = optim, distributed
+        self.optimizer = build_optimizer(self.module.parameters(), optim)
+        self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
+        self.inputs: dict[int, torch.Tensor] = {}
+        self.outputs: dict[int, torch.Tensor] = {}
+        self.batch_loss = 0.0  # weighted sum of microbatch losses (last stage)
+        self.input_spec: Optional[TensorSpec] = None
+        self.output_spec: Optional[TensorSpec] = None
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.module.parameters())
+
+    def forward(self, mb: int, x: torch.Tensor, target: Optional[torch.Tensor] = None,
+                weight: float = 1.0) -> torch.Tensor:
+        """Run microbatch ``mb``; returns the detached output (non-last) or the loss value (last)."""
+        if not self.is_first:
+            x = x.detach().requires_grad_(True)
+        self.inputs[mb] = x
+        out = self.module(x)
+        if self.is_last:
+            out = F.cross_entropy(out, target) * weight
+            self.batch_loss += float(out.detach())
+        self.outputs[mb] = out
+        return out.detach()
+
+    def backward(self, mb: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
+        """Backpropagate microbatch ``mb`` (from its loss, or from ``grad`` of its output);
+        returns the gradient of its input (None on the first stage)."""
+        out, x = self.outputs.pop(mb), self.inputs.pop(mb)
+        out.backward(grad)
+        return None if self.is_first else x.grad
+
+    def step(self) -> float:
+        """Clip (whole-model norm, see optim), update, advance the LR schedule; returns the norm."""
+        norm = 0.0
+        if self.optim_cfg.grad_clip > 0:
+            norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip, distributed=self.distributed)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        assert not self.inputs and not self.outputs, "a schedule left microbatches without backward"
+        return norm
+
+    def take_loss(self) -> float:
+        loss, self.batch_loss = self.batch_loss, 0.0
+        return loss
+
+    @torch.no_grad()
+    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+    @torch.no_grad()
+    def probe(self, spec: TensorSpec) -> TensorSpec:
+        """This stage's output spec for an input of ``spec`` (one zero sample, eval mode, so no
+        BatchNorm statistics move); the caller turns a failure into a PartitionError."""
+        self.input_spec = spec
+        was_training = self.module.training
+        self.module.eval()
+        try:
+            out = self.module(torch.zeros((1, *spec.shape[1:]), dtype=spec.dtype, device=self.device))
+        finally:
+            self.module.train(was_training)
+        if not isinstance(out, torch.Tensor):
+            raise PartitionError(
+                f"stage {self.stage_index} returns {type(out).__name__}; a stage must return one tensor"
+            )
+        self.output_spec = TensorSpec(tuple(out.shape), out.dtype)
+        return self.output_spec
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict()}

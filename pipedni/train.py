@@ -1,0 +1,66 @@
+"""Entry point: ``torchrun --nproc_per_node=N -m pipedni.train cfg.yaml [--section.key=value ...]``.
+
+Without torchrun, ``python -m pipedni.train cfg.yaml`` trains the whole model in one process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import traceback
+from typing import Optional
+
+from pipedni.config import load_config
+from pipedni.engine import Trainer
+from pipedni.errors import USER_ERRORS, TransportError
+from pipedni.runtime import init_runtime, shutdown
+
+USAGE = "usage: torchrun --nproc_per_node=N -m pipedni.train CONFIG.yaml [--section.key=value ...]"
+
+
+def train(argv: list[str]) -> Optional[dict]:
+    # 1. config: defaults < YAML < command line; identical on every rank
+    if not argv or argv[0].startswith("--"):
+        raise SystemExit(USAGE)
+    cfg = load_config(argv[0], argv[1:])
+    if "RANK" not in os.environ and cfg.train.schedule != "single":
+        print(f"no torchrun: training the whole model in one process instead of {cfg.train.schedule}")
+        cfg.train.schedule = "single"
+    # 2. this process: device pinned from LOCAL_RANK, then the process group
+    runtime = init_runtime(cfg)
+    try:
+        # 3. this rank's stage: model, partition, transport, shapes checked end to end
+        trainer = Trainer(cfg, runtime)
+        # 4. train, evaluate, checkpoint, summarise
+        summary = trainer.fit()
+        # 5. drain: every message sent was received, then tear down
+        trainer.close()
+        return summary
+    finally:
+        shutdown(runtime)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    prefix = f"[stage {rank}/{world}] " if world > 1 else ""
+    try:
+        train(argv)
+        return 0
+    except USER_ERRORS as err:
+        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        code = 1 if isinstance(err, TransportError) else 2
+    except KeyboardInterrupt:
+        code = 130
+    except Exception:
+        lines = traceback.format_exc().rstrip().splitlines()
+        print("\n".join(prefix + line for line in lines), file=sys.stderr, flush=True)
+        code = 1
+    # A failed stage leaves receiver threads and peers mid-conversation: exit now rather than
+    # risk blocking in interpreter or process-group teardown. torchrun then stops the others.
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,312 @@
+"""Asynchronous point-to-point messages between neighbouring stages (no schedule knowledge).
+
+[Note: transport layout]
+Every edge (i, i+1) gets two dedicated 2-rank process groups, one per direction, created in
+the same order on every rank. One direction is then used by exactly one thread on each side
+(the main thread sends, a receiver thread receives), so ops on one group never interleave and
+a slow gradient never queues behind activations. Groups are warmed up at start-up: NCCL
+connects lazily, and a send may block until the matching receive is posted.
+
+Every message is a fixed-size int64 header (kind, step, microbatch, dtype, shape) followed by
+the payload. A receiver thread per incoming direction posts ``irecv`` and blocks on
+``wait()`` (gloo never reports an unwaited ``irecv`` complete, so polling ``is_completed()``
+would deadlock), then files the tensor in a bounded mailbox keyed by (kind, step,
+microbatch). Consumers take messages by key, in any order, with a finite timeout. A full
+mailbox stops the receiver thread, which stops the sender: back-pressure, not memory growth.
+Sends keep their tensors referenced until complete, and at most ``queue_size`` are in flight.
+
+Backends: NCCL when every rank owns its GPU (payloads stay on the device; the receiver thread
+uses its own CUDA stream and hands the consumer an event to wait on), gloo otherwise (CPU
+tensors; GPU tensors of ranks sharing one GPU are staged through host memory).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import enum
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pipedni.errors import TransportError
+
+MAX_DIMS = 8
+HEADER_LEN = 5 + MAX_DIMS
+DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
+# Receiver threads block until the peer's CLOSE message; consumers enforce the real timeout.
+_IDLE_WAIT = datetime.timedelta(days=365)
+
+
+class Kind(enum.IntEnum):
+    ACTIVATION = 0
+    GRADIENT = 1
+    EVAL = 2
+    SHAPE = 3
+    WARMUP = 4
+    CLOSE = 5
+
+
+@dataclass(frozen=True)
+class Header:
+    kind: Kind
+    step: int
+    microbatch: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    def encode(self) -> torch.Tensor:
+        if len(self.shape) > MAX_DIMS:
+            raise TransportError(f"tensor of {len(self.shape)} dims exceeds the transport's {MAX_DIMS}")
+        dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
+        values = [int(self.kind), self.step, self.microbatch, DTYPES.index(self.dtype), len(self.shape), *dims]
+        return torch.tensor(values, dtype=torch.int64)
+
+    @staticmethod
+    def decode(t: torch.Tensor) -> "Header":
+        v = t.tolist()
+        return Header(Kind(v[0]), v[1], v[2], DTYPES[v[3]], tuple(v[5 : 5 + v[4]]))
+
+    def describe(self) -> str:
+        return f"{list(self.shape)} {str(self.dtype).replace('torch.', '')}"
+
+
+def _what(kind: Kind, step: int, microbatch: int) -> str:
+    return f"{kind.name.lower()} of step {step} microbatch {microbatch}"
+
+
+class Outbox:
+    """Send side of one edge direction: async sends, at most ``capacity`` in flight."""
+
+    def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str):
+        self.group, self.peer, self.wire_device = group, peer, wire_device
+        self.capacity, self.timeout, self.who = capacity, timeout, who
+        self.pending: deque = deque()  # (works, tensors kept alive, description)
+        self.wait_sec = 0.0
+        self.num_sent = 0
+        self.bytes_sent = 0
+
+    def send(self, kind: Kind, step: int, microbatch: int, tensor: Optional[torch.Tensor] = None) -> None:
+        while len(self.pending) >= self.capacity:
+            self._retire_oldest()
+        tensors = [] if tensor is None else [tensor.detach().to(self.wire_device).contiguous()]
+        shape = tuple(tensors[0].shape) if tensors else ()
+        dtype = tensors[0].dtype if tensors else torch.float32
+        header = Header(kind, step, microbatch, dtype, shape).encode().to(self.wire_device)
+        works = [dist.isend(t, dst=self.peer, group=self.group) for t in [header, *tensors]]
+        self.pending.append((works, [header, *tensors], _what(kind, step, microbatch)))
+        self.num_sent += 1
+        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+
+    def _retire_oldest(self) -> None:
+        works, _, what = self.pending.popleft()
+        start = time.perf_counter()
+        try:
+            for work in works:
+                work.wait(datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as err:
+            raise TransportError(
+                f"{self.who} could not send {what} to stage {self.peer} within {self.timeout:.0f}s "
+                f"(is stage {self.peer} alive and receiving?): {str(err).splitlines()[0]}"
+            ) from None
+        self.wait_sec += time.perf_counter() - start
+
+    def flush(self) -> None:
+        while self.pending:
+            self._retire_oldest()
+
+
+class Inbox:
+    """Receive side of one edge direction: a thread filling a bounded mailbox keyed by message."""
+
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
+        self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
+        self.capacity, self.who = capacity, who
+        self.mailbox: dict[tuple[int, int, int], tuple[Header, torch.Tensor, object]] = {}
+        self.cond = threading.Condition()
+        self.closed = False
+        self.error: Optional[BaseException] = None
+        self.num_received = 0
+        self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
+        self.thread.start()
+
+    def _recv(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.irecv(tensor, src=self.peer, group=self.group).wait(_IDLE_WAIT)
+        return tensor
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.wire_device) if self.wire_device.type == "cuda" else None
+        try:
+            if stream is not None:
+                torch.cuda.set_device(self.wire_device)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while self._receive_one(stream):
+                    pass
+        except BaseException as err:  # handed to the consumer, which raises it with context
+            with self.cond:
+                self.error = err
+                self.cond.notify_all()
+
+    def _receive_one(self, stream) -> bool:
+        raw = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device))
+        header = Header.decode(raw.cpu())
+        if header.kind == Kind.CLOSE:
+            with self.cond:
+                self.closed = True
+                self.cond.notify_all()
+            return False
+        payload = self._recv(torch.empty(header.shape, dtype=header.dtype, device=self.wire_device))
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        key = (int(header.kind), header.step, header.microbatch)
+        with self.cond:
+            while len(self.mailbox) >= self.capacity:
+                self.cond.wait()
+            if key in self.mailbox:
+                raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from stage {self.peer}")
+            self.mailbox[key] = (header, payload, event)
+            self.num_received += 1
+            self.cond.notify_all()
+        return True
+
+    def _check_alive(self, what: str) -> None:
+        if self.error is not None:
+            raise TransportError(
+                f"{self.who} lost the connection from stage {self.peer} while waiting for {what}: "
+                f"{str(self.error).splitlines()[0] if str(self.error) else type(self.error).__name__}"
+            )
+        if self.closed:
+            raise TransportError(f"{self.who} waited for {what} but stage {self.peer} had already closed its side")
+
+    def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[Header, torch.Tensor]:
+        """The message with this key, waiting at most ``timeout`` seconds for it."""
+        key, what = (int(kind), step, microbatch), _what(kind, step, microbatch)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while key not in self.mailbox:
+                self._check_alive(what)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(
+                        f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer} "
+                        f"({len(self.mailbox)} other message(s) queued); is stage {self.peer} stuck or much slower? "
+                        "raise dist.timeout_sec if so"
+                    )
+                self.cond.wait(min(left, 1.0))
+            header, payload, event = self.mailbox.pop(key)
+            self.cond.notify_all()
+        return header, self._to_device(payload, event)
+
+    def take_ready(self, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
+        """Every message of ``kind`` that has already arrived, without waiting (step order)."""
+        with self.cond:
+            if self.error is not None:
+                self._check_alive(f"any {kind.name.lower()}")
+            keys = sorted(k for k in self.mailbox if k[0] == int(kind))
+            items = [self.mailbox.pop(k) for k in keys]
+            self.cond.notify_all()
+        return [(h, self._to_device(p, e)) for h, p, e in items]
+
+    def _to_device(self, payload: torch.Tensor, event) -> torch.Tensor:
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            payload.record_stream(torch.cuda.current_stream(self.device))
+        return payload.to(self.device, non_blocking=True) if payload.device != self.device else payload
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TransportError(f"{self.who} did not receive the closing message from stage {self.peer} within {timeout:.0f}s")
+        if self.error is not None:
+            self._check_alive("the closing message")
+
+    def pending(self) -> list[str]:
+        with self.cond:
+            return [_what(Kind(k[0]), k[1], k[2]) for k in sorted(self.mailbox)]
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a receiver expects: the shape past the batch dimension, and the dtype."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    def matches(self, header: Header) -> bool:
+        return header.dtype == self.dtype and tuple(header.shape[1:]) == tuple(self.shape[1:])
+
+    def describe(self) -> str:
+        return f"[*, {', '.join(map(str, self.shape[1:]))}] {str(self.dtype).replace('torch.', '')}"
+
+
+class Transport:
+    """This stage's links to its neighbours: ``send``/``recv`` towards ``prev`` and ``next``."""
+
+    def __init__(self, stage_index: int, num_stages: int, device: torch.device, wire_device: torch.device,
+                 queue_size: int = 64, timeout: float = 300.0):
+        self.stage_index, self.num_stages = stage_index, num_stages
+        self.device, self.timeout = device, timeout
+        self.who = f"stage {stage_index}/{num_stages}"
+        self.outboxes: dict[str, Outbox] = {}
+        self.inboxes: dict[str, Inbox] = {}
+        for edge in range(num_stages - 1):  # same creation order on every rank: see the note
+            forward = dist.new_group([edge, edge + 1], timeout=_IDLE_WAIT)
+            backward = dist.new_group([edge, edge + 1], timeout=_IDLE_WAIT)
+            if stage_index == edge:  # my "next" link
+                self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, queue_size, timeout, self.who)
+                self.inboxes["next"] = Inbox(backward, edge + 1, wire_device, device, queue_size, self.who)
+            elif stage_index == edge + 1:  # my "prev" link
+                self.inboxes["prev"] = Inbox(forward, edge, wire_device, device, queue_size, self.who)
+                self.outboxes["prev"] = Outbox(backward, edge, wire_device, queue_size, timeout, self.who)
+        self._warm_up()
+
+    def _warm_up(self) -> None:
+        token = torch.zeros(1, device=self.device)
+        for outbox in self.outboxes.values():
+            outbox.send(Kind.WARMUP, 0, 0, token)
+        for inbox in self.inboxes.values():
+            inbox.take(Kind.WARMUP, 0, 0, self.timeout)
+
+    def send(self, direction: str, kind: Kind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
+        self.outboxes[direction].send(kind, step, microbatch, tensor)
+
+    def recv(self, direction: str, kind: Kind, step: int, microbatch: int,
+             expect: Optional[TensorSpec] = None) -> torch.Tensor:
+        header, tensor = self.inboxes[direction].take(kind, step, microbatch, self.timeout)
+        if expect is not None and not expect.matches(header):
+            peer = self.inboxes[direction].peer
+            raise TransportError(
+                f"{self.who} expected {_what(kind, step, microbatch)} from stage {peer} as {expect.describe()} "
+                f"but stage {peer} sent {header.describe()}"
+            )
+        return tensor
+
+    def recv_ready(self, direction: str, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
+        return self.inboxes[direction].take_ready(kind)
+
+    @property
+    def send_wait_sec(self) -> float:
+        return sum(o.wait_sec for o in self.outboxes.values())
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(o.bytes_sent for o in self.outboxes.values())
+
+    def close(self) -> None:
+        """Tell both neighbours we are done, finish our sends, wait for theirs; nothing may be left."""
+        for outbox in self.outboxes.values():
+            outbox.send(Kind.CLOSE, 0, 0)
+        for outbox in self.outboxes.values():
+            outbox.flush()
+        for inbox in self.inboxes.values():
+            inbox.join(self.timeout)
+        leftover = [f"{m} from stage {i.peer}" for i in self.inboxes.values() for m in i.pending()]
+        if leftover:
+            raise TransportError(f"{self.who} closed with {len(leftover)} unconsumed message(s): {', '.join(leftover[:5])}")

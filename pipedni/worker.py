@@ -1,0 +1,176 @@
+"""The stage worker: runs a schedule's actions with one stage and its transport, and times them.
+
+Start-up (``connect``) passes a one-sample probe down the pipe so every stage learns the
+shape and dtype it will receive, and a stage that cannot take its neighbour's output fails
+before training starts, naming both stages.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from pipedni.errors import PartitionError
+from pipedni.schedules import Action, stage_actions
+from pipedni.stage import Stage
+from pipedni.transport import Kind, TensorSpec, Transport
+
+
+@dataclass
+class StepStats:
+    """What one stage did during one training step (seconds)."""
+
+    step: int
+    loss: Optional[float] = None
+    step_sec: float = 0.0
+    compute_sec: float = 0.0
+    wait_input_sec: float = 0.0
+    wait_grad_sec: float = 0.0
+    send_wait_sec: float = 0.0
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    accuracy: float
+    num_samples: int
+
+
+@dataclass
+class _Timers:
+    compute: float = 0.0
+    wait_input: float = 0.0
+    wait_grad: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+class StageWorker:
+    def __init__(self, stage: Stage, transport: Optional[Transport], schedule: str, num_microbatches: int):
+        self.stage, self.transport = stage, transport
+        self.plan: list[Action] = stage_actions(schedule, stage.stage_index, stage.num_stages, num_microbatches)
+        self.num_microbatches = 1 if schedule == "single" else num_microbatches
+        self.num_evals = 0
+        self._mb_inputs: list[torch.Tensor] = []
+        self._mb_targets: list[torch.Tensor] = []
+        self._weights: list[float] = []
+        self._received: dict[int, torch.Tensor] = {}
+        self._grads: dict[int, Optional[torch.Tensor]] = {}
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    # ------------------------------------------------------------------ start-up
+
+    def connect(self, sample_spec: TensorSpec, num_classes: int) -> None:
+        """Propagate output shapes down the pipe; raise PartitionError where a stage cannot fit."""
+        stage, transport = self.stage, self.transport
+        spec = sample_spec
+        if not stage.is_first:
+            probe = transport.recv("prev", Kind.SHAPE, 0, 0)
+            spec = TensorSpec(tuple(probe.shape), probe.dtype)
+        try:
+            out = stage.probe(spec)
+        except PartitionError:
+            raise
+        except Exception as err:  # the user's layers reject the input: name both stages
+            source = "the data set" if stage.is_first else f"stage {stage.stage_index - 1}"
+            raise PartitionError(
+                f"stage {stage.stage_index} cannot take the output of {source}, {spec.describe()}: "
+                f"{type(err).__name__}: {str(err).splitlines()[0]}; move the cut (partition.balance)"
+            ) from None
+        if not stage.is_last:
+            transport.send("next", Kind.SHAPE, 0, 0, torch.zeros((1, *out.shape[1:]), dtype=out.dtype))
+        elif len(out.shape) != 2 or out.shape[1] != num_classes:
+            raise PartitionError(
+                f"the last stage (stage {stage.stage_index}) outputs {out.describe()} but the loss needs "
+                f"[*, {num_classes}] class scores; end the model with a layer of {num_classes} outputs"
+            )
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: Optional[torch.Tensor]) -> StepStats:
+        """Run this stage's actions for one batch; every stage calls it with the same ``step``."""
+        stage, m = self.stage, self.num_microbatches
+        if stage.is_first:
+            self._mb_inputs = list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m))
+        if stage.is_last:
+            self._mb_targets = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
+            total = targets.shape[0]
+            self._weights = [t.shape[0] / total for t in self._mb_targets]
+        send_wait_before = self.transport.send_wait_sec if self.transport else 0.0
+        self._timers = _Timers()
+        start = time.perf_counter()
+        for action in self.plan:
+            getattr(self, f"_do_{action.kind.lower()}")(step, action.microbatch)
+        stats = StepStats(step, step_sec=time.perf_counter() - start, compute_sec=self._timers.compute,
+                          wait_input_sec=self._timers.wait_input, wait_grad_sec=self._timers.wait_grad)
+        if self.transport:
+            stats.send_wait_sec = self.transport.send_wait_sec - send_wait_before
+        if stage.is_last:
+            stats.loss = stage.take_loss()
+        return stats
+
+    def _timed(self, bucket: str, fn, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        setattr(self._timers, bucket, getattr(self._timers, bucket) + time.perf_counter() - start)
+        return result
+
+    def _do_recv_f(self, step: int, mb: int) -> None:
+        recv = self.transport.recv
+        self._received[mb] = self._timed("wait_input", recv, "prev", Kind.ACTIVATION, step, mb, self.stage.input_spec)
+
+    def _do_f(self, step: int, mb: int) -> None:
+        stage = self.stage
+        x = self._mb_inputs[mb] if stage.is_first else self._received.pop(mb)
+        target = self._mb_targets[mb] if stage.is_last else None
+        weight = self._weights[mb] if stage.is_last else 1.0
+        self._outputs[mb] = self._timed("compute", stage.forward, mb, x, target, weight)
+
+    def _do_send_f(self, step: int, mb: int) -> None:
+        self.transport.send("next", Kind.ACTIVATION, step, mb, self._outputs.pop(mb))
+
+    def _do_recv_b(self, step: int, mb: int) -> None:
+        recv = self.transport.recv
+        self._grads[mb] = self._timed("wait_grad", recv, "next", Kind.GRADIENT, step, mb, self.stage.output_spec)
+
+    def _do_b(self, step: int, mb: int) -> None:
+        self._outputs.pop(mb, None)  # the last stage's loss value
+        self._grads[mb] = self._timed("compute", self.stage.backward, mb, self._grads.pop(mb, None))
+
+    def _do_send_b(self, step: int, mb: int) -> None:
+        self.transport.send("prev", Kind.GRADIENT, step, mb, self._grads.pop(mb))
+
+    def _do_step(self, step: int, mb: int) -> None:
+        self._grads.clear()
+        self._timed("compute", self.stage.step)
+
+    # ------------------------------------------------------------------ evaluation
+
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
+        """Forward-only pass over ``batches`` through the whole pipe; the last stage returns the result.
+
+        Every stage must pass the same batches (each uses the half it needs); the first stage's
+        sends run ahead of the consumers, so the pass pipelines on its own.
+        """
+        stage, transport, eval_id = self.stage, self.transport, self.num_evals
+        self.num_evals += 1
+        stage.module.eval()
+        loss_sum, correct, count = 0.0, 0, 0
+        try:
+            for b, (inputs, targets) in enumerate(batches):
+                x = inputs.to(stage.device) if stage.is_first else transport.recv("prev", Kind.EVAL, eval_id, b, stage.input_spec)
+                out = stage.evaluate(x)
+                if not stage.is_last:
+                    transport.send("next", Kind.EVAL, eval_id, b, out)
+                    continue
+                targets = targets.to(stage.device)
+                loss_sum += float(torch.nn.functional.cross_entropy(out, targets, reduction="sum"))
+                correct += int((out.argmax(dim=1) == targets).sum())
+                count += targets.shape[0]
+        finally:
+            stage.module.train()
+        if not stage.is_last or count == 0:
+            return None
+        return EvalResult(loss_sum / count, correct / count, count)

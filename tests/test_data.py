@@ -1,0 +1,344 @@
+"""Data sets: IDX reading, file search, normalisation, synthetic data and the shared batch order."""
+
+import gzip
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipedni import data
+from pipedni.config import DataConfig
+from pipedni.data import (
+    Dataset,
+    batch_indices,
+    eval_batches,
+    fetch,
+    find_idx_files,
+    load_datasets,
+    read_idx,
+    steps_per_epoch,
+    train_batches,
+)
+from pipedni.errors import DataError
+
+FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_DIR} is absent")
+
+
+def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
+    """An IDX file's bytes: magic, big-endian dims, big-endian data."""
+    header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
+    dtype = data.IDX_DTYPES[type_code]
+    return header + array.astype(dtype).tobytes()
+
+
+def write_idx_set(directory: Path, num_train: int = 12, num_test: int = 5, gz: bool = True) -> None:
+    """A tiny, complete, fake MNIST-like set of four IDX files in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    arrays = {
+        "train_images": rng.integers(0, 256, (num_train, 28, 28), dtype=np.uint8),
+        "train_labels": (np.arange(num_train) % 10).astype(np.uint8),
+        "test_images": rng.integers(0, 256, (num_test, 28, 28), dtype=np.uint8),
+        "test_labels": (np.arange(num_test) % 10).astype(np.uint8),
+    }
+    for key, array in arrays.items():
+        name = data.IDX_FILES[key] + (".gz" if gz else "")
+        raw = idx_bytes(array)
+        (directory / name).write_bytes(gzip.compress(raw) if gz else raw)
+
+
+@pytest.fixture
+def no_debian(monkeypatch, tmp_path):
+    """Point the Debian package paths at empty directories so only <root> is searched."""
+    monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "none", "mnist": tmp_path / "none"})
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return load_datasets(DataConfig(name="fashion_mnist", root="/nonexistent-root"))
+
+
+# --------------------------------------------------------------------------- real files
+
+
+@needs_fashion
+def test_real_fashion_mnist_sizes_shapes_and_classes(fashion):
+    train, test = fashion
+    assert len(train) == 60000 and len(test) == 10000
+    assert train.inputs.shape == (60000, 1, 28, 28) and test.inputs.shape == (10000, 1, 28, 28)
+    assert train.inputs.dtype == torch.float32 and train.targets.dtype == torch.int64
+    assert train.num_classes == 10 and train.name == "fashion_mnist"
+    assert torch.bincount(train.targets, minlength=10).tolist() == [6000] * 10
+    assert torch.bincount(test.targets, minlength=10).tolist() == [1000] * 10
+
+
+@needs_fashion
+def test_real_fashion_mnist_is_standardised_with_train_stats(fashion):
+    train, test = fashion
+    assert abs(train.inputs.mean().item()) < 1e-4
+    assert abs(train.inputs.std().item() - 1.0) < 1e-4
+    # The test set gets the train statistics, so it is close to, not exactly, standard.
+    assert abs(test.inputs.mean().item()) < 0.05
+
+
+@needs_fashion
+def test_real_unnormalised_inputs_are_in_unit_range():
+    cfg = DataConfig(name="fashion_mnist", root="/nonexistent-root", normalize=False, test_limit=100)
+    _, test = load_datasets(cfg)
+    assert test.inputs.min() >= 0.0 and test.inputs.max() <= 1.0 and test.inputs.max() > 0.9
+
+
+@needs_fashion
+def test_find_idx_files_falls_back_to_debian_path(tmp_path):
+    files = find_idx_files("fashion_mnist", str(tmp_path))
+    assert set(files) == set(data.IDX_FILES)
+    assert all(path.parent == FASHION_DIR for path in files.values())
+
+
+@needs_fashion
+def test_fetch_returns_at_once_when_files_are_present(tmp_path, monkeypatch):
+    def no_network(*args, **kwargs):
+        raise AssertionError("fetch must not download when the files are already there")
+
+    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(data.subprocess, "run", no_network)
+    assert fetch("fashion_mnist", str(tmp_path)) == FASHION_DIR
+
+
+# --------------------------------------------------------------------------- IDX format
+
+
+@pytest.mark.parametrize("gz", [True, False])
+@pytest.mark.parametrize(
+    "array, type_code",
+    [
+        (np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4), 0x08),
+        (np.array([-3, 0, 1_000_000], dtype=np.int32), 0x0C),
+        (np.array([[1.5, -2.25]], dtype=np.float32), 0x0D),
+        (np.zeros((0, 28, 28), dtype=np.uint8), 0x08),  # empty set: torch.frombuffer would refuse
+    ],
+)
+def test_read_idx_round_trip(tmp_path, gz, array, type_code):
+    raw = idx_bytes(array, type_code)
+    path = tmp_path / ("x.idx.gz" if gz else "x.idx")
+    path.write_bytes(gzip.compress(raw) if gz else raw)
+    tensor = read_idx(path)
+    assert tensor.dtype == torch.from_numpy(array).dtype
+    assert torch.equal(tensor, torch.from_numpy(array))
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"",  # empty
+        b"\x00\x00",  # header cut short
+        b"\x12\x34\x08\x01" + struct.pack(">I", 3) + b"abc",  # bad magic
+        b"\x00\x00\x07\x01" + struct.pack(">I", 3) + b"abc",  # unknown type code
+        b"\x00\x00\x08\x02" + struct.pack(">I", 3),  # dims missing
+        b"\x00\x00\x08\x01" + struct.pack(">I", 5) + b"abc",  # data truncated
+        b"\x00\x00\x08\x01" + struct.pack(">I", 2) + b"abc",  # trailing bytes
+    ],
+)
+def test_corrupt_idx_raises_data_error_naming_the_file(tmp_path, content):
+    path = tmp_path / "broken-idx1-ubyte"
+    path.write_bytes(content)
+    with pytest.raises(DataError, match="broken-idx1-ubyte"):
+        read_idx(path)
+
+
+def test_truncated_gzip_raises_data_error_naming_the_file(tmp_path):
+    full = gzip.compress(idx_bytes(np.zeros((50, 28, 28), dtype=np.uint8) + 7))
+    path = tmp_path / "cut-idx3-ubyte.gz"
+    path.write_bytes(full[: len(full) // 2])
+    with pytest.raises(DataError, match="cut-idx3-ubyte.gz"):
+        read_idx(path)
+
+
+def test_not_gzip_but_named_gz_raises_data_error(tmp_path):
+    path = tmp_path / "plain-idx1-ubyte.gz"
+    path.write_bytes(idx_bytes(np.zeros(3, dtype=np.uint8)))
+    with pytest.raises(DataError, match="plain-idx1-ubyte.gz"):
+        read_idx(path)
+
+
+# --------------------------------------------------------------------------- finding files
+
+
+@pytest.mark.parametrize("subdir", ["", "mnist", "MNIST/raw"])
+def test_find_idx_files_search_order_under_root(tmp_path, no_debian, subdir):
+    write_idx_set(tmp_path / subdir)
+    files = find_idx_files("mnist", str(tmp_path))
+    assert all(path.parent == tmp_path / subdir for path in files.values())
+
+
+def test_find_idx_files_hyphenated_dir_and_raw_files(tmp_path, no_debian):
+    write_idx_set(tmp_path / "fashion-mnist", gz=False)
+    files = find_idx_files("fashion_mnist", str(tmp_path))
+    assert files["test_labels"] == tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte"
+
+
+def test_find_idx_files_ignores_other_data_sets_torchvision_dir(tmp_path, no_debian):
+    """FashionMNIST/raw must not be taken for MNIST: same file names, different images."""
+    write_idx_set(tmp_path / "FashionMNIST/raw")
+    with pytest.raises(DataError):
+        find_idx_files("mnist", str(tmp_path))
+
+
+def test_missing_files_name_what_where_and_the_fix(tmp_path, no_debian):
+    with pytest.raises(DataError) as info:
+        find_idx_files("mnist", str(tmp_path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "train-images-idx3-ubyte" in message and str(tmp_path) in message
+    assert f"python -m pipedni.data fetch mnist --root {tmp_path}" in message
+
+
+def test_partly_missing_files_name_only_the_missing_one(tmp_path, no_debian):
+    write_idx_set(tmp_path)
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").unlink()
+    with pytest.raises(DataError, match="missing t10k-labels-idx1-ubyte") as info:
+        find_idx_files("mnist", str(tmp_path))
+    assert "train-images" not in str(info.value).split("(looked")[0]
+
+
+def test_cli_reports_missing_files_as_one_line_exit_2(tmp_path, no_debian, capsys):
+    assert data.main(["info", "mnist", "--root", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "python -m pipedni.data fetch mnist" in err
+
+
+def test_cli_info_on_fake_set(tmp_path, no_debian, capsys):
+    write_idx_set(tmp_path)
+    assert data.main(["info", "mnist", "--root", str(tmp_path)]) == 0
+    assert "train 12, test 5, input shape (1, 28, 28), 10 classes" in capsys.readouterr().out
+
+
+def test_fetch_rejects_synthetic():
+    with pytest.raises(DataError, match="synthetic"):
+        fetch("synthetic", "data")
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_load_fake_idx_set_with_limits(tmp_path, no_debian):
+    write_idx_set(tmp_path, num_train=12, num_test=5)
+    cfg = DataConfig(name="mnist", root=str(tmp_path), normalize=False, train_limit=7, test_limit=3)
+    train, test = load_datasets(cfg)
+    assert len(train) == 7 and len(test) == 3
+    raw = read_idx(tmp_path / "train-images-idx3-ubyte.gz")
+    assert torch.equal(train.inputs[:, 0], raw[:7].float() / 255)
+    assert train.targets.tolist() == list(range(7))
+
+
+def test_limit_larger_than_set_uses_everything(tmp_path, no_debian):
+    write_idx_set(tmp_path, num_train=12, num_test=5)
+    train, test = load_datasets(DataConfig(name="mnist", root=str(tmp_path), train_limit=100, test_limit=100))
+    assert (len(train), len(test)) == (12, 5)
+
+
+def test_normalisation_uses_train_statistics_for_test():
+    cfg = DataConfig(name="synthetic", synthetic_size=64, normalize=False)
+    raw_train, raw_test = load_datasets(cfg, seed=3)
+    cfg.normalize = True
+    train, test = load_datasets(cfg, seed=3)
+    std, mean = torch.std_mean(raw_train.inputs, correction=0)
+    torch.testing.assert_close(train.inputs, (raw_train.inputs - mean) / std)
+    torch.testing.assert_close(test.inputs, (raw_test.inputs - mean) / std)
+
+
+def test_synthetic_shapes_and_sizes():
+    cfg = DataConfig(name="synthetic", synthetic_shape=[3, 8, 8], synthetic_classes=4, synthetic_size=100)
+    train, test = load_datasets(cfg, seed=0)
+    assert train.inputs.shape == (100, 3, 8, 8) and test.inputs.shape == (25, 3, 8, 8)
+    assert train.inputs.dtype == torch.float32 and train.targets.dtype == torch.int64
+    assert train.num_classes == 4 and int(train.targets.max()) < 4 and train.name == "synthetic"
+    _, tiny_test = load_datasets(DataConfig(name="synthetic", synthetic_size=3))
+    assert len(tiny_test) == 1
+
+
+def test_synthetic_is_deterministic_in_seed():
+    cfg = DataConfig(name="synthetic", synthetic_size=32)
+    a, b, c = (load_datasets(cfg, seed=s)[0] for s in (5, 5, 6))
+    assert torch.equal(a.inputs, b.inputs) and torch.equal(a.targets, b.targets)
+    assert not torch.equal(a.inputs, c.inputs)
+
+
+def test_synthetic_classes_are_learnable():
+    """Nearest class mean on the train set should beat chance by far on the test set."""
+    cfg = DataConfig(name="synthetic", synthetic_shape=[16], synthetic_classes=4, synthetic_size=400)
+    train, test = load_datasets(cfg, seed=1)
+    means = torch.stack([train.inputs[train.targets == k].mean(0) for k in range(4)])
+    predicted = torch.cdist(test.inputs, means).argmin(1)
+    assert (predicted == test.targets).float().mean() > 0.8
+
+
+def test_bad_synthetic_config_and_limit_raise_data_error():
+    with pytest.raises(DataError, match="synthetic_classes"):
+        load_datasets(DataConfig(name="synthetic", synthetic_classes=1))
+    with pytest.raises(DataError, match="train_limit = -1"):
+        load_datasets(DataConfig(name="synthetic", synthetic_size=8, train_limit=-1))
+
+
+# --------------------------------------------------------------------------- batch order
+
+
+def test_batch_indices_deterministic_in_seed_and_epoch():
+    assert all(torch.equal(a, b) for a, b in zip(batch_indices(100, 8, 7, 2), batch_indices(100, 8, 7, 2)))
+    assert not torch.equal(torch.cat(batch_indices(100, 8, 7, 2)), torch.cat(batch_indices(100, 8, 7, 3)))
+    assert not torch.equal(torch.cat(batch_indices(100, 8, 7, 2)), torch.cat(batch_indices(100, 8, 8, 2)))
+
+
+def test_batch_indices_is_a_partial_permutation_of_full_batches():
+    batches = batch_indices(100, 8, seed=0, epoch=0)
+    assert len(batches) == 12 == steps_per_epoch(100, 8)
+    assert all(b.shape == (8,) and b.dtype == torch.int64 for b in batches)
+    flat = torch.cat(batches)
+    assert len(flat.unique()) == 96 and flat.min() >= 0 and flat.max() < 100
+
+
+def test_batch_indices_matches_the_documented_generator():
+    """Other ranks (or other code) may rebuild the order from the documented seed formula."""
+    expected = torch.randperm(10, generator=torch.Generator().manual_seed(4 * 1_000_003 + 1))[:9]
+    assert torch.equal(torch.cat(batch_indices(10, 3, seed=4, epoch=1)), expected)
+
+
+def test_batch_larger_than_data_raises():
+    with pytest.raises(DataError, match="5 training samples cannot fill one batch of 8"):
+        batch_indices(5, 8, 0, 0)
+
+
+def small_dataset(n: int = 10) -> Dataset:
+    inputs = torch.arange(n, dtype=torch.float32).reshape(n, 1, 1, 1)
+    return Dataset(inputs=inputs, targets=torch.arange(n), num_classes=n, name="tiny")
+
+
+def test_train_batches_cross_epoch_boundary():
+    dataset = small_dataset(10)  # batch 3 -> 3 steps per epoch, sample 10th dropped each epoch
+    steps = list(train_batches(dataset, batch_size=3, seed=1, num_steps=7))
+    assert [s for s, _, _ in steps] == list(range(7))
+    for epoch in (0, 1):
+        order = batch_indices(10, 3, seed=1, epoch=epoch)
+        for i in range(3):
+            _, inputs, targets = steps[epoch * 3 + i]
+            assert torch.equal(targets, order[i]) and torch.equal(inputs.flatten().long(), order[i])
+    assert torch.equal(steps[6][2], batch_indices(10, 3, seed=1, epoch=2)[0])
+
+
+def test_train_batches_resume_from_start_step_matches_full_run():
+    dataset = small_dataset(10)
+    full = list(train_batches(dataset, 3, seed=2, num_steps=8))
+    resumed = list(train_batches(dataset, 3, seed=2, num_steps=8, start_step=4))
+    assert [s for s, _, _ in resumed] == [4, 5, 6, 7]
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(full[4:], resumed))
+
+
+def test_eval_batches_cover_the_whole_set_in_order():
+    dataset = small_dataset(10)
+    batches = list(eval_batches(dataset, 4))
+    assert [len(t) for _, t in batches] == [4, 4, 2]
+    assert torch.equal(torch.cat([t for _, t in batches]), dataset.targets)
+    assert torch.equal(torch.cat([x for x, _ in batches]), dataset.inputs)
