@@ -66,8 +66,9 @@ class MetricsWriter:
         record = asdict(stats)
         record["samples_per_sec"] = batch_size / stats.step_sec if stats.step_sec > 0 else 0.0
         record["lr"] = lr
-        if record["loss"] is None:
-            del record["loss"]
+        for key in ("loss", "grad_norm"):
+            if record[key] is None:
+                del record[key]
         self.log(record)
 
     def close(self) -> None:

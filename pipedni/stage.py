@@ -60,9 +60,9 @@ class Stage:
         out.backward(grad)
         return None if self.is_first else x.grad
 
-    def step(self) -> float:
+    def step(self) -> Optional[float]:
         """Clip (whole-model norm, see optim), update, advance the LR schedule; returns the norm."""
-        norm = 0.0
+        norm = None
         if self.optim_cfg.grad_clip > 0:
             norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip, distributed=self.distributed)
         self.optimizer.step()

@@ -30,6 +30,7 @@ class StepStats:
     wait_input_sec: float = 0.0
     wait_grad_sec: float = 0.0
     send_wait_sec: float = 0.0
+    grad_norm: Optional[float] = None  # whole-model gradient norm before clipping (when clipping)
 
 
 @dataclass
@@ -109,6 +110,7 @@ class StageWorker:
             stats.send_wait_sec = self.transport.send_wait_sec - send_wait_before
         if stage.is_last:
             stats.loss = stage.take_loss()
+        stats.grad_norm = self._grad_norm
         return stats
 
     def _timed(self, bucket: str, fn, *args):
@@ -144,7 +146,7 @@ class StageWorker:
 
     def _do_step(self, step: int, mb: int) -> None:
         self._grads.clear()
-        self._timed("compute", self.stage.step)
+        self._grad_norm = self._timed("compute", self.stage.step)
 
     # ------------------------------------------------------------------ evaluation
 
