@@ -1,0 +1,202 @@
+"""Transport: real gloo processes exchanging messages through pipedni.transport.Transport."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from dist_utils import RankFailed, run_distributed
+from pipedni.errors import TransportError
+from pipedni.transport import Header, Kind, TensorSpec, Transport
+
+CPU = torch.device("cpu")
+
+
+def _transport(rank: int, world_size: int, timeout: float = 30.0, queue_size: int = 64) -> Transport:
+    return Transport(rank, world_size, CPU, CPU, queue_size=queue_size, timeout=timeout)
+
+
+def test_header_round_trip():
+    header = Header(Kind.GRADIENT, 12345, 7, torch.bfloat16, (3, 4, 5))
+    assert Header.decode(header.encode()) == header
+
+
+def _both_directions(rank, world_size, n):
+    t = _transport(rank, world_size)
+    direction, kind = ("next", Kind.ACTIVATION) if rank == 0 else ("prev", Kind.GRADIENT)
+    other, other_kind = ("next", Kind.GRADIENT) if rank == 0 else ("prev", Kind.ACTIVATION)
+    for i in range(n):  # both ranks send all their messages before receiving any
+        t.send(direction, kind, i, 0, torch.full((8, 3), float(i + 100 * rank)))
+    got = [float(t.recv(other, other_kind, i, 0)[0, 0]) for i in range(n)]
+    sent, received = t.outboxes[direction].num_sent, t.inboxes[other].num_received
+    t.close()
+    return got, sent, received
+
+
+def test_both_directions_at_once():
+    n = 40  # more than queue_size / 2 in flight per direction
+    (got0, sent0, recv0), (got1, sent1, recv1) = run_distributed(_both_directions, 2, n)
+    assert got0 == [100.0 + i for i in range(n)]
+    assert got1 == [float(i) for i in range(n)]
+    # every message sent was received (the warm-up message counts on both sides)
+    assert sent0 == recv1 == n + 1 and sent1 == recv0 == n + 1
+
+
+def _out_of_order(rank, world_size):
+    t = _transport(rank, world_size)
+    if rank == 0:
+        for mb in range(10):
+            t.send("next", Kind.ACTIVATION, 3, mb, torch.tensor([float(mb)]))
+        t.close()
+        return None
+    order = [9, 0, 5, 1, 8, 2, 7, 3, 6, 4]
+    got = [float(t.recv("prev", Kind.ACTIVATION, 3, mb)) for mb in order]
+    t.close()
+    return order, got
+
+
+def test_consumer_takes_messages_in_any_order():
+    _, (order, got) = run_distributed(_out_of_order, 2)
+    assert got == [float(mb) for mb in order]
+
+
+def _mismatch(rank, world_size):
+    t = _transport(rank, world_size)
+    if rank == 0:
+        t.send("next", Kind.ACTIVATION, 0, 0, torch.zeros(4, 3))
+        t.close()
+        return None
+    try:
+        t.recv("prev", Kind.ACTIVATION, 0, 0, expect=TensorSpec((4, 5), torch.float32))
+    except TransportError as err:
+        t.close()
+        return str(err)
+    return "no error"
+
+
+def test_shape_mismatch_names_both_stages():
+    _, message = run_distributed(_mismatch, 2)
+    assert "stage 1/2 expected activation of step 0 microbatch 0 from stage 0" in message
+    assert "[*, 5] float32" in message and "[4, 3] float32" in message
+
+
+def _timeout(rank, world_size):
+    t = _transport(rank, world_size, timeout=1.0)
+    if rank == 0:
+        time.sleep(3)  # sends nothing: rank 1 must give up after 1 s, not hang
+        return None
+    start = time.monotonic()
+    try:
+        t.recv("prev", Kind.ACTIVATION, 7, 2)
+    except TransportError as err:
+        return str(err), time.monotonic() - start
+    return "no error", 0.0
+
+
+def test_timeout_names_stage_direction_and_step():
+    _, (message, elapsed) = run_distributed(_timeout, 2)
+    assert "stage 1/2 timed out after 1s waiting for activation of step 7 microbatch 2 from stage 0" in message
+    assert elapsed < 10
+
+
+def _large(rank, world_size, numel):
+    t = _transport(rank, world_size)
+    g = torch.Generator().manual_seed(0)
+    payload = torch.randn(numel, generator=g)
+    if rank == 0:
+        t.send("next", Kind.ACTIVATION, 0, 0, payload.view(1000, -1))
+        back = t.recv("next", Kind.GRADIENT, 0, 0)
+        t.close()
+        return bool(torch.equal(back, payload.view(1000, -1) * 2))
+    x = t.recv("prev", Kind.ACTIVATION, 0, 0)
+    t.send("prev", Kind.GRADIENT, 0, 0, x * 2)
+    t.close()
+    return True
+
+
+def test_large_tensors_round_trip():
+    numel = 12_000_000  # 48 MB each way
+    assert run_distributed(_large, 2, numel) == [True, True]
+
+
+def _back_pressure(rank, world_size):
+    t = _transport(rank, world_size, queue_size=2)
+    if rank == 0:
+        for mb in range(12):
+            t.send("next", Kind.ACTIVATION, 0, mb, torch.tensor([float(mb)]))
+        t.close()
+        return t.outboxes["next"].wait_sec
+    time.sleep(1.0)  # consumer late: the sender must wait, nothing may be lost
+    got = [float(t.recv("prev", Kind.ACTIVATION, 0, mb)) for mb in range(12)]
+    peak = len(t.inboxes["prev"].mailbox)
+    t.close()
+    return got, peak
+
+
+def test_full_mailbox_applies_back_pressure():
+    waited, (got, _) = run_distributed(_back_pressure, 2)
+    assert got == [float(mb) for mb in range(12)]
+    assert waited > 0.3  # the sender was held back while the receiver's mailbox was full
+
+
+def _leftover(rank, world_size):
+    t = _transport(rank, world_size)
+    if rank == 0:
+        t.send("next", Kind.ACTIVATION, 0, 0, torch.ones(2))
+        t.close()
+        return None
+    t.close()  # never took the activation
+
+
+def test_close_reports_unconsumed_messages():
+    results = run_distributed(_leftover, 2, allow_failures=True)
+    assert isinstance(results[1], RankFailed)
+    assert "closed with 1 unconsumed message(s): activation of step 0 microbatch 0 from stage 0" in results[1].text
+
+
+def _peer_dies(rank, world_size):
+    t = _transport(rank, world_size, timeout=60.0)
+    if rank == 0:
+        raise RuntimeError("stage 0 crashed on purpose")
+    start = time.monotonic()
+    try:
+        t.recv("prev", Kind.ACTIVATION, 0, 0)
+    except TransportError as err:
+        return str(err), time.monotonic() - start
+    return "no error", 0.0
+
+
+def test_dead_peer_fails_fast_instead_of_waiting_for_the_timeout():
+    """A stage that crashes must end its neighbours at once, not after dist.timeout_sec."""
+    results = run_distributed(_peer_dies, 2, allow_failures=True)
+    assert isinstance(results[0], RankFailed)
+    message, elapsed = results[1]
+    assert "stage 1/2 lost the connection from stage 0" in message
+    assert elapsed < 30
+
+
+def test_four_stage_chain_passes_each_message_once():
+    results = run_distributed(_chain, 4)
+    assert results[3] == [float(step + 3) for step in range(5)]  # +1 at each of stages 1..3
+    assert results[0] == [float(2 * (step + 3)) for step in range(5)]
+
+
+def _chain(rank, world_size):
+    t = _transport(rank, world_size)
+    out = []
+    for step in range(5):
+        x = torch.tensor([float(step)]) if rank == 0 else t.recv("prev", Kind.ACTIVATION, step, 0) + 1
+        if rank < world_size - 1:
+            t.send("next", Kind.ACTIVATION, step, 0, x)
+            g = t.recv("next", Kind.GRADIENT, step, 0)
+        else:
+            out.append(float(x))
+            g = x * 2
+        if rank > 0:
+            t.send("prev", Kind.GRADIENT, step, 0, g)
+        else:
+            out.append(float(g))
+    t.close()
+    return out
