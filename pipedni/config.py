@@ -174,6 +174,13 @@ def _coerce(value: Any, tp: Any) -> Any:
         raise TypeError
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
+    if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
+        try:
+            return float(value)
+        except ValueError:
+            raise TypeError from None
+    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)  # --run.name=2024 arrives as an int
     if tp in (int, float, str, bool) and type(value) is tp:
         return value
     raise TypeError

@@ -1,0 +1,162 @@
+"""End to end: the CLI under torchrun, its outputs, and how it fails on bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from dist_utils import RankFailed, free_port, run_distributed
+from pipedni.config import load_config
+from pipedni.engine import Trainer
+from pipedni.errors import PartitionError, TransportError
+from pipedni.export import merge_checkpoints
+from pipedni.runtime import Runtime
+
+REPO = Path(__file__).resolve().parent.parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
+
+
+def run_cli(args: list[str], nproc: int | None, timeout: float = 300) -> subprocess.CompletedProcess:
+    if nproc is None:
+        cmd = [sys.executable, "-m", "pipedni.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
+               f"--master_port={free_port()}", "-m", "pipedni.train", *args]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@needs_fashion
+def test_four_stage_fashion_mnist_run_learns_and_writes_its_outputs(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["configs/mlp_fashion.yaml", f"--run.dir={run_dir}", "--train.steps=400",
+                    "--train.eval_every=200", "--data.test_limit=5000"], nproc=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["schedule"] == "1f1b" and summary["num_stages"] == 4 and summary["steps"] == 400
+    assert summary["test_accuracy"] > 0.80, summary  # chance is 0.10
+    assert summary["samples_per_sec"] > 0 and summary["wall_time_sec"] > 0
+    assert [s["stage_index"] for s in summary["stages"]] == [0, 1, 2, 3]
+    for s in summary["stages"]:
+        assert 0 < s["busy_fraction"] <= 1 and s["peak_memory_bytes"] > 0 and s["num_params"] > 0
+    assert summary["stages"][-1]["bytes_sent"] > 0  # gradients flow back from the last stage
+    # per-step metrics from every stage; the last stage holds the loss and the evaluations
+    last = [json.loads(line) for line in (run_dir / "metrics/stage3.jsonl").read_text().splitlines()]
+    steps = [r for r in last if "step" in r]
+    assert len(steps) == 400 and all("loss" in r and r["samples_per_sec"] > 0 for r in steps)
+    assert [r["eval_step"] for r in last if "eval_step" in r] == [200, 400]
+    first = [json.loads(line) for line in (run_dir / "metrics/stage0.jsonl").read_text().splitlines()]
+    assert len(first) == 400 and "loss" not in first[0] and "wait_grad_sec" in first[0]
+    # checkpoints merge into the whole model's state_dict, loadable into a fresh model
+    cfg = load_config(run_dir / "config.yaml")
+    assert cfg.train.steps == 400
+    out = tmp_path / "model.pt"
+    export = subprocess.run([sys.executable, "-m", "pipedni.export", str(run_dir), str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert export.returncode == 0, export.stderr
+    from pipedni.models import build_model
+
+    model = build_model(cfg.model, (1, 28, 28), 10, seed=123)
+    model.load_state_dict(torch.load(out))  # strict: every key present, none extra
+
+
+def test_plain_python_runs_the_whole_model_in_one_process(tmp_path):
+    proc = run_cli(["configs/mlp_fashion.yaml", f"--run.dir={tmp_path}", "--data.name=synthetic",
+                    "--train.steps=5", "--data.synthetic_size=1024"], nproc=None, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["schedule"] == "single" and summary["num_stages"] == 1
+
+
+def one_line_error(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    return lines[0]
+
+
+def test_config_mistakes_exit_2_with_one_line(tmp_path):
+    proc = run_cli(["configs/mlp_fashion.yaml", "--train.shedule=gpipe"], nproc=None, timeout=60)
+    assert proc.returncode == 2
+    line = one_line_error(proc)
+    assert "unknown key 'train.shedule'" in line and "schedule" in line
+    proc = run_cli(["configs/mlp_fashion.yaml", "--optim.lr=fast"], nproc=None, timeout=60)
+    assert proc.returncode == 2 and "optim.lr = 'fast'" in one_line_error(proc)
+    proc = run_cli(["configs/nope.yaml"], nproc=None, timeout=60)
+    assert proc.returncode == 2 and "does not exist" in one_line_error(proc)
+
+
+def test_missing_data_names_the_fix(tmp_path):
+    proc = run_cli(["configs/mlp_fashion.yaml", "--data.name=mnist", f"--data.root={tmp_path}"], nproc=None, timeout=60)
+    assert proc.returncode == 2
+    assert "python -m pipedni.data fetch mnist" in one_line_error(proc)
+
+
+def test_wrong_process_count_is_a_clear_error(tmp_path):
+    proc = run_cli(["configs/mlp_fashion.yaml", "--data.name=synthetic", "--partition.balance=[1,1,2]",
+                    f"--run.dir={tmp_path}"], nproc=2, timeout=120)
+    assert proc.returncode != 0
+    ours = [line for line in proc.stderr.splitlines() if "error:" in line and "[stage" in line]
+    assert ours and "partition.balance = [1, 1, 2] describes 3 stages but 2 processes were started" in ours[0]
+    assert "--nproc_per_node=3" in ours[0]
+
+
+# --------------------------------------------------------------------------- library-level failures
+
+
+def _config(run_dir: str):
+    return load_config(None, [f"--run.dir={run_dir}", "--data.name=synthetic", "--data.synthetic_size=256",
+                              "--data.batch_size=32", "--train.steps=6", "--run.log_every=1000",
+                              "--dist.timeout_sec=60"])
+
+
+def _mismatched(rank, world_size, run_dir):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Linear(64, 10))
+    cfg = _config(run_dir)
+    cfg.partition.balance = [2, 1]
+    Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo", False), model=model).fit()
+
+
+def test_stage_that_cannot_take_its_input_fails_at_start_up_naming_both_stages(tmp_path):
+    results = run_distributed(_mismatched, 2, str(tmp_path), allow_failures=True)
+    err = results[1]
+    assert isinstance(err, RankFailed) and isinstance(err.error, PartitionError), err
+    message = str(err.error)
+    assert "stage 1 cannot take the output of stage 0, [*, 32] float32" in message
+    assert "partition.balance" in message
+
+
+class Explode(nn.Module):
+    def __init__(self, at_call: int):
+        super().__init__()
+        self.calls, self.at_call = 0, at_call
+
+    def forward(self, x):
+        self.calls += 1
+        if self.training and self.calls == self.at_call:
+            raise RuntimeError("boom in a user layer")
+        return x
+
+
+def _crash_mid_run(rank, world_size, run_dir):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), Explode(at_call=12), nn.Linear(16, 10))
+    cfg = _config(run_dir)
+    cfg.partition.balance = [2, 2]
+    trainer = Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo", False), model=model)
+    trainer.fit()
+
+
+def test_a_failing_stage_ends_its_neighbour_instead_of_hanging(tmp_path):
+    """Stage 1 raises in its 3rd step; stage 0, waiting for a gradient, must fail at once with a
+    message naming stage 1 (not sit out dist.timeout_sec = 60 s)."""
+    results = run_distributed(_crash_mid_run, 2, str(tmp_path), allow_failures=True, timeout=50)
+    assert "boom in a user layer" in results[1].text
+    assert isinstance(results[0], RankFailed) and isinstance(results[0].error, TransportError)
+    assert "stage 0/2 lost the connection from stage 1" in str(results[0].error)
