@@ -15,7 +15,7 @@ from pipedni import data as datasets
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.console import make_console
-from pipedni.errors import LaunchError
+from pipedni.errors import LaunchError, same_on_every_rank
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
@@ -48,11 +48,9 @@ def check_layout(cfg: Config, runtime: Runtime) -> None:
         )
 
 
-def build_worker(cfg: Config, runtime: Runtime, model: nn.Sequential, steps: int) -> StageWorker:
-    """This rank's stage of ``model`` with its optimizer, transport and schedule."""
+def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], steps: int) -> StageWorker:
+    """This rank's stage of the partitioned model with its optimizer, transport and schedule."""
     n = runtime.num_stages
-    balance = cfg.partition.balance if n > 1 else None
-    stages = partition(model, n, balance, cfg.partition.method)
     stage = Stage(stages[runtime.stage_index], runtime.stage_index, n, runtime.device, cfg.optim, steps,
                   distributed=runtime.distributed)
     transport = None
@@ -60,9 +58,7 @@ def build_worker(cfg: Config, runtime: Runtime, model: nn.Sequential, steps: int
         wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device
         transport = Transport(runtime.stage_index, n, runtime.device, wire, cfg.dist.queue_size, cfg.dist.timeout_sec)
     schedule = "single" if n == 1 else cfg.train.schedule
-    worker = StageWorker(stage, transport, schedule, cfg.train.microbatches)
-    worker.describe = describe(stages)
-    return worker
+    return StageWorker(stage, transport, schedule, cfg.train.microbatches)
 
 
 class Trainer:
@@ -71,19 +67,22 @@ class Trainer:
     def __init__(self, cfg: Config, runtime: Runtime, model: Optional[nn.Sequential] = None):
         self.cfg, self.runtime = cfg, runtime
         self.run_dir = cfg.run_dir
-        check_layout(cfg, runtime)
-        self.train_set, self.test_set = datasets.load_datasets(cfg.data, cfg.run.seed)
-        self.steps = total_steps(cfg, len(self.train_set))
-        sample_shape = tuple(self.train_set.inputs.shape[1:])
-        if model is None:
-            model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
+        with same_on_every_rank():
+            check_layout(cfg, runtime)
+            self.train_set, self.test_set = datasets.load_datasets(cfg.data, cfg.run.seed)
+            self.steps = total_steps(cfg, len(self.train_set))
+            sample_shape = tuple(self.train_set.inputs.shape[1:])
+            if model is None:
+                model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
+            balance = cfg.partition.balance if runtime.num_stages > 1 else None
+            stages = partition(model, runtime.num_stages, balance, cfg.partition.method)
         self.console = make_console(runtime.is_last, cfg.run.log_every)
-        self.worker = build_worker(cfg, runtime, model, self.steps)
+        self.worker = build_worker(cfg, runtime, stages, self.steps)
         self.worker.connect(TensorSpec((1, *sample_shape), self.train_set.inputs.dtype), self.train_set.num_classes)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if runtime.is_first:
             save_config(cfg, self.run_dir / "config.yaml")
-            print(self.worker.describe, flush=True)
+            print(describe(stages), flush=True)
         self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled)

@@ -1,5 +1,7 @@
 """User-facing error types: what a user did wrong, with the value and the fix in the message."""
 
+import contextlib
+
 
 class PipeDNIError(Exception):
     """Base of every error pipedni raises on purpose."""
@@ -27,3 +29,14 @@ class TransportError(PipeDNIError, RuntimeError):
 
 # Errors the CLI reports as one line with exit code 2 (user mistakes, not bugs).
 USER_ERRORS = (ConfigError, PartitionError, DataError, LaunchError, TransportError)
+
+
+@contextlib.contextmanager
+def same_on_every_rank():
+    """Mark user errors raised inside as identical on all ranks (config, data, layout), so only
+    rank 0 prints them instead of N copies of one line."""
+    try:
+        yield
+    except PipeDNIError as err:
+        err.on_every_rank = True
+        raise

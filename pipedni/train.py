@@ -12,7 +12,7 @@ from typing import Optional
 
 from pipedni.config import load_config
 from pipedni.engine import Trainer
-from pipedni.errors import USER_ERRORS, TransportError
+from pipedni.errors import USER_ERRORS, TransportError, same_on_every_rank
 from pipedni.runtime import init_runtime, shutdown
 
 USAGE = "usage: torchrun --nproc_per_node=N -m pipedni.train CONFIG.yaml [--section.key=value ...]"
@@ -22,7 +22,8 @@ def train(argv: list[str]) -> Optional[dict]:
     # 1. config: defaults < YAML < command line; identical on every rank
     if not argv or argv[0].startswith("--"):
         raise SystemExit(USAGE)
-    cfg = load_config(argv[0], argv[1:])
+    with same_on_every_rank():
+        cfg = load_config(argv[0], argv[1:])
     if "RANK" not in os.environ and cfg.train.schedule != "single":
         print(f"no torchrun: training the whole model in one process instead of {cfg.train.schedule}")
         cfg.train.schedule = "single"
@@ -48,7 +49,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         train(argv)
         return 0
     except USER_ERRORS as err:
-        print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+        if rank == 0 or not getattr(err, "on_every_rank", False):
+            print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
         code = 1 if isinstance(err, TransportError) else 2
     except KeyboardInterrupt:
         code = 130

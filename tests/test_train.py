@@ -160,3 +160,16 @@ def test_a_failing_stage_ends_its_neighbour_instead_of_hanging(tmp_path):
     assert "boom in a user layer" in results[1].text
     assert isinstance(results[0], RankFailed) and isinstance(results[0].error, TransportError)
     assert "stage 0/2 lost the connection from stage 1" in str(results[0].error)
+
+
+def test_launch_wrapper_exits_with_the_stage_error_code_and_one_line(tmp_path):
+    """Plain torchrun exits 1 with a traceback summary when a stage fails; pipedni.launch keeps
+    the stage's exit code (2: user mistake) and its one line, printed once, not once per rank."""
+    cmd = [sys.executable, "-m", "pipedni.launch", "--nproc_per_node=2", "configs/mlp_fashion.yaml",
+           "--data.name=synthetic", "--partition.balance=[1,1,2]", f"--run.dir={tmp_path}"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "describes 3 stages but 2 processes were started" in one_line_error(proc)
+    cmd = [sys.executable, "-m", "pipedni.launch", "-n", "2", "configs/mlp_fashion.yaml", "--model.depht=3"]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "unknown key 'model.depht'" in one_line_error(proc)
