@@ -30,7 +30,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(fn, rank, world_size, port, args, results):
+def _entry(fn, rank, world_size, port, args, results, backend):
     import torch
     import torch.distributed as dist
 
@@ -38,7 +38,9 @@ def _entry(fn, rank, world_size, port, args, results):
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world_size))
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
+        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
         results.put((rank, True, fn(rank, world_size, *args), None))
     except BaseException as err:  # reported to the parent, which fails the test
         try:
@@ -53,13 +55,13 @@ def _entry(fn, rank, world_size, port, args, results):
 
 
 def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0,
-                    allow_failures: bool = False) -> list[Any]:
+                    allow_failures: bool = False, backend: str = "gloo") -> list[Any]:
     """Results of ``fn`` per rank. With ``allow_failures``, a failed rank's entry is its RankFailed
     (and the call waits for every rank to finish or fail) instead of raising at the first failure."""
     ctx = mp.get_context("spawn")
     results = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results), daemon=True)
+    procs = [ctx.Process(target=_entry, args=(fn, r, world_size, port, args, results, backend), daemon=True)
              for r in range(world_size)]
     for p in procs:
         p.start()
