@@ -21,6 +21,7 @@ from pipedni.models import build_model
 from pipedni.partition import describe, partition
 from pipedni.runtime import Runtime
 from pipedni.stage import Stage
+from pipedni.telemetry import make_telemetry
 from pipedni.transport import TensorSpec, Transport
 from pipedni.worker import StageWorker
 
@@ -86,6 +87,7 @@ class Trainer:
         self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled)
+        self.telemetry = make_telemetry(runtime.device)
         self.last_eval: Optional[dict] = None
 
     def evaluate(self, step: int) -> None:
@@ -107,6 +109,8 @@ class Trainer:
             if step > 0 or self.steps == 1:  # the first step pays one-off costs
                 self.totals.add(stats)
             self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))
+            if step % cfg.run.log_every == 0:
+                self.telemetry.sample()
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
                 self.evaluate(step + 1)
         self.evaluate(self.steps)
@@ -117,7 +121,7 @@ class Trainer:
     def _summarize(self, wall: float) -> Optional[dict]:
         self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
         self.totals.bytes_sent = self.worker.transport.bytes_sent if self.worker.transport else 0
-        stages = [self.totals.summary()]
+        stages = [{**self.totals.summary(), **self.telemetry.summary()}]
         if self.runtime.distributed:
             gathered: list = [None] * self.runtime.world_size
             dist.all_gather_object(gathered, stages[0])
