@@ -1,12 +1,14 @@
 #!/bin/bash
-# pipedni on two machines without a scheduler: run this on each node with NODE_RANK=0 and 1.
-# Every node needs the same code, config and data.root; run.dir should be on a shared
-# file system (each stage writes its own metrics and checkpoint files there).
+# pipedni on several machines without a scheduler: run this on each node with NODE_RANK=0, 1, ...
+# Every node needs the same code, config and data.root; run.dir should be on a shared file
+# system (each stage writes its own metrics and checkpoint files there).
 #
 #   HEAD=10.0.0.1 NODE_RANK=0 NPROC=4 bash launch/multinode.sh configs/mlp_fashion.yaml   # on node 0
 #   HEAD=10.0.0.1 NODE_RANK=1 NPROC=4 bash launch/multinode.sh configs/mlp_fashion.yaml   # on node 1
 #
-# The config must describe NNODES * NPROC stages (e.g. partition.balance with 8 entries).
+# Stage = global rank = NODE_RANK * NPROC + local rank. The static rendezvous (--master_addr and
+# --node_rank) keeps that placement fixed; a c10d rendezvous would number nodes in the order
+# they join, so stage 0 could land on any node. The config must describe NNODES * NPROC stages.
 set -euo pipefail
 
 CONFIG=${1:?usage: HEAD=host NODE_RANK=i [NNODES=2] [NPROC=gpus] bash launch/multinode.sh CONFIG.yaml [overrides]}
@@ -20,7 +22,6 @@ exec torchrun \
   --nnodes="$NNODES" \
   --node_rank="$NODE_RANK" \
   --nproc_per_node="$NPROC" \
-  --rdzv_id="pipedni-${RUN_ID:-0}" \
-  --rdzv_backend=c10d \
-  --rdzv_endpoint="$HEAD:29500" \
+  --master_addr="$HEAD" \
+  --master_port="${PORT:-29500}" \
   -m pipedni.train "$CONFIG" "$@"

@@ -19,7 +19,7 @@ import yaml
 
 from pipedni.errors import ConfigError
 
-SCHEDULES = ("single", "naive", "gpipe", "1f1b")
+SCHEDULES = ("single", "naive", "gpipe", "1f1b", "dni")
 
 
 def _f(default: Any, doc: str) -> Any:
@@ -74,12 +74,12 @@ class PartitionConfig:
 
 @dataclass
 class TrainConfig:
-    schedule: Literal["single", "naive", "gpipe", "1f1b"] = _f(
-        "1f1b", "single (one process, reference), naive, gpipe or 1f1b."
+    schedule: Literal["single", "naive", "gpipe", "1f1b", "dni"] = _f(
+        "1f1b", "single (one process, reference), naive, gpipe, 1f1b, or dni (synthetic gradients)."
     )
     steps: int = _f(0, "Optimizer steps to run (0: use train.epochs).")
     epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")
-    microbatches: int = _f(4, "Microbatches per batch for gpipe / 1f1b / naive (M).")
+    microbatches: int = _f(4, "Microbatches per batch for naive / gpipe / 1f1b and dni's warm-up (M).")
     eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
 
 
@@ -96,6 +96,41 @@ class OptimConfig:
     warmup_steps: int = _f(0, "cosine: steps of linear warmup from 0 to lr.")
     min_lr: float = _f(0.0, "cosine: learning rate at the last step.")
     grad_clip: float = _f(0.0, "Clip the global gradient norm (all stages together) to this (0: off).")
+
+
+@dataclass
+class DNIConfig:
+    kind: Literal["linear", "lowrank", "mlp", "conv"] = _f(
+        "mlp", "Synthetic-gradient model: linear, lowrank, mlp, or conv (4-D activations)."
+    )
+    condition_on_labels: bool = _f(False, "cDNI: give the predictor the one-hot label as extra input.")
+    hidden_layers: int = _f(2, "mlp / conv: hidden layers of the predictor.")
+    hidden_width: int = _f(1024, "mlp: units per hidden layer; conv: channels per hidden layer.")
+    rank: int = _f(64, "lowrank: width of the bottleneck.")
+    batchnorm: bool = _f(False, "mlp / conv: BatchNorm after each hidden layer of the predictor.")
+    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimizer of the predictors (their own, not optim.*).")
+    lr: float = _f(3e-4, "Learning rate of the predictors.")
+    output_scale: float = _f(1.0, "Multiply predicted gradients by this before backpropagating them.")
+    clip: float = _f(0.0, "Clip each sample's predicted gradient to this L2 norm (0: off).")
+    normalize_target: bool = _f(
+        True, "Regress on batch_size x gradient (O(1) values, batch-size free) and divide back before use."
+    )
+    max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
+    warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")
+    boundaries: list[dict] = _f(
+        [], "Per-boundary overrides: entry i (stage i -> i+1) maps predictor keys above to values."
+    )
+
+    def for_boundary(self, index: int) -> "DNIConfig":
+        """This config with boundary ``index``'s overrides applied."""
+        if index >= len(self.boundaries):
+            return self
+        return dataclasses.replace(self, **self.boundaries[index])
+
+
+# Keys a per-boundary entry may set (the predictor's own settings, not the schedule's).
+DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank", "batchnorm",
+                     "optimizer", "lr", "output_scale", "clip", "normalize_target")
 
 
 @dataclass
@@ -121,6 +156,7 @@ class Config:
     partition: PartitionConfig = field(default_factory=PartitionConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    dni: DNIConfig = field(default_factory=DNIConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
@@ -146,6 +182,8 @@ def _type_name(tp: Any) -> str:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is dict or origin is dict:
+        return "mapping"
     return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
 
 
@@ -168,6 +206,14 @@ def _coerce(value: Any, tp: Any) -> Any:
             raise TypeError
         (item,) = typing.get_args(tp)
         return [_coerce(v, item) for v in value]
+    if tp is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise TypeError
+    if origin is dict:
+        if isinstance(value, dict):
+            return dict(value)
+        raise TypeError
     if tp is type(None):
         if value is None:
             return None
@@ -279,6 +325,11 @@ def validate(cfg: Config) -> None:
         f"train.microbatches = {m} exceeds data.batch_size = {cfg.data.batch_size}; "
         "use at most one microbatch per sample",
     )
+    _require(
+        not cfg.model.batchnorm or cfg.data.batch_size // m >= 2,
+        f"model.batchnorm needs microbatches of >= 2 samples but data.batch_size = {cfg.data.batch_size} "
+        f"/ train.microbatches = {m} leaves {cfg.data.batch_size // m}; use fewer microbatches",
+    )
     _require(cfg.train.steps >= 0, f"train.steps = {cfg.train.steps}; must be >= 0")
     _require(
         cfg.train.steps > 0 or cfg.train.epochs > 0,
@@ -298,12 +349,40 @@ def validate(cfg: Config) -> None:
     _require(cfg.dist.queue_size >= 2, f"dist.queue_size = {cfg.dist.queue_size}; must be >= 2")
     _require(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}; must be >= 0")
     _require(cfg.run.log_every >= 1, f"run.log_every = {cfg.run.log_every}; must be >= 1")
+    _validate_dni(cfg)
     balance = cfg.partition.balance
     if balance is not None:
         _require(
             len(balance) >= 1 and min(balance) >= 1,
             f"partition.balance = {balance}; every stage needs at least one layer",
         )
+
+
+def _validate_dni(cfg: Config) -> None:
+    d = cfg.dni
+    _require(d.max_staleness >= 1, f"dni.max_staleness = {d.max_staleness}; must be >= 1")
+    _require(
+        d.max_staleness < cfg.dist.queue_size,
+        f"dni.max_staleness = {d.max_staleness} must be below dist.queue_size = {cfg.dist.queue_size} "
+        "(the mailbox must hold every step in flight); raise dist.queue_size",
+    )
+    _require(d.warmup_steps >= 0, f"dni.warmup_steps = {d.warmup_steps}; must be >= 0")
+    for i, entry in enumerate(d.boundaries):
+        probe = DNIConfig()
+        for key, value in entry.items():
+            _require(
+                key in DNI_BOUNDARY_KEYS,
+                f"dni.boundaries[{i}] sets '{key}'; a boundary may set: {', '.join(DNI_BOUNDARY_KEYS)}",
+            )
+            _set(probe, f"dni.boundaries[{i}]", key, value, "config")
+            entry[key] = getattr(probe, key)
+    for i in range(max(1, len(d.boundaries))):
+        b = d.for_boundary(i)
+        where = f"dni.boundaries[{i}]" if d.boundaries else "dni"
+        _require(b.lr > 0, f"{where}.lr = {b.lr}; must be > 0")
+        _require(b.hidden_layers >= 0, f"{where}.hidden_layers = {b.hidden_layers}; must be >= 0")
+        _require(b.hidden_width >= 1 and b.rank >= 1, f"{where}: hidden_width and rank must be >= 1")
+        _require(b.clip >= 0, f"{where}.clip = {b.clip}; must be >= 0 (0: off)")
 
 
 def save_config(cfg: Config, path: Path) -> None:

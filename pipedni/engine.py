@@ -15,6 +15,7 @@ from pipedni import data as datasets
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.console import make_console
+from pipedni.decoupled import DNIWorker
 from pipedni.errors import LaunchError, same_on_every_rank
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.models import build_model
@@ -41,6 +42,8 @@ def check_layout(cfg: Config, runtime: Runtime) -> None:
             f"train.schedule = 'single' runs the whole model in one process but {n} were started; "
             "use --nproc_per_node=1, plain python, or a pipelined schedule (naive, gpipe, 1f1b)"
         )
+    if cfg.train.schedule == "dni" and n < 2:
+        raise LaunchError("train.schedule = 'dni' needs at least 2 stages (processes); start more with torchrun")
     balance = cfg.partition.balance
     if balance is not None and n > 1 and len(balance) != n:
         raise LaunchError(
@@ -49,15 +52,17 @@ def check_layout(cfg: Config, runtime: Runtime) -> None:
         )
 
 
-def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], steps: int) -> StageWorker:
+def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], steps: int) -> StageWorker | DNIWorker:
     """This rank's stage of the partitioned model with its optimizer, transport and schedule."""
     n = runtime.num_stages
     stage = Stage(stages[runtime.stage_index], runtime.stage_index, n, runtime.device, cfg.optim, steps,
                   distributed=runtime.distributed)
     transport = None
     if n > 1:
-        wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device
+        wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging
         transport = Transport(runtime.stage_index, n, runtime.device, wire, cfg.dist.queue_size, cfg.dist.timeout_sec)
+    if n > 1 and cfg.train.schedule == "dni":
+        return DNIWorker(stage, transport, cfg)
     schedule = "single" if n == 1 else cfg.train.schedule
     return StageWorker(stage, transport, schedule, cfg.train.microbatches)
 
@@ -104,8 +109,9 @@ class Trainer:
         self.console.start(self.steps)
         batches = datasets.train_batches(self.train_set, cfg.data.batch_size, cfg.run.seed, self.steps)
         for step, inputs, targets in batches:
+            lr = self.worker.stage.scheduler.get_last_lr()[0]  # the rate this step trains with
             stats = self.worker.train_step(step, inputs, targets)
-            self.metrics.step(stats, cfg.data.batch_size, self.worker.stage.scheduler.get_last_lr()[0])
+            self.metrics.step(stats, cfg.data.batch_size, lr)
             if step > 0 or self.steps == 1:  # the first step pays one-off costs
                 self.totals.add(stats)
             self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))
@@ -113,14 +119,15 @@ class Trainer:
                 self.telemetry.sample()
             if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
                 self.evaluate(step + 1)
+        self.worker.finish()
         self.evaluate(self.steps)
         wall = time.perf_counter() - start
-        self.checkpointer.save(self.worker.stage, self.steps, self.runtime.num_stages, cfg.to_dict())
+        self.checkpointer.save(self.worker.stage, self.steps, self.runtime.num_stages, cfg.to_dict(),
+                               self.worker.extra_state())
         return self._summarize(wall)
 
     def _summarize(self, wall: float) -> Optional[dict]:
         self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
-        self.totals.bytes_sent = self.worker.transport.bytes_sent if self.worker.transport else 0
         stages = [{**self.totals.summary(), **self.telemetry.summary()}]
         if self.runtime.distributed:
             gathered: list = [None] * self.runtime.world_size

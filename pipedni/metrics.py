@@ -23,7 +23,8 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 @dataclass
 class StageTotals:
-    """Sums over the timed training steps of one stage (the first step, a warm-up, is excluded)."""
+    """Sums over the timed training steps of one stage (the first step, a warm-up, is excluded);
+    ``bytes_sent`` counts training messages only (no evaluation, probes or warm-up)."""
 
     stage_index: int
     num_params: int = 0
@@ -35,6 +36,11 @@ class StageTotals:
     send_wait_sec: float = 0.0
     bytes_sent: int = 0
     peak_memory_bytes: int = 0
+    # dni only (None elsewhere): moving averages (weight 0.05 per step) and extremes
+    sg_loss: Optional[float] = None
+    sg_cosine: Optional[float] = None
+    mean_staleness: Optional[float] = None
+    max_store_size: Optional[int] = None
 
     def add(self, stats: StepStats) -> None:
         self.steps += 1
@@ -43,12 +49,24 @@ class StageTotals:
         self.wait_input_sec += stats.wait_input_sec
         self.wait_grad_sec += stats.wait_grad_sec
         self.send_wait_sec += stats.send_wait_sec
+        self.bytes_sent += stats.bytes_sent
+        self.sg_loss = _ema(self.sg_loss, stats.sg_loss)
+        self.sg_cosine = _ema(self.sg_cosine, stats.sg_cosine)
+        self.mean_staleness = _ema(self.mean_staleness, stats.staleness)
+        if stats.store_size is not None:
+            self.max_store_size = max(self.max_store_size or 0, stats.store_size)
 
     def summary(self) -> dict:
-        out = asdict(self)
+        out = {k: v for k, v in asdict(self).items() if v is not None}
         out["busy_fraction"] = self.compute_sec / self.step_sec if self.step_sec > 0 else 0.0
         out["bytes_sent_per_step"] = self.bytes_sent // max(1, self.steps)
         return out
+
+
+def _ema(average: Optional[float], value: Optional[float], weight: float = 0.05) -> Optional[float]:
+    if value is None:
+        return average
+    return value if average is None else (1 - weight) * average + weight * value
 
 
 class MetricsWriter:
@@ -57,7 +75,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, stage_index: int):
         path = run_dir / "metrics" / f"stage{stage_index}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("w")
+        self.file = path.open("w", buffering=1)  # line-buffered: a crashed stage keeps its last steps
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
@@ -66,9 +84,7 @@ class MetricsWriter:
         record = asdict(stats)
         record["samples_per_sec"] = batch_size / stats.step_sec if stats.step_sec > 0 else 0.0
         record["lr"] = lr
-        for key in ("loss", "grad_norm"):
-            if record[key] is None:
-                del record[key]
+        record = {key: value for key, value in record.items() if value is not None}
         self.log(record)
 
     def close(self) -> None:

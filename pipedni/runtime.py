@@ -23,8 +23,7 @@ class Runtime:
     local_rank: int
     local_world_size: int
     device: torch.device
-    backend: str  # "gloo" or "nccl"; "none" for a single process without torchrun
-    host_staging: bool  # tensors cross the wire through host memory (ranks share a GPU)
+    backend: str  # "nccl", or "gloo" (CPU tensors; GPU tensors staged through host memory); "none": no torchrun
 
     @property
     def stage_index(self) -> int:
@@ -56,13 +55,13 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-def _choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[torch.device, str, bool]:
-    """(device, backend, host_staging). See the transport note on backends."""
+def _choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[torch.device, str]:
+    """(device, backend). See [Note: transport layout] on backends."""
     want_cuda = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
     if not want_cuda:
         if cfg.dist.backend == "nccl":
             raise LaunchError("dist.backend = 'nccl' needs CUDA devices; use dist.backend=gloo on CPU")
-        return torch.device("cpu"), "gloo", False
+        return torch.device("cpu"), "gloo"
     num_gpus = torch.cuda.device_count()
     if num_gpus == 0:
         raise LaunchError("dist.device = 'cuda' but no CUDA device is visible; use --dist.device=cpu")
@@ -75,8 +74,7 @@ def _choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple
         )
     if shared:
         log.warning("%d processes share %d GPU(s): using gloo with host staging", local_world_size, num_gpus)
-    backend = "gloo" if shared or cfg.dist.backend == "gloo" else "nccl"
-    return device, backend, backend == "gloo"
+    return device, "gloo" if shared or cfg.dist.backend == "gloo" else "nccl"
 
 
 def init_runtime(cfg: Config) -> Runtime:
@@ -84,16 +82,16 @@ def init_runtime(cfg: Config) -> Runtime:
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank, local_world_size = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
-    device, backend, staging = _choose_device(cfg, local_rank, local_world_size)
+    device, backend = _choose_device(cfg, local_rank, local_world_size)
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world_size))
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if not under_torchrun:
-        return Runtime(0, 1, 0, 1, device, "none", False)
+        return Runtime(0, 1, 0, 1, device, "none")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.dist.timeout_sec)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
-    return Runtime(rank, world_size, local_rank, local_world_size, device, backend, staging)
+    return Runtime(rank, world_size, local_rank, local_world_size, device, backend)
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 import traceback
 from typing import Optional
 
@@ -15,6 +16,9 @@ from pipedni.engine import Trainer
 from pipedni.errors import USER_ERRORS, TransportError, same_on_every_rank
 from pipedni.runtime import init_runtime, shutdown
 
+# An error every rank hits alike is printed by rank 0 only; the others wait this long before
+# exiting, since the launcher stops all ranks as soon as one exits.
+_QUIET_RANK_EXIT_DELAY_SEC = 3.0
 USAGE = "usage: torchrun --nproc_per_node=N -m pipedni.train CONFIG.yaml [--section.key=value ...]"
 
 
@@ -29,16 +33,14 @@ def train(argv: list[str]) -> Optional[dict]:
         cfg.train.schedule = "single"
     # 2. this process: device pinned from LOCAL_RANK, then the process group
     runtime = init_runtime(cfg)
-    try:
-        # 3. this rank's stage: model, partition, transport, shapes checked end to end
-        trainer = Trainer(cfg, runtime)
-        # 4. train, evaluate, checkpoint, summarise
-        summary = trainer.fit()
-        # 5. drain: every message sent was received, then tear down
-        trainer.close()
-        return summary
-    finally:
-        shutdown(runtime)
+    # 3. this rank's stage: model, partition, transport, shapes checked end to end
+    trainer = Trainer(cfg, runtime)
+    # 4. train, evaluate, checkpoint, summarise
+    summary = trainer.fit()
+    # 5. drain: every message sent was received, then tear down (a failure skips this: see main)
+    trainer.close()
+    shutdown(runtime)
+    return summary
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -49,8 +51,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         train(argv)
         return 0
     except USER_ERRORS as err:
+        message = str(err)
+        prefix = "" if message.startswith(f"stage {rank}/{world}") else prefix
         if rank == 0 or not getattr(err, "on_every_rank", False):
-            print(f"{prefix}error: {err}", file=sys.stderr, flush=True)
+            print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
+        else:
+            time.sleep(_QUIET_RANK_EXIT_DELAY_SEC)  # let rank 0 print before the launcher stops it
         code = 1 if isinstance(err, TransportError) else 2
     except KeyboardInterrupt:
         code = 130

@@ -8,8 +8,8 @@ before training starts, naming both stages.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
 
 import torch
 
@@ -21,16 +21,21 @@ from pipedni.transport import Kind, TensorSpec, Transport
 
 @dataclass
 class StepStats:
-    """What one stage did during one training step (seconds)."""
+    """What one stage did during one training step (seconds); None where it does not apply."""
 
     step: int
     loss: Optional[float] = None
     step_sec: float = 0.0
     compute_sec: float = 0.0
     wait_input_sec: float = 0.0
-    wait_grad_sec: float = 0.0
+    wait_grad_sec: float = 0.0  # locked: waiting for gradients; dni: back-pressure of the store
     send_wait_sec: float = 0.0
+    bytes_sent: int = 0  # payload bytes this stage sent during the step (both directions)
     grad_norm: Optional[float] = None  # whole-model gradient norm before clipping (when clipping)
+    sg_loss: Optional[float] = None  # dni: mean regression loss of the fits done this step
+    sg_cosine: Optional[float] = None  # dni: mean cosine(predicted, arrived gradient) of those fits
+    staleness: Optional[float] = None  # dni: mean steps between a prediction and its target
+    store_size: Optional[int] = None  # dni: steps still awaiting their gradient after this step
 
 
 @dataclass
@@ -40,12 +45,33 @@ class EvalResult:
     num_samples: int
 
 
-@dataclass
-class _Timers:
-    compute: float = 0.0
-    wait_input: float = 0.0
-    wait_grad: float = 0.0
-    extra: dict = field(default_factory=dict)
+class Timers:
+    """Seconds spent per bucket (compute, wait_input, wait_grad) during one step."""
+
+    def __init__(self, transport: Optional[Transport] = None):
+        self.seconds = {"compute": 0.0, "wait_input": 0.0, "wait_grad": 0.0}
+        self.transport = transport
+        self.send_wait_before = transport.send_wait_sec if transport else 0.0
+        self.bytes_before = transport.bytes_sent if transport else 0
+        self.start = time.perf_counter()
+
+    def run(self, bucket: str, fn: Callable, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.seconds[bucket] += time.perf_counter() - start
+        return result
+
+    def stats(self, step: int) -> StepStats:
+        stats = StepStats(step, step_sec=time.perf_counter() - self.start, compute_sec=self.seconds["compute"],
+                          wait_input_sec=self.seconds["wait_input"], wait_grad_sec=self.seconds["wait_grad"])
+        if self.transport is not None:
+            stats.send_wait_sec = self.transport.send_wait_sec - self.send_wait_before
+            stats.bytes_sent = self.transport.bytes_sent - self.bytes_before
+        return stats
+
+
+# Called with (microbatch output detached, its labels, the true gradient that arrived for it).
+GradientObserver = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
 
 class StageWorker:
@@ -60,6 +86,8 @@ class StageWorker:
         self._received: dict[int, torch.Tensor] = {}
         self._grads: dict[int, Optional[torch.Tensor]] = {}
         self._outputs: dict[int, torch.Tensor] = {}
+        self._grad_norm: Optional[float] = None
+        self.on_gradient: Optional[GradientObserver] = None  # sees every true gradient (dni warm-up)
 
     # ------------------------------------------------------------------ start-up
 
@@ -95,29 +123,19 @@ class StageWorker:
         stage, m = self.stage, self.num_microbatches
         if stage.is_first:
             self._mb_inputs = list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m))
-        if stage.is_last:
-            self._mb_targets = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
-            total = targets.shape[0]
-            self._weights = [t.shape[0] / total for t in self._mb_targets]
-        send_wait_before = self.transport.send_wait_sec if self.transport else 0.0
-        self._timers = _Timers()
-        start = time.perf_counter()
+        self._mb_targets = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
+        self._weights = [t.shape[0] / targets.shape[0] for t in self._mb_targets]
+        self._timers = Timers(self.transport)
         for action in self.plan:
             getattr(self, f"_do_{action.kind.lower()}")(step, action.microbatch)
-        stats = StepStats(step, step_sec=time.perf_counter() - start, compute_sec=self._timers.compute,
-                          wait_input_sec=self._timers.wait_input, wait_grad_sec=self._timers.wait_grad)
-        if self.transport:
-            stats.send_wait_sec = self.transport.send_wait_sec - send_wait_before
+        stats = self._timers.stats(step)
         if stage.is_last:
             stats.loss = stage.take_loss()
         stats.grad_norm = self._grad_norm
         return stats
 
     def _timed(self, bucket: str, fn, *args):
-        start = time.perf_counter()
-        result = fn(*args)
-        setattr(self._timers, bucket, getattr(self._timers, bucket) + time.perf_counter() - start)
-        return result
+        return self._timers.run(bucket, fn, *args)
 
     def _do_recv_f(self, step: int, mb: int) -> None:
         recv = self.transport.recv
@@ -139,7 +157,10 @@ class StageWorker:
 
     def _do_b(self, step: int, mb: int) -> None:
         self._outputs.pop(mb, None)  # the last stage's loss value
-        self._grads[mb] = self._timed("compute", self.stage.backward, mb, self._grads.pop(mb, None))
+        grad = self._grads.pop(mb, None)
+        if self.on_gradient is not None and grad is not None:
+            self._timed("compute", self.on_gradient, self.stage.outputs[mb].detach(), self._mb_targets[mb], grad)
+        self._grads[mb] = self._timed("compute", self.stage.backward, mb, grad)
 
     def _do_send_b(self, step: int, mb: int) -> None:
         self.transport.send("prev", Kind.GRADIENT, step, mb, self._grads.pop(mb))
@@ -147,6 +168,12 @@ class StageWorker:
     def _do_step(self, step: int, mb: int) -> None:
         self._grads.clear()
         self._grad_norm = self._timed("compute", self.stage.step)
+
+    def finish(self) -> None:
+        """Nothing is owed after a locked step: every gradient was consumed within it."""
+
+    def extra_state(self) -> dict:
+        return {}
 
     # ------------------------------------------------------------------ evaluation
 

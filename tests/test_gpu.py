@@ -54,7 +54,7 @@ def _train_on_gpu(rank, world_size, root, backend):
     from pipedni.runtime import Runtime
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
-    runtime = Runtime(rank, world_size, rank, world_size, device, backend, backend == "gloo")
+    runtime = Runtime(rank, world_size, rank, world_size, device, backend)
     cfg = make_config(Path(root) / "gpu", "1f1b", 4, "--dist.device=cuda")
     trainer = Trainer(cfg, runtime)
     summary = trainer.fit()

@@ -34,7 +34,7 @@ def make_config(run_dir: Path, schedule: str, microbatches: int, *extra: str):
 
 def train_single(run_dir: Path, *extra: str) -> tuple[dict, dict]:
     cfg = make_config(run_dir, "single", 1, *extra)
-    trainer = Trainer(cfg, Runtime(0, 1, 0, 1, torch.device("cpu"), "none", False))
+    trainer = Trainer(cfg, Runtime(0, 1, 0, 1, torch.device("cpu"), "none"))
     summary = trainer.fit()
     return merge_checkpoints(run_dir), summary
 
@@ -43,7 +43,7 @@ def _train_cases(rank: int, world_size: int, root: str, cases: list, extra: tupl
     from pipedni.runtime import Runtime
 
     summaries = []
-    runtime = Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo", False)
+    runtime = Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
     for schedule, m in cases:
         cfg = make_config(Path(root) / f"{schedule}-{m}", schedule, m, *extra)
         trainer = Trainer(cfg, runtime)

@@ -121,7 +121,7 @@ def _mismatched(rank, world_size, run_dir):
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), nn.Linear(64, 10))
     cfg = _config(run_dir)
     cfg.partition.balance = [2, 1]
-    Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo", False), model=model).fit()
+    Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo"), model=model).fit()
 
 
 def test_stage_that_cannot_take_its_input_fails_at_start_up_naming_both_stages(tmp_path):
@@ -149,7 +149,7 @@ def _crash_mid_run(rank, world_size, run_dir):
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 16), Explode(at_call=12), nn.Linear(16, 10))
     cfg = _config(run_dir)
     cfg.partition.balance = [2, 2]
-    trainer = Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo", False), model=model)
+    trainer = Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo"), model=model)
     trainer.fit()
 
 

@@ -1,0 +1,134 @@
+"""Synthetic-gradient models (DNI / cDNI): predict dLoss/dh from a stage's output h (and label).
+
+Jaderberg et al. 2016 (arXiv 1608.05343). Each non-last stage owns one predictor for its output
+boundary, with its own optimizer. The predictor's last layer starts at zero, so training
+begins with a zero synthetic gradient (no update) rather than a random one.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pipedni.config import DNIConfig
+from pipedni.errors import ConfigError
+
+
+def _zero_last(module: nn.Module) -> nn.Module:
+    nn.init.zeros_(module.weight)
+    nn.init.zeros_(module.bias)
+    return module
+
+
+def _mlp(in_features: int, out_features: int, cfg: DNIConfig) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    width = in_features
+    for _ in range(cfg.hidden_layers):
+        layers.append(nn.Linear(width, cfg.hidden_width))
+        if cfg.batchnorm:
+            layers.append(nn.BatchNorm1d(cfg.hidden_width))
+        layers.append(nn.ReLU())
+        width = cfg.hidden_width
+    layers.append(_zero_last(nn.Linear(width, out_features)))
+    return nn.Sequential(*layers)
+
+
+def _conv(in_channels: int, out_channels: int, cfg: DNIConfig) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    channels = in_channels
+    for _ in range(cfg.hidden_layers):
+        layers.append(nn.Conv2d(channels, cfg.hidden_width, 5, padding=2))
+        if cfg.batchnorm:
+            layers.append(nn.BatchNorm2d(cfg.hidden_width))
+        layers.append(nn.ReLU())
+        channels = cfg.hidden_width
+    layers.append(_zero_last(nn.Conv2d(channels, out_channels, 5, padding=2)))
+    return nn.Sequential(*layers)
+
+
+class SyntheticGradient(nn.Module):
+    """Predicts the gradient of the loss with respect to ``h`` (shape ``(B, *feature_shape)``).
+
+    Label conditioning (cDNI) appends the one-hot label: as extra features for the vector
+    predictors, as extra constant channels for ``conv`` (the label tiled over the feature map).
+    """
+
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig):
+        super().__init__()
+        self.feature_shape, self.num_classes, self.cfg = tuple(feature_shape), num_classes, cfg
+        extra = num_classes if cfg.condition_on_labels else 0
+        if cfg.kind == "conv":
+            if len(feature_shape) != 3:
+                raise ConfigError(
+                    f"dni.kind = 'conv' needs 4-D activations (B, C, H, W) but this boundary carries "
+                    f"{[None, *feature_shape]}; use dni.kind=mlp (or lowrank / linear) here"
+                )
+            self.net = _conv(feature_shape[0] + extra, feature_shape[0], cfg)
+            return
+        features = math.prod(feature_shape)
+        if cfg.kind == "linear":
+            self.net = nn.Sequential(_zero_last(nn.Linear(features + extra, features)))
+        elif cfg.kind == "lowrank":
+            self.net = nn.Sequential(nn.Linear(features + extra, cfg.rank), _zero_last(nn.Linear(cfg.rank, features)))
+        else:
+            self.net = _mlp(features + extra, features, cfg)
+
+    def forward(self, h: torch.Tensor, labels: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The raw prediction, in the regression target's units (see ``dni.normalize_target``)."""
+        batch = h.shape[0]
+        if self.cfg.kind == "conv":
+            x = h
+            if self.cfg.condition_on_labels:
+                onehot = F.one_hot(labels, self.num_classes).to(h.dtype)
+                x = torch.cat([h, onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
+            return self.net(x)
+        x = h.reshape(batch, -1)
+        if self.cfg.condition_on_labels:
+            x = torch.cat([x, F.one_hot(labels, self.num_classes).to(h.dtype)], dim=1)
+        return self.net(x).view(batch, *self.feature_shape)
+
+
+class SyntheticGradientTrainer:
+    """One boundary's predictor with its optimizer: ``predict`` for the stage's backward,
+    ``fit`` on the gradients that arrive later. Converts between target units and gradients."""
+
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig, device: torch.device):
+        self.cfg = cfg
+        self.model = SyntheticGradient(feature_shape, num_classes, cfg).to(device)
+        params = self.model.parameters()
+        self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
+                          else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
+
+    def _target_scale(self, batch: int) -> float:
+        return float(batch) if self.cfg.normalize_target else 1.0
+
+    @torch.no_grad()
+    def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The synthetic gradient to backpropagate through the stage for output ``h``."""
+        self.model.train()
+        grad = self.model(h, labels) / self._target_scale(h.shape[0])
+        if self.cfg.clip > 0:
+            norms = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
+            factor = (self.cfg.clip / norms).clamp(max=1.0)
+            grad = grad * factor.view(-1, *([1] * (grad.dim() - 1)))
+        return grad * self.cfg.output_scale
+
+    def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> float:
+        """One regression step towards the gradient that arrived for ``h``; returns the loss."""
+        target = grad * self._target_scale(h.shape[0])
+        loss = F.mse_loss(self.model(h, labels), target)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return float(loss.detach())
+
+    @property
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.model.parameters())
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
