@@ -128,6 +128,8 @@ class Trainer:
 
     def _summarize(self, wall: float) -> Optional[dict]:
         self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
+        if self.worker.transport is not None:
+            self.totals.peak_queued_messages = self.worker.transport.peak_queued
         stages = [{**self.totals.summary(), **self.telemetry.summary()}]
         if self.runtime.distributed:
             gathered: list = [None] * self.runtime.world_size

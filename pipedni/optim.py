@@ -13,6 +13,10 @@ from pipedni.config import OptimConfig
 
 def build_optimizer(params: Iterable[torch.nn.Parameter], cfg: OptimConfig) -> torch.optim.Optimizer:
     params = list(params)
+    if not params:
+        # A stage without parameters (pooling, activations, a user's reshaping layer) still runs
+        # the schedule's STEP and LR schedule; an empty placeholder never gets a gradient.
+        params = [torch.nn.Parameter(torch.zeros(0))]
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     betas = (cfg.betas[0], cfg.betas[1])

@@ -131,7 +131,8 @@ class Inbox:
         self.cond = threading.Condition()
         self.closed = False
         self.error: Optional[BaseException] = None
-        self.num_received = 0
+        self.num_received = 0  # every message taken off the wire, the closing one included
+        self.peak_queued = 0  # most messages ever waiting in the mailbox at once
         self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
         self.thread.start()
 
@@ -158,6 +159,7 @@ class Inbox:
         if header.kind == Kind.CLOSE:
             with self.cond:
                 self.closed = True
+                self.num_received += 1
                 self.cond.notify_all()
             return False
         payload = self._recv(torch.empty(header.shape, dtype=header.dtype, device=self.wire_device))
@@ -173,6 +175,7 @@ class Inbox:
                 raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from stage {self.peer}")
             self.mailbox[key] = (header, payload, event)
             self.num_received += 1
+            self.peak_queued = max(self.peak_queued, len(self.mailbox))
             self.cond.notify_all()
         return True
 
@@ -299,6 +302,16 @@ class Transport:
     @property
     def bytes_sent(self) -> int:
         return sum(o.bytes_sent for o in self.outboxes.values())
+
+    def counts(self) -> dict[str, int]:
+        """Messages sent and received per direction (``sent_next``, ``received_prev``, ...)."""
+        out = {f"sent_{d}": o.num_sent for d, o in self.outboxes.items()}
+        out.update({f"received_{d}": i.num_received for d, i in self.inboxes.items()})
+        return out
+
+    @property
+    def peak_queued(self) -> int:
+        return max((i.peak_queued for i in self.inboxes.values()), default=0)
 
     def close(self) -> None:
         """Tell both neighbours we are done, finish our sends, wait for theirs; nothing may be left."""

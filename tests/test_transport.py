@@ -30,9 +30,8 @@ def _both_directions(rank, world_size, n):
     for i in range(n):  # both ranks send all their messages before receiving any
         t.send(direction, kind, i, 0, torch.full((8, 3), float(i + 100 * rank)))
     got = [float(t.recv(other, other_kind, i, 0)[0, 0]) for i in range(n)]
-    sent, received = t.outboxes[direction].num_sent, t.inboxes[other].num_received
     t.close()
-    return got, sent, received
+    return got, t.outboxes[direction].num_sent, t.inboxes[other].num_received
 
 
 def test_both_directions_at_once():
@@ -40,8 +39,8 @@ def test_both_directions_at_once():
     (got0, sent0, recv0), (got1, sent1, recv1) = run_distributed(_both_directions, 2, n)
     assert got0 == [100.0 + i for i in range(n)]
     assert got1 == [float(i) for i in range(n)]
-    # every message sent was received (the warm-up message counts on both sides)
-    assert sent0 == recv1 == n + 1 and sent1 == recv0 == n + 1
+    # every message sent was received (the warm-up and closing messages count on both sides)
+    assert sent0 == recv1 == n + 2 and sent1 == recv0 == n + 2
 
 
 def _out_of_order(rank, world_size):

@@ -1,0 +1,70 @@
+"""Synthetic-gradient predictors: zero start, shapes, conditioning, scaling, clipping, learnability."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from pipedni.config import DNIConfig
+from pipedni.errors import ConfigError
+from pipedni.synthetic import SyntheticGradient, SyntheticGradientTrainer
+
+CPU = torch.device("cpu")
+KINDS = [("linear", (32,)), ("lowrank", (32,)), ("mlp", (32,)), ("mlp", (4, 3, 3)), ("conv", (4, 6, 6))]
+
+
+@pytest.mark.parametrize("kind,shape", KINDS)
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_prediction_starts_at_zero_and_has_the_activation_shape(kind, shape, conditioned):
+    cfg = DNIConfig(kind=kind, condition_on_labels=conditioned, hidden_width=16, rank=4)
+    sg = SyntheticGradientTrainer(shape, 10, cfg, CPU)
+    h, labels = torch.randn(5, *shape), torch.randint(10, (5,))
+    predicted = sg.predict(h, labels if conditioned else None)
+    assert predicted.shape == h.shape
+    assert torch.count_nonzero(predicted) == 0  # the last layer starts at zero: no first update
+
+
+def test_label_conditioning_adds_one_input_per_class():
+    plain = SyntheticGradient((32,), 10, DNIConfig(kind="linear"))
+    conditioned = SyntheticGradient((32,), 10, DNIConfig(kind="linear", condition_on_labels=True))
+    assert plain.net[0].in_features == 32 and conditioned.net[0].in_features == 42
+    conv = SyntheticGradient((4, 6, 6), 10, DNIConfig(kind="conv", condition_on_labels=True, hidden_layers=0))
+    assert conv.net[0].in_channels == 14
+
+
+def test_conv_predictor_rejects_flat_activations():
+    with pytest.raises(ConfigError, match="dni.kind = 'conv' needs 4-D activations"):
+        SyntheticGradient((32,), 10, DNIConfig(kind="conv"))
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+def test_predictor_learns_a_linear_gradient_field(kind):
+    """The regression must actually fit: targets g = A h, as the gradient of a quadratic loss."""
+    torch.manual_seed(0)
+    cfg = DNIConfig(kind=kind, hidden_width=64, rank=16, lr=3e-3, normalize_target=False)
+    sg = SyntheticGradientTrainer((16,), 10, cfg, CPU)
+    a = torch.randn(16, 16) / 4
+    losses = [sg.fit(h, None, h @ a.T) for h in (torch.randn(64, 16) for _ in range(400))]
+    assert losses[-1] < 0.1 * losses[0]
+    h = torch.randn(256, 16)
+    cosine = torch.nn.functional.cosine_similarity(sg.predict(h, None).flatten(), (h @ a.T).flatten(), dim=0)
+    assert cosine > 0.9
+
+
+def test_normalised_targets_are_scaled_by_the_batch_size():
+    """With normalize_target the model regresses on B x gradient; predictions are divided back."""
+    cfg = DNIConfig(kind="linear", normalize_target=True)
+    sg = SyntheticGradientTrainer((8,), 10, cfg, CPU)
+    with torch.no_grad():
+        sg.model.net[0].bias.fill_(2.0)
+    assert torch.allclose(sg.predict(torch.zeros(4, 8), None), torch.full((4, 8), 0.5))
+    assert torch.allclose(sg.predict(torch.zeros(16, 8), None), torch.full((16, 8), 0.125))
+
+
+def test_clip_bounds_each_sample_and_output_scale_multiplies():
+    cfg = DNIConfig(kind="linear", normalize_target=False, clip=1.0, output_scale=0.5)
+    sg = SyntheticGradientTrainer((8,), 10, cfg, CPU)
+    with torch.no_grad():
+        sg.model.net[0].bias.fill_(3.0)  # per-sample norm 3 * sqrt(8), clipped to 1, then halved
+    norms = sg.predict(torch.zeros(4, 8), None).norm(dim=1)
+    assert torch.allclose(norms, torch.full((4,), 0.5))
