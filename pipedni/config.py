@@ -50,10 +50,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion_mnist", "mnist", "synthetic"] = _f(
-        "fashion_mnist", "Data set: fashion_mnist, mnist (IDX files) or synthetic (random, no I/O)."
+    name: Literal["fashion_mnist", "mnist", "mnist_5k", "synthetic"] = _f(
+        "fashion_mnist",
+        "Data set: fashion_mnist, mnist (IDX files), mnist_5k (5000-digit CSV) or synthetic (random, no I/O).",
     )
-    root: str = _f("data", "Directory searched for IDX files (before the Debian package path).")
+    root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz).")
     batch_size: int = _f(128, "Training batch size (split into train.microbatches).")
     eval_batch_size: int = _f(1000, "Batch size of the forward-only evaluation pass.")
     normalize: bool = _f(True, "Standardise inputs with the training set's mean and std.")

@@ -35,6 +35,8 @@ class Console(NullConsole):
     def __init__(self, log_every: int):
         self.rich = RichConsole(stderr=False)
         self.live = self.rich.is_terminal
+        if not self.live:  # logs and pipes: wide enough for the summary table on one line per stage
+            self.rich = RichConsole(stderr=False, width=120)
         self.log_every = log_every
         self.progress: Optional[Progress] = None
         self.accuracy = "-"
@@ -73,16 +75,29 @@ class Console(NullConsole):
             self.progress.stop()
         table = Table(title=f"{summary['schedule']} on {summary['num_stages']} stage(s): "
                       f"{summary['samples_per_sec']:,.0f} samples/s, {summary['wall_time_sec']:.1f}s")
-        for column in ("stage", "params", "busy", "wait input s", "wait grad s", "send wait s", "peak mem MiB"):
+        dni = summary["schedule"] == "dni"
+        columns = ["stage", "params", "busy", "wait in s", "backpressure s" if dni else "wait grad s",
+                   "send s", "peak MiB"]
+        if dni:
+            columns += ["sg cos", "sg loss", "stale", "store"]
+        for column in columns:
             table.add_column(column, justify="right")
         for s in summary["stages"]:
-            table.add_row(str(s["stage_index"]), f"{s['num_params']:,}", f"{s['busy_fraction']:.0%}",
-                          f"{s['wait_input_sec']:.2f}", f"{s['wait_grad_sec']:.2f}", f"{s['send_wait_sec']:.2f}",
-                          f"{s['peak_memory_bytes'] / 2**20:,.0f}")
+            row = [str(s["stage_index"]), f"{s['num_params']:,}", f"{s['busy_fraction']:.0%}",
+                   f"{s['wait_input_sec']:.2f}", f"{s['wait_grad_sec']:.2f}", f"{s['send_wait_sec']:.2f}",
+                   f"{s['peak_memory_bytes'] / 2**20:,.0f}"]
+            if dni:
+                row += [_fmt(s.get("sg_cosine"), ".2f"), _fmt(s.get("sg_loss"), ".2g"),
+                        _fmt(s.get("mean_staleness"), ".1f"), _fmt(s.get("max_store_size"), "d")]
+            table.add_row(*row)
         self.rich.print(table)
         if summary["test_accuracy"] is not None:
             self.rich.print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}")
         sys.stdout.flush()
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def make_console(is_logging_rank: bool, log_every: int) -> NullConsole:

@@ -1,48 +1,31 @@
-"""Data sets and the deterministic batch order every rank shares."""
+"""Data sets (IDX files, the mnist_5k CSV, synthetic) and the batch order every rank shares."""
 
 from __future__ import annotations
 
 import argparse
-import gzip
-import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import urllib.request
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
-import numpy as np
 import torch
 
 from pipedni.config import DataConfig
+from pipedni.datafiles import (
+    FILE_NAMES,
+    MNIST_5K,
+    fetch,
+    find_idx_files,
+    find_mnist_5k,
+    read_idx,
+    read_mnist_5k_csv,
+)
 from pipedni.errors import DataError
 
-IDX_NAMES = ("fashion_mnist", "mnist")
-IDX_FILES = {
-    "train_images": "train-images-idx3-ubyte",
-    "train_labels": "train-labels-idx1-ubyte",
-    "test_images": "t10k-images-idx3-ubyte",
-    "test_labels": "t10k-labels-idx1-ubyte",
-}
-NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10}
-# Where torchvision's FashionMNIST / MNIST classes unpack their raw files under a root.
-TORCHVISION_DIRS = {"fashion_mnist": "FashionMNIST/raw", "mnist": "MNIST/raw"}
-# Searched last; `apt-get install dataset-fashion-mnist` puts the .gz files here.
-DEBIAN_DIRS = {
-    "fashion_mnist": Path("/usr/share/datasets/fashion-mnist"),
-    "mnist": Path("/usr/share/datasets/mnist"),
-}
-DEBIAN_PACKAGES = {"fashion_mnist": "dataset-fashion-mnist"}
-MIRRORS = {
-    "fashion_mnist": ["http://fashion-mnist.s3-website.eu-central-1.amazonaws.com/"],
-    "mnist": ["https://ossci-datasets.s3.amazonaws.com/mnist/"],
-}
-# IDX type code -> big-endian numpy dtype (the format stores multi-byte values big-endian).
-IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "mnist_5k": 10}
+
+MNIST_5K_SPLIT_SEED = 5000  # fixed, never run.seed: the test set is the same in every run
+MNIST_5K_TEST_EVERY = 5  # one sample in five of each class is a test sample: 4000 / 1000
 
 
 @dataclass
@@ -54,100 +37,6 @@ class Dataset:
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
-
-
-# --------------------------------------------------------------------------- IDX files
-
-
-def _read_bytes(path: Path) -> bytes:
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rb") as f:
-                return f.read()
-        return path.read_bytes()
-    except (OSError, EOFError, zlib.error) as err:
-        # gzip.BadGzipFile is an OSError; a cut-off .gz raises EOFError.
-        raise DataError(f"IDX file '{path}' cannot be read ({err}); delete it and fetch it again") from None
-
-
-def _parse_header(raw: bytes, path: Path) -> tuple[str, list[int], int]:
-    """(numpy dtype, dims, header length) of an IDX byte string, validated against its size."""
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in IDX_DTYPES:
-        raise DataError(
-            f"'{path}' is not an IDX file: magic bytes {raw[:4].hex() or 'missing'}, expected "
-            "00 00 <type 08|09|0b|0c|0d|0e> <ndim>; delete it and fetch it again"
-        )
-    ndim, header_len = raw[3], 4 + 4 * raw[3]
-    if ndim == 0 or len(raw) < header_len:
-        raise DataError(f"IDX file '{path}' has a bad header ({ndim} dims, {len(raw)} bytes); fetch it again")
-    dims = [int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim)]
-    dtype = IDX_DTYPES[raw[2]]
-    expected = header_len + int(np.prod(dims)) * np.dtype(dtype).itemsize
-    if len(raw) != expected:
-        raise DataError(
-            f"IDX file '{path}' holds {len(raw)} bytes but its header (dims {dims}) says {expected}; "
-            "the file is truncated or corrupt, delete it and fetch it again"
-        )
-    return dtype, dims, header_len
-
-
-def read_idx(path: Path) -> torch.Tensor:
-    """One IDX file (gzipped when the name ends with .gz) as a tensor of its stored type."""
-    path = Path(path)
-    raw = _read_bytes(path)
-    dtype, dims, header_len = _parse_header(raw, path)
-    # One vectorised copy into native byte order ("i4" from ">i4"); the copy is also writable,
-    # which torch wants, and unlike torch.frombuffer it accepts an empty (0-sample) file.
-    array = np.frombuffer(raw, dtype=dtype, offset=header_len).astype(dtype[1:])
-    return torch.from_numpy(array).reshape(dims)
-
-
-def _fetch_command(name: str, root: str) -> str:
-    return f"python -m pipedni.data fetch {name} --root {root}"
-
-
-def _candidate_dirs(name: str, root: str) -> list[Path]:
-    base = Path(root)
-    dirs = [base, base / name, base / name.replace("_", "-"), base / TORCHVISION_DIRS[name]]
-    dirs.append(DEBIAN_DIRS[name])
-    return list(dict.fromkeys(dirs))  # drop duplicates (mnist == mnist), keep the order
-
-
-def _files_in(directory: Path) -> dict[str, Path]:
-    """The IDX files present in one directory; the raw file wins over .gz (no decompression)."""
-    found = {}
-    for key, stem in IDX_FILES.items():
-        for candidate in (directory / stem, directory / f"{stem}.gz"):
-            if candidate.is_file():
-                found[key] = candidate
-                break
-    return found
-
-
-def _check_name(name: str) -> None:
-    if name not in IDX_NAMES:
-        raise DataError(f"data set '{name}' has no IDX files; choose one of {', '.join(IDX_NAMES)}")
-
-
-def find_idx_files(name: str, root: str) -> dict[str, Path]:
-    """The four IDX files of `name` (keys train_images, train_labels, test_images, test_labels).
-
-    All four come from one directory, the first in the search order that holds them all, so a
-    train set from one copy is never paired with a test set from another.
-    """
-    _check_name(name)
-    dirs = _candidate_dirs(name, root)
-    best: dict[str, Path] = {}
-    for directory in dirs:
-        found = _files_in(directory)
-        if len(found) == len(IDX_FILES):
-            return found
-        best = found if len(found) > len(best) else best
-    missing = [f"{IDX_FILES[k]}[.gz]" for k in IDX_FILES if k not in best]
-    raise DataError(
-        f"{name}: missing {', '.join(missing)} (looked in {', '.join(str(d) for d in dirs)}); "
-        f"fix: {_fetch_command(name, root)}"
-    )
 
 
 # --------------------------------------------------------------------------- loading
@@ -162,12 +51,15 @@ def _load_idx_split(files: dict[str, Path], split: str, name: str) -> Dataset:
             f"{name} {split}: images {tuple(images.shape)} and labels {tuple(labels.shape)} do not "
             f"match ({where}); expected (N, H, W) and (N,), fetch the files again"
         )
+    return _to_dataset(images, labels, name, f"{name} {split}", where)
+
+
+def _to_dataset(images: torch.Tensor, labels: torch.Tensor, name: str, what: str, where: str) -> Dataset:
+    """(N, H, W) pixels 0-255 and integer labels as a Dataset with inputs in [0, 1]."""
     targets = labels.long()
     num_classes = NUM_CLASSES[name]
     if len(targets) and (targets.min() < 0 or targets.max() >= num_classes):
-        raise DataError(
-            f"{name} {split}: labels outside 0..{num_classes - 1} in {where}; fetch the files again"
-        )
+        raise DataError(f"{what}: labels outside 0..{num_classes - 1} in {where}; fetch the files again")
     inputs = images.unsqueeze(1).float().div_(255.0)
     return Dataset(inputs=inputs, targets=targets, num_classes=num_classes, name=name)
 
@@ -216,6 +108,8 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     """
     if cfg.name == "synthetic":
         train, test = _synthetic(cfg, seed)
+    elif cfg.name == MNIST_5K:
+        train, test = _load_mnist_5k(cfg.root)
     else:
         files = find_idx_files(cfg.name, cfg.root)
         train, test = _load_idx_split(files, "train", cfg.name), _load_idx_split(files, "test", cfg.name)
@@ -224,6 +118,44 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
     if cfg.normalize:
         _normalize(train, test)
     return train, test
+
+
+# --------------------------------------------------------------------------- mnist_5k (CSV)
+
+# [Note: mnist_5k split]
+# The CSV has no train/test split and its rows are sorted by label, so a plain slice would put
+# whole classes in one split. stratified_split keeps one sample in MNIST_5K_TEST_EVERY of each
+# class for the test set, picked by a generator seeded with MNIST_5K_SPLIT_SEED rather than
+# run.seed: changing the run seed must never move samples between train and test. Both splits
+# come out shuffled (a second shuffle, after the per-class choice), so that data.train_limit /
+# data.test_limit, which keep a prefix, keep the class balance too.
+
+
+def stratified_split(targets: torch.Tensor, test_every: int, seed: int) -> tuple[torch.Tensor, ...]:
+    """(train, test) indices, both shuffled; len(class) // test_every of each class go to test.
+
+    See [Note: mnist_5k split].
+    """
+    gen = torch.Generator().manual_seed(seed)
+    is_test = torch.zeros(len(targets), dtype=torch.bool)
+    for label in targets.unique():
+        members = torch.nonzero(targets == label).flatten()
+        is_test[members[torch.randperm(len(members), generator=gen)[: len(members) // test_every]]] = True
+    # Shuffled anew, not kept in the sorted file order, so any prefix of a split is balanced too.
+    train, test = torch.nonzero(~is_test).flatten(), torch.nonzero(is_test).flatten()
+    return train[torch.randperm(len(train), generator=gen)], test[torch.randperm(len(test), generator=gen)]
+
+
+def _load_mnist_5k(root: str) -> tuple[Dataset, Dataset]:
+    path = find_mnist_5k(root)
+    images, labels = read_mnist_5k_csv(path)
+    full = _to_dataset(images, labels, MNIST_5K, MNIST_5K, str(path))
+    train_index, test_index = stratified_split(full.targets, MNIST_5K_TEST_EVERY, MNIST_5K_SPLIT_SEED)
+
+    def subset(index: torch.Tensor) -> Dataset:
+        return Dataset(full.inputs[index], full.targets[index], full.num_classes, MNIST_5K)
+
+    return subset(train_index), subset(test_index)
 
 
 # --------------------------------------------------------------------------- batch order
@@ -277,82 +209,6 @@ def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tens
         yield dataset.inputs[start : start + batch_size], dataset.targets[start : start + batch_size]
 
 
-# --------------------------------------------------------------------------- fetching
-
-
-def _try_find(name: str, root: str) -> Optional[Path]:
-    try:
-        return find_idx_files(name, root)["train_images"].parent
-    except DataError:
-        return None
-
-
-def _apt_install(name: str, root: str, tried: list[str]) -> Optional[Path]:
-    """Install the Debian data set package when we can (root, apt-get present); else None."""
-    package = DEBIAN_PACKAGES.get(name)
-    if package is None or shutil.which("apt-get") is None or os.geteuid() != 0:
-        return None
-    install = ["apt-get", "install", "-y", package]
-    # A fresh machine often has empty package lists, hence one `apt-get update` and a retry.
-    for commands in ([install], [["apt-get", "update"], install]):
-        for command in commands:
-            result = _run_quietly(command)
-        found = _try_find(name, root)
-        if found is not None:
-            return found
-        tried.append(f"{' '.join(install)} (exit {result.returncode}: {result.stderr.strip()[-200:]})")
-    return None
-
-
-def _run_quietly(command: list[str]) -> subprocess.CompletedProcess:
-    print(f"fetch: running {' '.join(command)}", file=sys.stderr)
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    return subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-
-
-def _download_one(url: str, target: Path) -> None:
-    """Download `url` to `target` through a temporary file, checked as IDX before it lands."""
-    fd, tmp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part.gz")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
-            shutil.copyfileobj(response, out)
-        read_idx(tmp)  # a truncated download never replaces a good file
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _download(name: str, root: str, tried: list[str]) -> Optional[Path]:
-    target_dir = Path(root) / name
-    for mirror in MIRRORS[name]:
-        try:
-            target_dir.mkdir(parents=True, exist_ok=True)
-            for stem in IDX_FILES.values():
-                print(f"fetch: downloading {mirror}{stem}.gz", file=sys.stderr)
-                _download_one(f"{mirror}{stem}.gz", target_dir / f"{stem}.gz")
-            return target_dir
-        except (OSError, DataError) as err:  # URLError and timeouts are OSErrors
-            tried.append(f"download from {mirror} ({err})")
-    return None
-
-
-def fetch(name: str, root: str) -> Path:
-    """Make the IDX files of `name` available and return the directory that holds them."""
-    _check_name(name)
-    found = _try_find(name, root)
-    if found is not None:
-        return found
-    tried: list[str] = []
-    found = _apt_install(name, root, tried) or _download(name, root, tried)
-    if found is not None:
-        return found
-    files = ", ".join(f"{stem}.gz" for stem in IDX_FILES.values())
-    raise DataError(
-        f"could not fetch {name}: tried {'; '.join(tried)}; place {files} by hand in {Path(root) / name}"
-    )
-
-
 # --------------------------------------------------------------------------- command line
 
 
@@ -360,6 +216,8 @@ def _info(name: str, root: str) -> None:
     train, test = load_datasets(DataConfig(name=name, root=root), seed=0)
     if name == "synthetic":
         where = "generated"
+    elif name == MNIST_5K:
+        where = f"file {find_mnist_5k(root)}"
     else:
         where = f"files in {find_idx_files(name, root)['train_images'].parent}"
     print(
@@ -371,16 +229,17 @@ def _info(name: str, root: str) -> None:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipedni.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
-    fetch_parser = commands.add_parser("fetch", help="make a data set's IDX files available")
-    fetch_parser.add_argument("name", choices=IDX_NAMES)
+    fetch_parser = commands.add_parser("fetch", help="make a data set's files available")
+    fetch_parser.add_argument("name", choices=FILE_NAMES)
     info_parser = commands.add_parser("info", help="print sizes, input shape and classes")
-    info_parser.add_argument("name", choices=IDX_NAMES + ("synthetic",))
+    info_parser.add_argument("name", choices=FILE_NAMES + ("synthetic",))
     for sub in (fetch_parser, info_parser):
         sub.add_argument("--root", default="data", help="directory searched first (default: data)")
     args = parser.parse_args(argv)
     try:
         if args.command == "fetch":
-            print(f"{args.name}: IDX files in {fetch(args.name, args.root)}")
+            kind = "CSV file" if args.name == MNIST_5K else "IDX files"
+            print(f"{args.name}: {kind} in {fetch(args.name, args.root)}")
         else:
             _info(args.name, args.root)
     except DataError as err:

@@ -90,7 +90,15 @@ def init_runtime(cfg: Config) -> Runtime:
         return Runtime(0, 1, 0, 1, device, "none")
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.dist.timeout_sec)
-        dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        try:
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+        except RuntimeError as err:  # DistNetworkError and friends: the rendezvous never completed
+            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            raise LaunchError(
+                f"rank {rank} could not join the {world_size}-process group at {where} "
+                f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); check that every process started, "
+                "that the address and port are reachable, and dist.timeout_sec"
+            ) from None
     return Runtime(rank, world_size, local_rank, local_world_size, device, backend)
 
 

