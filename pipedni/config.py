@@ -96,7 +96,9 @@ class OptimConfig:
     )
     warmup_steps: int = _f(0, "cosine: steps of linear warmup from 0 to lr.")
     min_lr: float = _f(0.0, "cosine: learning rate at the last step.")
-    grad_clip: float = _f(0.0, "Clip the global gradient norm (all stages together) to this (0: off).")
+    grad_clip: float = _f(
+        0.0, "Clip the gradient norm to this (0: off): of the whole model when locked, per stage under dni."
+    )
 
 
 @dataclass

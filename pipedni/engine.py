@@ -55,7 +55,8 @@ def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], ste
     """This rank's stage of the partitioned model with its optimizer, transport and schedule."""
     n = runtime.num_stages
     stage = Stage(stages[runtime.stage_index], runtime.stage_index, n, runtime.device, cfg.optim, steps,
-                  distributed=runtime.distributed)
+                  # global clipping all-reduces over every stage at each step: that would re-lock DNI
+                  clip_across_stages=runtime.distributed and cfg.train.schedule != "dni")
     transport = None
     if n > 1:
         wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging

@@ -23,11 +23,11 @@ class Stage:
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
-                 optim: OptimConfig, total_steps: int, distributed: bool = False):
+                 optim: OptimConfig, total_steps: int, clip_across_stages: bool = False):
         self.module = module.to(device)
         self.stage_index, self.num_stages, self.device = stage_index, num_stages, device
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.optim_cfg, self.distributed = optim, distributed
+        self.optim_cfg, self.clip_across_stages = optim, clip_across_stages
         self.optimizer = build_optimizer(self.module.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
         self.inputs: dict[int, torch.Tensor] = {}
@@ -64,7 +64,8 @@ class Stage:
         """Clip (whole-model norm, see optim), update, advance the LR schedule; returns the norm."""
         norm = None
         if self.optim_cfg.grad_clip > 0:
-            norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip, distributed=self.distributed)
+            norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip,
+                                  distributed=self.clip_across_stages)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -132,9 +132,13 @@ def _unbalanced_model():
 def test_slow_stage_causes_back_pressure_not_deadlock_or_growth(tmp_path):
     """Stage 1 sleeps 20 ms per step; stage 0 computes in well under that. Stage 0 must run at
     most dni.max_staleness steps ahead (its store and the mailboxes stay bounded), wait on
-    back-pressure instead, and the run must finish with every message received."""
+    back-pressure instead, and the run must finish with every message received.
+
+    Regression: gradient clipping used to all-reduce the norm over all stages at every step,
+    which put DNI stages back in lockstep (stage 0 could never get ahead)."""
     args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_size=1024", "--data.batch_size=32",
-            "--train.steps=60", "--partition.balance=[3,1,2]", "--dni.max_staleness=3", "--dist.queue_size=8"]
+            "--train.steps=60", "--partition.balance=[3,1,2]", "--dni.max_staleness=3", "--dist.queue_size=8",
+            "--optim.grad_clip=1.0"]  # per-stage under dni: a whole-model all-reduce would re-lock the stages
     results = run_distributed(_train, 3, str(tmp_path), args, _unbalanced_model(), timeout=120)
     store_sizes = [r["store_size"] for r in read_steps(tmp_path, 0)]
     assert max(store_sizes) == 3  # the bound is reached (stage 0 is ahead) and never exceeded

@@ -16,7 +16,6 @@ from dist_utils import RankFailed, free_port, run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.errors import PartitionError, TransportError
-from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
 
 REPO = Path(__file__).resolve().parent.parent
