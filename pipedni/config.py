@@ -116,7 +116,7 @@ class DNIConfig:
     output_scale: float = _f(1.0, "Multiply predicted gradients by this before backpropagating them.")
     clip: float = _f(0.0, "Clip each sample's predicted gradient to this L2 norm (0: off).")
     normalize_target: bool = _f(
-        True, "Regress on batch_size x gradient (O(1) values, batch-size free) and divide back before use."
+        True, "Regress on data.batch_size x gradient (O(1) values) and divide back before use."
     )
     max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
     warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")

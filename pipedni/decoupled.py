@@ -66,7 +66,8 @@ class DNIWorker:
         self.locked.connect(sample_spec, num_classes)
         if not self.stage.is_last:
             feature_shape = tuple(self.stage.output_spec.shape[1:])
-            self.sg = SyntheticGradientTrainer(feature_shape, num_classes, self.dni, self.stage.device)
+            self.sg = SyntheticGradientTrainer(feature_shape, num_classes, self.dni, self.stage.device,
+                                               self.cfg.data.batch_size)
 
     def _labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return targets if self.dni.condition_on_labels else None
@@ -92,10 +93,9 @@ class DNIWorker:
         for header, grad in self.transport.recv_ready("next", Kind.GRADIENT):
             self._fit_arrived(header.step, grad)
 
-    def _wait_oldest(self) -> None:
+    def _wait_oldest(self) -> tuple[int, torch.Tensor]:
         step = next(iter(self.store))
-        grad = self.transport.recv("next", Kind.GRADIENT, step, 0, self.stage.output_spec)
-        self._fit_arrived(step, grad)
+        return step, self.transport.recv("next", Kind.GRADIENT, step, 0, self.stage.output_spec)
 
     # ------------------------------------------------------------------ training
 
@@ -130,8 +130,8 @@ class DNIWorker:
         if not stage.is_last:
             self.store[step] = (h, labels, predicted)
             timers.run("compute", self._fit_ready)
-            while len(self.store) > self.dni.max_staleness:
-                timers.run("wait_grad", self._wait_oldest)
+            while len(self.store) > self.dni.max_staleness:  # back-pressure: wait for the oldest
+                timers.run("compute", self._fit_arrived, *timers.run("wait_grad", self._wait_oldest))
         stats = timers.stats(step)
         stats.grad_norm = grad_norm
         if stage.is_last:
@@ -141,7 +141,7 @@ class DNIWorker:
     def finish(self) -> None:
         """Take and fit every gradient still owed, so nothing is left in flight."""
         while self.store:
-            self._wait_oldest()
+            self._fit_arrived(*self._wait_oldest())
 
     def extra_state(self) -> dict:
         return {} if self.sg is None else {"synthetic_gradient": self.sg.state_dict()}

@@ -39,7 +39,7 @@ def check_layout(cfg: Config, runtime: Runtime) -> None:
     if cfg.train.schedule == "single" and n > 1:
         raise LaunchError(
             f"train.schedule = 'single' runs the whole model in one process but {n} were started; "
-            "use --nproc_per_node=1, plain python, or a pipelined schedule (naive, gpipe, 1f1b)"
+            "use --nproc_per_node=1, plain python, or a pipelined schedule (naive, gpipe, 1f1b, dni)"
         )
     if cfg.train.schedule == "dni" and n < 2:
         raise LaunchError("train.schedule = 'dni' needs at least 2 stages (processes); start more with torchrun")

@@ -145,6 +145,11 @@ if __name__ == "__main__":
     import sys
 
     name = sys.argv[1] if len(sys.argv) > 1 else "1f1b"
-    stages = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-    micro = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-    print(format_grid(name, stages, micro))
+    try:
+        stages = int(sys.argv[2]) if len(sys.argv) > 2 else 4
+        micro = int(sys.argv[3]) if len(sys.argv) > 3 else 4
+        print(format_grid(name, stages, micro))
+    except ValueError as err:
+        hint = " (dni is not a locked schedule: it has no fixed action list; see docs/design.md)" if name == "dni" else ""
+        print(f"error: {err}{hint}; usage: python -m pipedni.schedules {{{'|'.join(SCHEDULES)}}} N M", file=sys.stderr)
+        sys.exit(2)

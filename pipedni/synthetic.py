@@ -96,21 +96,22 @@ class SyntheticGradientTrainer:
     """One boundary's predictor with its optimizer: ``predict`` for the stage's backward,
     ``fit`` on the gradients that arrive later. Converts between target units and gradients."""
 
-    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig, device: torch.device):
+    def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig, device: torch.device,
+                 batch_size: int):
         self.cfg = cfg
+        # Gradients of a mean loss over the batch are O(1 / batch_size), for a whole batch and for
+        # a microbatch of it alike (see Stage.forward's weights), hence the batch size, not h's rows.
+        self.target_scale = float(batch_size) if cfg.normalize_target else 1.0
         self.model = SyntheticGradient(feature_shape, num_classes, cfg).to(device)
         params = self.model.parameters()
         self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
                           else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
 
-    def _target_scale(self, batch: int) -> float:
-        return float(batch) if self.cfg.normalize_target else 1.0
-
     @torch.no_grad()
     def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """The synthetic gradient to backpropagate through the stage for output ``h``."""
         self.model.train()
-        grad = self.model(h, labels) / self._target_scale(h.shape[0])
+        grad = self.model(h, labels) / self.target_scale
         if self.cfg.clip > 0:
             norms = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
             factor = (self.cfg.clip / norms).clamp(max=1.0)
@@ -119,7 +120,7 @@ class SyntheticGradientTrainer:
 
     def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> float:
         """One regression step towards the gradient that arrived for ``h``; returns the loss."""
-        target = grad * self._target_scale(h.shape[0])
+        target = grad * self.target_scale
         loss = F.mse_loss(self.model(h, labels), target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -17,7 +17,7 @@ KINDS = [("linear", (32,)), ("lowrank", (32,)), ("mlp", (32,)), ("mlp", (4, 3, 3
 @pytest.mark.parametrize("conditioned", [False, True])
 def test_prediction_starts_at_zero_and_has_the_activation_shape(kind, shape, conditioned):
     cfg = DNIConfig(kind=kind, condition_on_labels=conditioned, hidden_width=16, rank=4)
-    sg = SyntheticGradientTrainer(shape, 10, cfg, CPU)
+    sg = SyntheticGradientTrainer(shape, 10, cfg, CPU, batch_size=5)
     h, labels = torch.randn(5, *shape), torch.randint(10, (5,))
     predicted = sg.predict(h, labels if conditioned else None)
     assert predicted.shape == h.shape
@@ -42,7 +42,7 @@ def test_predictor_learns_a_linear_gradient_field(kind):
     """The regression must actually fit: targets g = A h, as the gradient of a quadratic loss."""
     torch.manual_seed(0)
     cfg = DNIConfig(kind=kind, hidden_width=64, rank=16, lr=3e-3, normalize_target=False)
-    sg = SyntheticGradientTrainer((16,), 10, cfg, CPU)
+    sg = SyntheticGradientTrainer((16,), 10, cfg, CPU, batch_size=64)
     a = torch.randn(16, 16) / 4
     losses = [sg.fit(h, None, h @ a.T) for h in (torch.randn(64, 16) for _ in range(400))]
     assert losses[-1] < 0.1 * losses[0]
@@ -51,19 +51,25 @@ def test_predictor_learns_a_linear_gradient_field(kind):
     assert cosine > 0.9
 
 
-def test_normalised_targets_are_scaled_by_the_batch_size():
-    """With normalize_target the model regresses on B x gradient; predictions are divided back."""
+def test_normalised_targets_are_scaled_by_the_batch_size_not_the_rows():
+    """With normalize_target the model regresses on batch_size x gradient; predictions are divided
+    back. Regression: the scale was h's row count, so a warm-up microbatch of B/M rows (whose
+    gradients are still O(1/B)) trained the predictor M times too small for the decoupled steps."""
     cfg = DNIConfig(kind="linear", normalize_target=True)
-    sg = SyntheticGradientTrainer((8,), 10, cfg, CPU)
+    sg = SyntheticGradientTrainer((8,), 10, cfg, CPU, batch_size=16)
     with torch.no_grad():
         sg.model.net[0].bias.fill_(2.0)
-    assert torch.allclose(sg.predict(torch.zeros(4, 8), None), torch.full((4, 8), 0.5))
-    assert torch.allclose(sg.predict(torch.zeros(16, 8), None), torch.full((16, 8), 0.125))
+    for rows in (4, 16):  # a microbatch and a whole batch get the same scale
+        assert torch.allclose(sg.predict(torch.zeros(rows, 8), None), torch.full((rows, 8), 0.125))
+    plain = SyntheticGradientTrainer((8,), 10, DNIConfig(kind="linear", normalize_target=False), CPU, batch_size=16)
+    with torch.no_grad():
+        plain.model.net[0].bias.fill_(2.0)
+    assert torch.allclose(plain.predict(torch.zeros(4, 8), None), torch.full((4, 8), 2.0))
 
 
 def test_clip_bounds_each_sample_and_output_scale_multiplies():
     cfg = DNIConfig(kind="linear", normalize_target=False, clip=1.0, output_scale=0.5)
-    sg = SyntheticGradientTrainer((8,), 10, cfg, CPU)
+    sg = SyntheticGradientTrainer((8,), 10, cfg, CPU, batch_size=4)
     with torch.no_grad():
         sg.model.net[0].bias.fill_(3.0)  # per-sample norm 3 * sqrt(8), clipped to 1, then halved
     norms = sg.predict(torch.zeros(4, 8), None).norm(dim=1)
