@@ -8,6 +8,8 @@ OUT/runs.jsonl (a rerun skips what is done); `--report` prints the markdown tabl
 
     python scripts/dni_table1.py --out results/table1                    # the sweep
     python scripts/dni_table1.py --out results/table1 --report > t.md    # the table
+    python scripts/dni_table1.py --out results/table1 --layers 6 --methods cdni \
+        --tag=-stale1 --set=--dni.max_staleness=1                         # an ablation
 """
 
 from __future__ import annotations
@@ -35,11 +37,11 @@ def overrides(args: argparse.Namespace, layers: int, method: str, seed: int, run
     if method == "backprop":
         return common + ["--train.schedule=single"]
     return common + ["--train.schedule=dni", f"--dni.kind={args.predictor}", f"--dni.lr={args.sg_lr}",
-                     f"--dni.condition_on_labels={'true' if method == 'cdni' else 'false'}"]
+                     f"--dni.condition_on_labels={'true' if method == 'cdni' else 'false'}", *args.set]
 
 
 def run_one(args: argparse.Namespace, layers: int, method: str, seed: int) -> dict:
-    run_dir = args.out / "runs" / f"{args.data}-L{layers}-{method}-s{seed}"
+    run_dir = args.out / "runs" / f"{args.data}-L{layers}-{method}{args.tag}-s{seed}"
     if method == "backprop":
         cmd = [sys.executable, "-m", "pipedni.train", args.config]
     else:
@@ -53,7 +55,7 @@ def run_one(args: argparse.Namespace, layers: int, method: str, seed: int) -> di
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
-    return {"data": args.data, "layers": layers, "method": method, "seed": seed, "steps": summary["steps"],
+    return {"data": args.data, "layers": layers, "method": method + args.tag, "seed": seed, "steps": summary["steps"],
             "test_accuracy": summary["test_accuracy"], "test_error_pct": 100 * (1 - summary["test_accuracy"]),
             "wall_time_sec": summary["wall_time_sec"], "job_sec": elapsed, "num_stages": summary["num_stages"]}
 
@@ -65,7 +67,7 @@ def sweep(args: argparse.Namespace) -> None:
     for seed in args.seeds:
         for layers in args.layers:
             for method in args.methods:
-                if (args.data, layers, method, seed) in done:
+                if (args.data, layers, method + args.tag, seed) in done:
                     continue
                 row = run_one(args, layers, method, seed)
                 with log.open("a") as f:
@@ -95,16 +97,27 @@ def report(args: argparse.Namespace) -> str:
     lines = [f"Test error (%) on {args.data}, mean ± standard deviation over seeds {seeds}, {steps} steps each:", "",
              "| method | " + " | ".join(f"{n} layers" for n in layers) + " |",
              "| --- |" + " --- |" * len(layers)]
-    for method in METHODS:
+    methods = [m for m in METHODS if any(r["method"] == m for r in rows)]
+    methods += sorted({r["method"] for r in rows} - set(METHODS))  # ablations, by tag
+    for method in methods:
         cells = [_cell([r for r in rows if r["method"] == method and r["layers"] == n], "test_error_pct", ".2f")
                  for n in layers]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     lines += ["", "Wall time per run (s), mean ± standard deviation:", "",
               "| method | " + " | ".join(f"{n} layers" for n in layers) + " |", "| --- |" + " --- |" * len(layers)]
-    for method in METHODS:
+    for method in methods:
         cells = [_cell([r for r in rows if r["method"] == method and r["layers"] == n], "wall_time_sec", ".0f")
                  for n in layers]
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", "Every run (seeds in order):", "", "| layers | method | test error % | wall time s | stages |",
+              "| --- | --- | --- | --- | --- |"]
+    for n in layers:
+        for method in methods:
+            runs = sorted((r for r in rows if r["method"] == method and r["layers"] == n), key=lambda r: r["seed"])
+            if runs:
+                errors = " / ".join(f"{r['test_error_pct']:.2f}" for r in runs)
+                walls = " / ".join(f"{r['wall_time_sec']:.0f}" for r in runs)
+                lines.append(f"| {n} | {method} | {errors} | {walls} | {runs[0]['num_stages']} |")
     return "\n".join(lines) + "\n"
 
 
@@ -123,6 +136,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--sg-lr", type=float, default=3e-4)
     parser.add_argument("--predictor", default="linear", choices=["linear", "lowrank", "mlp"])
+    parser.add_argument("--set", nargs="*", default=[], metavar="--dni.KEY=VALUE",
+                        help="extra overrides for the dni/cdni runs (an ablation); give --tag too")
+    parser.add_argument("--tag", default="", help="suffix naming the method in results, e.g. -stale1")
     parser.add_argument("--report", action="store_true", help="print the markdown table of OUT and exit")
     args = parser.parse_args()
     if args.report:
