@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any, Literal, Optional
 import yaml
 
 from pipedni.errors import ConfigError
+from pipedni.typecheck import coerce, type_name
 
 SCHEDULES = ("single", "naive", "gpipe", "1f1b", "dni")
 
@@ -174,77 +174,16 @@ class Config:
 SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
 
 
-# --------------------------------------------------------------------------- type checks
-
-
-def _type_name(tp: Any) -> str:
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        return " | ".join(repr(a) for a in typing.get_args(tp))
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_type_name(a) for a in typing.get_args(tp))
-    if origin is list:
-        return f"list of {_type_name(typing.get_args(tp)[0])}"
-    if tp is dict or origin is dict:
-        return "mapping"
-    return "null" if tp is type(None) else getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any) -> Any:
-    """Return ``value`` as type ``tp`` or raise TypeError; ints are accepted for floats."""
-    origin = typing.get_origin(tp)
-    if origin is Literal:
-        if value in typing.get_args(tp):
-            return value
-        raise TypeError
-    if origin in (typing.Union, types.UnionType):
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg)
-            except TypeError:
-                pass
-        raise TypeError
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise TypeError
-        (item,) = typing.get_args(tp)
-        return [_coerce(v, item) for v in value]
-    if tp is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise TypeError
-    if origin is dict:
-        if isinstance(value, dict):
-            return dict(value)
-        raise TypeError
-    if tp is type(None):
-        if value is None:
-            return None
-        raise TypeError
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp is float and isinstance(value, str):  # YAML reads 1e-3 (no dot) as a string
-        try:
-            return float(value)
-        except ValueError:
-            raise TypeError from None
-    if tp is str and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return str(value)  # --run.name=2024 arrives as an int
-    if tp in (int, float, str, bool) and type(value) is tp:
-        return value
-    raise TypeError
-
-
 def _set(section_obj: Any, section: str, key: str, value: Any, source: str) -> None:
     hints = typing.get_type_hints(type(section_obj))
     if key not in hints:
         valid = ", ".join(sorted(hints))
         raise ConfigError(f"unknown key '{section}.{key}' ({source}); valid keys of '{section}': {valid}")
     try:
-        setattr(section_obj, key, _coerce(value, hints[key]))
+        setattr(section_obj, key, coerce(value, hints[key]))
     except TypeError:
         raise ConfigError(
-            f"{section}.{key} = {value!r} ({source}) is not valid; expected {_type_name(hints[key])}"
+            f"{section}.{key} = {value!r} ({source}) is not valid; expected {type_name(hints[key])}"
         ) from None
 
 
@@ -399,7 +338,7 @@ def reference_markdown() -> str:
         hints = typing.get_type_hints(section_type)
         for f in dataclasses.fields(section_type):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            tname = _type_name(hints[f.name]).replace("|", "\\|")
+            tname = type_name(hints[f.name]).replace("|", "\\|")
             lines.append(f"| `{section}.{f.name}` | {tname} | `{default!r}` | {f.metadata['doc']} |")
     return "\n".join(lines) + "\n"
 
