@@ -23,13 +23,13 @@ def save_atomic(obj: object, path: Path) -> None:
 
 
 class Checkpointer:
-    def __init__(self, run_dir: Path, enabled: bool):
-        self.run_dir, self.enabled = run_dir, enabled
+    def __init__(self, run_dir: Path, enabled: bool, run_token: str = ""):
+        self.run_dir, self.enabled, self.run_token = run_dir, enabled, run_token
 
     def save(self, stage: Stage, step: int, num_stages: int, config: dict, extra: dict | None = None) -> None:
         if not self.enabled:
             return
         state = {**stage.state_dict(), **(extra or {})}
-        state.update(step=step, stage_index=stage.stage_index, num_stages=num_stages,
+        state.update(step=step, stage_index=stage.stage_index, num_stages=num_stages, run_token=self.run_token,
                      layers=[name for name, _ in stage.module.named_children()], config=config)
         save_atomic(state, stage_path(self.run_dir, stage.stage_index))

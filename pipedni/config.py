@@ -19,9 +19,6 @@ import yaml
 from pipedni.errors import ConfigError
 from pipedni.typecheck import coerce, type_name
 
-SCHEDULES = ("single", "naive", "gpipe", "1f1b", "dni")
-
-
 def _f(default: Any, doc: str) -> Any:
     """A dataclass field with a documented default (lists are copied per instance)."""
     if isinstance(default, list):
@@ -280,9 +277,10 @@ def validate(cfg: Config) -> None:
     _require(cfg.train.eval_every >= 0, f"train.eval_every = {cfg.train.eval_every}; must be >= 0")
     _require(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}; must be > 0")
     _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}; must be >= 0 (0: off)")
-    _require(len(cfg.optim.betas) == 2, f"optim.betas = {cfg.optim.betas}; give two numbers like [0.9, 0.999]")
+    _validate_optim(cfg.optim)
     _require(cfg.model.depth >= 1, f"model.depth = {cfg.model.depth}; must be >= 1")
     _require(cfg.model.width >= 1, f"model.width = {cfg.model.width}; must be >= 1")
+    _require(cfg.model.hidden >= 0, f"model.hidden = {cfg.model.hidden}; must be >= 0 (0: none)")
     _require(
         len(cfg.model.channels) >= 1 and min(cfg.model.channels) >= 1,
         f"model.channels = {cfg.model.channels}; give at least one positive channel count",
@@ -298,6 +296,15 @@ def validate(cfg: Config) -> None:
             len(balance) >= 1 and min(balance) >= 1,
             f"partition.balance = {balance}; every stage needs at least one layer",
         )
+
+
+def _validate_optim(o: OptimConfig) -> None:
+    _require(len(o.betas) == 2 and all(0 <= b < 1 for b in o.betas),
+             f"optim.betas = {o.betas}; give two numbers in [0, 1) like [0.9, 0.999]")
+    _require(o.momentum >= 0, f"optim.momentum = {o.momentum}; must be >= 0")
+    _require(o.weight_decay >= 0, f"optim.weight_decay = {o.weight_decay}; must be >= 0")
+    _require(o.warmup_steps >= 0, f"optim.warmup_steps = {o.warmup_steps}; must be >= 0")
+    _require(0 <= o.min_lr <= o.lr, f"optim.min_lr = {o.min_lr} must lie in [0, optim.lr = {o.lr}]")
 
 
 def _validate_dni(cfg: Config) -> None:

@@ -13,9 +13,6 @@ from rich.table import Table
 class NullConsole:
     """Other ranks: every call does nothing."""
 
-    def info(self, message: str) -> None:
-        pass
-
     def start(self, total_steps: int) -> None:
         pass
 
@@ -40,9 +37,6 @@ class Console(NullConsole):
         self.log_every = log_every
         self.progress: Optional[Progress] = None
         self.accuracy = "-"
-
-    def info(self, message: str) -> None:
-        self.rich.print(message, highlight=False)
 
     def start(self, total_steps: int) -> None:
         self.total = total_steps

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from typing import Optional
 
 import torch
@@ -67,6 +68,14 @@ def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], ste
     return StageWorker(stage, transport, schedule, cfg.train.microbatches)
 
 
+def run_token(runtime: Runtime) -> str:
+    """An id of this launch, the same on every rank: checkpoints of one run carry the same one."""
+    token = [uuid.uuid4().hex]
+    if runtime.distributed:
+        dist.broadcast_object_list(token, src=0)
+    return token[0]
+
+
 class Trainer:
     """Runs training, evaluation, checkpointing and the summary for one rank."""
 
@@ -91,13 +100,17 @@ class Trainer:
             print(describe(stages), flush=True)
         self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled, run_token(runtime))
         self.telemetry = make_telemetry(runtime.device)
         self.last_eval: Optional[dict] = None
 
     def evaluate(self, step: int) -> None:
         batches = datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size)
         result = self.worker.evaluate(batches)
+        if self.runtime.distributed:
+            # Upstream stages finish their part first; without this they would wait for the next
+            # step's gradients while later stages evaluate, and count that as training wait time.
+            dist.barrier()
         if result is not None:
             self.last_eval = {"step": step, "accuracy": result.accuracy, "loss": result.loss}
             self.metrics.log({"eval_step": step, "test_accuracy": result.accuracy, "test_loss": result.loss})

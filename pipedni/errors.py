@@ -27,7 +27,7 @@ class TransportError(PipeDNIError, RuntimeError):
     """A message did not arrive in time, or arrived with the wrong header."""
 
 
-# Errors the CLI reports as one line with exit code 2 (user mistakes, not bugs).
+# Errors the CLI reports as one line: exit code 2 (user mistakes), 1 for TransportError.
 USER_ERRORS = (ConfigError, PartitionError, DataError, LaunchError, TransportError)
 
 

@@ -41,12 +41,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
 
 
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float,
+def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, device: torch.device,
                    group: Optional[dist.ProcessGroup] = None, distributed: bool = False) -> float:
     """Clip the gradient norm of the *whole model*: each stage's squared norm is summed over all
-    stages (an all-reduce), so a pipelined run clips exactly like one process would."""
+    stages (an all-reduce), so a pipelined run clips exactly like one process would. ``device`` is
+    the stage's: a stage without parameters still joins the all-reduce, and NCCL needs a GPU tensor."""
     grads = [p.grad for p in params if p.grad is not None]
-    device = grads[0].device if grads else torch.device("cpu")
     sq = torch.zeros((), dtype=torch.float64, device=device)
     for g in grads:
         sq += g.detach().double().pow(2).sum()

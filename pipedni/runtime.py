@@ -42,10 +42,6 @@ class Runtime:
         return self.rank == self.world_size - 1
 
     @property
-    def prefix(self) -> str:
-        return f"[stage {self.rank}/{self.world_size}]"
-
-    @property
     def distributed(self) -> bool:
         return self.backend != "none"
 

@@ -11,6 +11,7 @@ from torch import nn
 from pipedni.config import OptimConfig
 from pipedni.errors import PartitionError
 from pipedni.optim import build_optimizer, build_scheduler, clip_grad_norm
+from pipedni.partition import num_params
 from pipedni.transport import TensorSpec
 
 
@@ -38,7 +39,7 @@ class Stage:
 
     @property
     def num_params(self) -> int:
-        return sum(p.numel() for p in self.module.parameters())
+        return num_params(self.module)
 
     def forward(self, mb: int, x: torch.Tensor, target: Optional[torch.Tensor] = None,
                 weight: float = 1.0) -> torch.Tensor:
@@ -64,7 +65,7 @@ class Stage:
         """Clip (whole-model norm, see optim), update, advance the LR schedule; returns the norm."""
         norm = None
         if self.optim_cfg.grad_clip > 0:
-            norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip,
+            norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip, self.device,
                                   distributed=self.clip_across_stages)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)

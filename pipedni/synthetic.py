@@ -127,9 +127,5 @@ class SyntheticGradientTrainer:
         self.optimizer.step()
         return float(loss.detach())
 
-    @property
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.model.parameters())
-
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

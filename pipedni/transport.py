@@ -39,6 +39,9 @@ from pipedni.errors import TransportError
 MAX_DIMS = 8
 HEADER_LEN = 5 + MAX_DIMS
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
+# Sends in flight per direction. A completed gloo send is only known complete once waited on,
+# so a larger window would keep that many already-delivered tensors alive for nothing.
+SEND_WINDOW = 4
 # Receiver threads block until the peer's CLOSE message; consumers enforce the real timeout.
 _IDLE_WAIT = datetime.timedelta(days=365)
 
@@ -81,7 +84,8 @@ def _what(kind: Kind, step: int, microbatch: int) -> str:
 
 
 class Outbox:
-    """Send side of one edge direction: async sends, at most ``capacity`` in flight."""
+    """Send side of one edge direction: async sends, at most ``capacity`` in flight (each holding
+    its tensor alive); the oldest is waited for before another starts."""
 
     def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str):
         self.group, self.peer, self.wire_device = group, peer, wire_device
@@ -260,15 +264,16 @@ class Transport:
         self.who = f"stage {stage_index}/{num_stages}"
         self.outboxes: dict[str, Outbox] = {}
         self.inboxes: dict[str, Inbox] = {}
+        window = min(SEND_WINDOW, queue_size)
         for edge in range(num_stages - 1):  # same creation order on every rank: see the note
             forward = dist.new_group([edge, edge + 1], timeout=_IDLE_WAIT)
             backward = dist.new_group([edge, edge + 1], timeout=_IDLE_WAIT)
             if stage_index == edge:  # my "next" link
-                self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, queue_size, timeout, self.who)
+                self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, window, timeout, self.who)
                 self.inboxes["next"] = Inbox(backward, edge + 1, wire_device, device, queue_size, self.who)
             elif stage_index == edge + 1:  # my "prev" link
                 self.inboxes["prev"] = Inbox(forward, edge, wire_device, device, queue_size, self.who)
-                self.outboxes["prev"] = Outbox(backward, edge, wire_device, queue_size, timeout, self.who)
+                self.outboxes["prev"] = Outbox(backward, edge, wire_device, window, timeout, self.who)
         self._warm_up()
 
     def _warm_up(self) -> None:

@@ -31,7 +31,7 @@ class StepStats:
     wait_grad_sec: float = 0.0  # locked: waiting for gradients; dni: back-pressure of the store
     send_wait_sec: float = 0.0
     bytes_sent: int = 0  # payload bytes this stage sent during the step (both directions)
-    grad_norm: Optional[float] = None  # whole-model gradient norm before clipping (when clipping)
+    grad_norm: Optional[float] = None  # norm before clipping (when clipping): whole model, or the stage's under dni
     sg_loss: Optional[float] = None  # dni: mean regression loss of the fits done this step
     sg_cosine: Optional[float] = None  # dni: mean cosine(predicted, arrived gradient) of those fits
     staleness: Optional[float] = None  # dni: mean steps between a prediction and its target

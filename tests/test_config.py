@@ -232,6 +232,16 @@ def test_section_must_be_a_mapping(tmp_path):
         (["--partition.balance=[2,0]"], "every stage needs at least one layer"),
         (["--partition.balance=[]"], "every stage needs at least one layer"),
         (["--train.eval_every=-5"], "train.eval_every = -5"),
+        # regressions: these reached torch and ended in a traceback instead of one line
+        (["--optim.momentum=-0.1"], "optim.momentum = -0.1; must be >= 0"),
+        (["--optim.weight_decay=-1"], "optim.weight_decay = -1.0; must be >= 0"),
+        (["--optim.betas=[1.5,0.9]"], r"optim.betas = \[1.5, 0.9\]; give two numbers in \[0, 1\)"),
+        (["--model.hidden=-5"], "model.hidden = -5; must be >= 0"),
+        (["--optim.lr=0.1", "--optim.min_lr=1.0"], r"optim.min_lr = 1.0 must lie in \[0, optim.lr = 0.1\]"),
+        (["--optim.warmup_steps=-1"], "optim.warmup_steps = -1"),
+        (["--model.batchnorm=true", "--data.batch_size=8", "--train.microbatches=8"], "model.batchnorm needs"),
+        (["--dni.max_staleness=64"], "dni.max_staleness = 64 must be below dist.queue_size = 64"),
+        (["--dni.boundaries=[{warmup_steps: 3}]"], r"dni.boundaries\[0\] sets 'warmup_steps'"),
     ],
 )
 def test_validate_rejects_impossible_combinations(overrides, message):

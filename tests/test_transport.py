@@ -8,7 +8,7 @@ import torch
 
 from dist_utils import RankFailed, run_distributed
 from pipedni.errors import TransportError
-from pipedni.transport import Header, Kind, TensorSpec, Transport
+from pipedni.transport import SEND_WINDOW, Header, Kind, TensorSpec, Transport
 
 CPU = torch.device("cpu")
 
@@ -29,13 +29,16 @@ def _both_directions(rank, world_size, n):
     for i in range(n):  # both ranks send all their messages before receiving any
         t.send(direction, kind, i, 0, torch.full((8, 3), float(i + 100 * rank)))
     got = [float(t.recv(other, other_kind, i, 0)[0, 0]) for i in range(n)]
+    in_flight = len(t.outboxes[direction].pending)
     t.close()
-    return got, t.outboxes[direction].num_sent, t.inboxes[other].num_received
+    return got, t.outboxes[direction].num_sent, t.inboxes[other].num_received, in_flight
 
 
 def test_both_directions_at_once():
     n = 40  # more than queue_size / 2 in flight per direction
-    (got0, sent0, recv0), (got1, sent1, recv1) = run_distributed(_both_directions, 2, n)
+    (got0, sent0, recv0, window0), (got1, sent1, recv1, window1) = run_distributed(_both_directions, 2, n)
+    # sends hold their tensors until waited on: only SEND_WINDOW of them, not a whole queue
+    assert window0 <= SEND_WINDOW and window1 <= SEND_WINDOW
     assert got0 == [100.0 + i for i in range(n)]
     assert got1 == [float(i) for i in range(n)]
     # every message sent was received (the warm-up and closing messages count on both sides)
