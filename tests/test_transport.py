@@ -17,6 +17,16 @@ def _transport(rank: int, world_size: int, timeout: float = 30.0, queue_size: in
     return Transport(rank, world_size, CPU, CPU, queue_size=queue_size, timeout=timeout)
 
 
+def recv_error(t: Transport, step: int, microbatch: int) -> tuple[str, float]:
+    """(the TransportError's message, seconds until it was raised) for an activation that never comes."""
+    start = time.monotonic()
+    try:
+        t.recv("prev", Kind.ACTIVATION, step, microbatch)
+    except TransportError as err:
+        return str(err), time.monotonic() - start
+    return "no error", 0.0
+
+
 def test_header_round_trip():
     header = Header(Kind.GRADIENT, 12345, 7, torch.bfloat16, (3, 4, 5))
     assert Header.decode(header.encode()) == header
@@ -88,12 +98,7 @@ def _timeout(rank, world_size):
     if rank == 0:
         time.sleep(3)  # sends nothing: rank 1 must give up after 1 s, not hang
         return None
-    start = time.monotonic()
-    try:
-        t.recv("prev", Kind.ACTIVATION, 7, 2)
-    except TransportError as err:
-        return str(err), time.monotonic() - start
-    return "no error", 0.0
+    return recv_error(t, 7, 2)
 
 
 def test_timeout_names_stage_direction_and_step():
@@ -161,12 +166,7 @@ def _peer_dies(rank, world_size):
     t = _transport(rank, world_size, timeout=60.0)
     if rank == 0:
         raise RuntimeError("stage 0 crashed on purpose")
-    start = time.monotonic()
-    try:
-        t.recv("prev", Kind.ACTIVATION, 0, 0)
-    except TransportError as err:
-        return str(err), time.monotonic() - start
-    return "no error", 0.0
+    return recv_error(t, 0, 0)
 
 
 def test_dead_peer_fails_fast_instead_of_waiting_for_the_timeout():
