@@ -15,6 +15,16 @@ from pipedni.partition import num_params
 from pipedni.transport import TensorSpec
 
 
+def loss_fn(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of class scores ``[*, C]`` against labels ``[*]``: one label per sample for a
+    classifier, one per position for a language model (the mean runs over every label)."""
+    return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+def num_correct(scores: torch.Tensor, targets: torch.Tensor) -> int:
+    return int((scores.argmax(dim=-1) == targets).sum())
+
+
 class Stage:
     """A slice of the model with its optimizer, holding the autograd state of microbatches in flight.
 
@@ -49,7 +59,7 @@ class Stage:
         self.inputs[mb] = x
         out = self.module(x)
         if self.is_last:
-            out = F.cross_entropy(out, target) * weight
+            out = loss_fn(out, target) * weight
             self.batch_loss += float(out.detach())
         self.outputs[mb] = out
         return out.detach()

@@ -15,7 +15,7 @@ import torch
 
 from pipedni.errors import PartitionError
 from pipedni.schedules import Action, stage_actions
-from pipedni.stage import Stage
+from pipedni.stage import Stage, loss_fn, num_correct
 from pipedni.transport import Kind, TensorSpec, Transport
 
 
@@ -195,9 +195,9 @@ class StageWorker:
                     transport.send("next", Kind.EVAL, eval_id, b, out)
                     continue
                 targets = targets.to(stage.device)
-                loss_sum += float(torch.nn.functional.cross_entropy(out, targets, reduction="sum"))
-                correct += int((out.argmax(dim=1) == targets).sum())
-                count += targets.shape[0]
+                loss_sum += float(loss_fn(out, targets, reduction="sum"))
+                correct += num_correct(out, targets)
+                count += targets.numel()
         finally:
             stage.module.train()
         if not stage.is_last or count == 0:
