@@ -33,6 +33,9 @@ class RunConfig:
     seed: int = _f(0, "Seed for weights and data order; identical on every rank.")
     threads: int = _f(0, "Torch CPU threads per stage process (0: cores / local processes).")
     log_every: int = _f(10, "Steps between console updates (metrics are written every step).")
+    activation_memory: bool = _f(
+        False, "Count the bytes each stage keeps for backward (summary: peak_activation_bytes); costs a hook per saved tensor."
+    )
 
 
 @dataclass
@@ -72,13 +75,18 @@ class PartitionConfig:
 
 @dataclass
 class TrainConfig:
-    schedule: Literal["single", "naive", "gpipe", "1f1b", "dni"] = _f(
-        "1f1b", "single (one process, reference), naive, gpipe, 1f1b, or dni (synthetic gradients)."
+    schedule: Literal["single", "naive", "gpipe", "1f1b", "dni", "torch_gpipe", "torch_1f1b"] = _f(
+        "1f1b",
+        "single (one process, reference), naive, gpipe, 1f1b, dni (synthetic gradients), or "
+        "torch_gpipe / torch_1f1b (torch.distributed.pipelining's schedules on the same stages: the peer).",
     )
     steps: int = _f(0, "Optimizer steps to run (0: use train.epochs).")
     epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")
     microbatches: int = _f(4, "Microbatches per batch for naive / gpipe / 1f1b and dni's warm-up (M).")
     eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
+    time_limit_sec: float = _f(
+        0.0, "Stop at the first evaluation after this many seconds of training, evaluation excluded (0: off)."
+    )
 
 
 @dataclass
@@ -275,6 +283,13 @@ def validate(cfg: Config) -> None:
         "train.steps and train.epochs are both 0; set one of them",
     )
     _require(cfg.train.eval_every >= 0, f"train.eval_every = {cfg.train.eval_every}; must be >= 0")
+    limit = cfg.train.time_limit_sec
+    _require(limit >= 0, f"train.time_limit_sec = {limit}; must be >= 0 (0: off)")
+    _require(
+        limit == 0 or cfg.train.eval_every > 0,
+        f"train.time_limit_sec = {limit} is checked at evaluations but train.eval_every = 0; "
+        "set train.eval_every to the steps between checks",
+    )
     _require(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}; must be > 0")
     _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}; must be >= 0 (0: off)")
     _validate_optim(cfg.optim)

@@ -143,6 +143,10 @@ class DNIWorker:
         while self.store:
             self._fit_arrived(*self._wait_oldest())
 
+    def held_bytes(self) -> int:
+        """The store: outputs, labels and predictions of the steps still awaiting their gradient."""
+        return sum(t.nbytes for entry in self.store.values() for t in entry if t is not None)
+
     def extra_state(self) -> dict:
         return {} if self.sg is None else {"synthetic_gradient": self.sg.state_dict()}
 

@@ -16,10 +16,12 @@ from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.console import make_console
 from pipedni.decoupled import DNIWorker
+from pipedni.memory import make_meter
 from pipedni.errors import LaunchError, same_on_every_rank
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
+from pipedni.peer import SCHEDULES as PEER_SCHEDULES, PeerWorker
 from pipedni.runtime import Runtime
 from pipedni.stage import Stage
 from pipedni.telemetry import make_telemetry
@@ -42,8 +44,19 @@ def check_layout(cfg: Config, runtime: Runtime) -> None:
             f"train.schedule = 'single' runs the whole model in one process but {n} were started; "
             "use --nproc_per_node=1, plain python, or a pipelined schedule (naive, gpipe, 1f1b, dni)"
         )
-    if cfg.train.schedule == "dni" and n < 2:
-        raise LaunchError("train.schedule = 'dni' needs at least 2 stages (processes); start more with torchrun")
+    schedule, m = cfg.train.schedule, cfg.train.microbatches
+    if schedule in ("dni", *PEER_SCHEDULES) and n < 2:
+        raise LaunchError(f"train.schedule = {schedule!r} needs at least 2 stages (processes); start more with torchrun")
+    if schedule in PEER_SCHEDULES and cfg.data.batch_size % m:
+        raise LaunchError(
+            f"train.schedule = {schedule!r} gives torch equal microbatches but data.batch_size = "
+            f"{cfg.data.batch_size} does not divide into train.microbatches = {m}; make it a multiple of {m}"
+        )
+    if schedule == "torch_1f1b" and m < n:
+        raise LaunchError(
+            f"train.schedule = 'torch_1f1b' needs train.microbatches >= stages, got {m} < {n}; "
+            f"use --train.microbatches={n} or more"
+        )
     balance = cfg.partition.balance
     if balance is not None and n > 1 and len(balance) != n:
         raise LaunchError(
@@ -52,7 +65,8 @@ def check_layout(cfg: Config, runtime: Runtime) -> None:
         )
 
 
-def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], steps: int) -> StageWorker | DNIWorker:
+def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential],
+                 steps: int) -> StageWorker | DNIWorker | PeerWorker:
     """This rank's stage of the partitioned model with its optimizer, transport and schedule."""
     n = runtime.num_stages
     stage = Stage(stages[runtime.stage_index], runtime.stage_index, n, runtime.device, cfg.optim, steps,
@@ -64,6 +78,8 @@ def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential], ste
         transport = Transport(runtime.stage_index, n, runtime.device, wire, cfg.dist.queue_size, cfg.dist.timeout_sec)
     if n > 1 and cfg.train.schedule == "dni":
         return DNIWorker(stage, transport, cfg)
+    if n > 1 and cfg.train.schedule in PEER_SCHEDULES:
+        return PeerWorker(stage, transport, cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size)
     schedule = "single" if n == 1 else cfg.train.schedule
     return StageWorker(stage, transport, schedule, cfg.train.microbatches)
 
@@ -102,45 +118,73 @@ class Trainer:
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled, run_token(runtime))
         self.telemetry = make_telemetry(runtime.device)
+        self.meter = make_meter(cfg.run.activation_memory, self.worker.stage.module.parameters())
         self.last_eval: Optional[dict] = None
+        self.start = time.perf_counter()
+        self.eval_sec = 0.0  # time spent evaluating: not training time (see train_sec)
 
-    def evaluate(self, step: int) -> None:
-        batches = datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size)
-        result = self.worker.evaluate(batches)
+    def train_sec(self) -> float:
+        """Seconds of training so far: wall time since fit began, evaluations excluded."""
+        return time.perf_counter() - self.start - self.eval_sec
+
+    def evaluate(self, step: int) -> bool:
+        """Test-set pass after ``step`` steps; True when ``train.time_limit_sec`` has run out.
+
+        Every rank takes part and leaves together: the all-reduce of training seconds (their
+        maximum, so all ranks decide alike) doubles as a barrier. Without it upstream stages
+        would wait for the next step's gradients while later stages evaluate, and count that as
+        training wait time.
+        """
+        eval_start = time.perf_counter()
+        train_sec = self.train_sec()
+        result = self.worker.evaluate(datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size))
         if self.runtime.distributed:
-            # Upstream stages finish their part first; without this they would wait for the next
-            # step's gradients while later stages evaluate, and count that as training wait time.
-            dist.barrier()
+            clock = torch.tensor([train_sec], dtype=torch.float64, device=self.runtime.device)
+            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            train_sec = float(clock)
+        self.eval_sec += time.perf_counter() - eval_start
         if result is not None:
             self.last_eval = {"step": step, "accuracy": result.accuracy, "loss": result.loss}
-            self.metrics.log({"eval_step": step, "test_accuracy": result.accuracy, "test_loss": result.loss})
+            self.metrics.log({"eval_step": step, "test_accuracy": result.accuracy, "test_loss": result.loss,
+                              "train_sec": train_sec, "samples": step * self.cfg.data.batch_size})
             self.console.evaluated(step, result.accuracy, result.loss)
+        limit = self.cfg.train.time_limit_sec
+        return 0 < limit <= train_sec
 
     def fit(self) -> Optional[dict]:
-        """Train for ``self.steps`` steps; returns summary.json's content on the last stage."""
-        cfg, start = self.cfg, time.perf_counter()
+        """Train for ``self.steps`` steps (or until the time limit); returns summary.json's
+        content on the last stage."""
+        cfg, self.start, self.eval_sec = self.cfg, time.perf_counter(), 0.0
         self.console.start(self.steps)
         batches = datasets.train_batches(self.train_set, cfg.data.batch_size, cfg.run.seed, self.steps)
+        done, evaluated_at = 0, -1
         for step, inputs, targets in batches:
             lr = self.worker.stage.scheduler.get_last_lr()[0]  # the rate this step trains with
-            stats = self.worker.train_step(step, inputs, targets)
+            with self.meter:
+                stats = self.worker.train_step(step, inputs, targets)
+            self.meter.hold(self.worker.held_bytes())
+            done = step + 1
             self.metrics.step(stats, cfg.data.batch_size, lr)
             if step > 0 or self.steps == 1:  # the first step pays one-off costs
                 self.totals.add(stats)
             self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))
             if step % cfg.run.log_every == 0:
                 self.telemetry.sample()
-            if cfg.train.eval_every and (step + 1) % cfg.train.eval_every == 0 and step + 1 < self.steps:
-                self.evaluate(step + 1)
-        self.worker.finish()
-        self.evaluate(self.steps)
-        wall = time.perf_counter() - start
-        self.checkpointer.save(self.worker.stage, self.steps, self.runtime.num_stages, cfg.to_dict(),
+            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < self.steps:
+                evaluated_at = done
+                if self.evaluate(done):
+                    break
+        self.worker.finish()  # the stage weights no longer change: an evaluation at `done` stands
+        if evaluated_at != done:
+            self.evaluate(done)
+        wall = time.perf_counter() - self.start
+        self.checkpointer.save(self.worker.stage, done, self.runtime.num_stages, cfg.to_dict(),
                                self.worker.extra_state())
-        return self._summarize(wall)
+        return self._summarize(wall, done)
 
-    def _summarize(self, wall: float) -> Optional[dict]:
+    def _summarize(self, wall: float, steps: int) -> Optional[dict]:
         self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
+        self.totals.peak_activation_bytes = self.meter.peak_bytes
         if self.worker.transport is not None:
             self.totals.peak_queued_messages = self.worker.transport.peak_queued
         stages = [{**self.totals.summary(), **self.telemetry.summary()}]
@@ -153,7 +197,7 @@ class Trainer:
             return None
         t = self.totals
         summary = build_summary(self.cfg.train.schedule if self.runtime.num_stages > 1 else "single",
-                                self.runtime.num_stages, self.steps, self.cfg.data.batch_size, wall,
+                                self.runtime.num_stages, steps, self.cfg.data.batch_size, wall,
                                 t.step_sec, t.steps, self.last_eval, stages)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.console.finish(summary)

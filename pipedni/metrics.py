@@ -36,6 +36,7 @@ class StageTotals:
     send_wait_sec: float = 0.0
     bytes_sent: int = 0
     peak_memory_bytes: int = 0
+    peak_activation_bytes: Optional[int] = None  # run.activation_memory: see pipedni.memory
     peak_queued_messages: int = 0  # most messages waiting in one incoming mailbox at once
     # dni only (None elsewhere): moving averages (weight 0.05 per step) and extremes
     sg_loss: Optional[float] = None

@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
+import math
 import threading
 import time
 from collections import deque
@@ -252,6 +253,10 @@ class TensorSpec:
 
     def describe(self) -> str:
         return f"[*, {', '.join(map(str, self.shape[1:]))}] {str(self.dtype).replace('torch.', '')}"
+
+    def num_bytes(self, rows: int) -> int:
+        """Payload bytes of ``rows`` samples of this spec."""
+        return rows * math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
 
 
 class Transport:

@@ -172,6 +172,10 @@ class StageWorker:
     def finish(self) -> None:
         """Nothing is owed after a locked step: every gradient was consumed within it."""
 
+    def held_bytes(self) -> int:
+        """Bytes of activations kept between steps outside autograd: none, a locked step ends clean."""
+        return 0
+
     def extra_state(self) -> dict:
         return {}
 

@@ -232,6 +232,8 @@ def test_section_must_be_a_mapping(tmp_path):
         (["--partition.balance=[2,0]"], "every stage needs at least one layer"),
         (["--partition.balance=[]"], "every stage needs at least one layer"),
         (["--train.eval_every=-5"], "train.eval_every = -5"),
+        (["--train.time_limit_sec=-1"], "train.time_limit_sec = -1.0; must be >= 0"),
+        (["--train.time_limit_sec=60"], "checked at evaluations but train.eval_every = 0"),
         # regressions: these reached torch and ended in a traceback instead of one line
         (["--optim.momentum=-0.1"], "optim.momentum = -0.1; must be >= 0"),
         (["--optim.weight_decay=-1"], "optim.weight_decay = -1.0; must be >= 0"),

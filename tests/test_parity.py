@@ -1,7 +1,7 @@
 """Parity: every locked pipelined schedule must equal one process on every parameter.
 
 This is the backbone test of the engine: naive, GPipe and 1F1B with N = 2 and 4 stages and
-M = 1 and 4 microbatches train an mlp (no BatchNorm) for a few SGD steps on the same data as
+M = 1 and 4 microbatches (and torch's own GPipe and 1F1B, the benchmark's peer) train an mlp (no BatchNorm) for a few SGD steps on the same data as
 the single-process reference; the merged per-stage checkpoints must match it by name.
 """
 
@@ -68,6 +68,22 @@ def test_locked_schedules_match_single_process(tmp_path, num_stages):
         last = summaries[-1][i]
         assert last["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-4)
         assert last["num_stages"] == num_stages and last["schedule"] == schedule
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_the_peer_matches_single_process(tmp_path, num_stages):
+    """torch.distributed.pipelining's GPipe and 1F1B driving our stages (pipedni.peer) is the
+    benchmark's yardstick, so it must train exactly what the others train. torch averages equal
+    microbatches, hence a batch that M divides."""
+    extra = ("--data.batch_size=32",)
+    expected, reference = train_single(tmp_path / "single", *extra)
+    cases = [("torch_gpipe", 4), ("torch_1f1b", 4)]
+    summaries = run_distributed(_train_cases, num_stages, str(tmp_path), cases, extra)
+    for i, (schedule, m) in enumerate(cases):
+        assert_same_parameters(merge_checkpoints(tmp_path / f"{schedule}-{m}"), expected, f"{schedule} N={num_stages}")
+        last = summaries[-1][i]
+        assert last["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-4)
+        assert last["schedule"] == schedule and all(s["busy_fraction"] > 0 for s in last["stages"])
 
 
 def test_parity_with_clipping_adam_and_cosine(tmp_path):

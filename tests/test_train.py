@@ -110,6 +110,22 @@ def test_wrong_process_count_is_a_clear_error(tmp_path):
 # --------------------------------------------------------------------------- library-level failures
 
 
+@pytest.mark.parametrize("overrides,world,message", [
+    (["--train.schedule=torch_1f1b", "--train.microbatches=2"], 4, "needs train.microbatches >= stages, got 2 < 4"),
+    (["--train.schedule=torch_gpipe", "--data.batch_size=30"], 2, "data.batch_size = 30 does not divide into"),
+    (["--train.schedule=torch_gpipe"], 1, "needs at least 2 stages"),
+])
+def test_peer_schedules_refuse_layouts_torch_cannot_run(overrides, world, message):
+    """torch's Schedule1F1B raises a bare ValueError for M < N, and its equal-microbatch
+    averaging would silently train something else on an uneven split: both fail at start-up."""
+    from pipedni.engine import check_layout
+    from pipedni.errors import LaunchError
+
+    runtime = Runtime(0, world, 0, world, torch.device("cpu"), "gloo" if world > 1 else "none")
+    with pytest.raises(LaunchError, match=message):
+        check_layout(load_config(None, overrides), runtime)
+
+
 def _config(run_dir: str):
     return load_config(None, [f"--run.dir={run_dir}", "--data.name=synthetic", "--data.synthetic_size=256",
                               "--data.batch_size=32", "--train.steps=6", "--run.log_every=1000",
@@ -172,3 +188,31 @@ def test_launch_wrapper_exits_with_the_stage_error_code_and_one_line(tmp_path):
     cmd = [sys.executable, "-m", "pipedni.launch", "-n", "2", "configs/mlp_fashion.yaml", "--model.depht=3"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "unknown key 'model.depht'" in one_line_error(proc)
+
+
+def _time_limited(rank, world_size, run_dir):
+    cfg = load_config(None, [
+        f"--run.dir={run_dir}", "--run.log_every=1000", "--model.width=32", "--data.name=synthetic",
+        "--data.batch_size=32", "--train.schedule=dni", "--train.steps=100000", "--train.eval_every=10",
+        "--train.time_limit_sec=1.5", "--dni.kind=linear", "--checkpoint.enabled=true",
+    ])
+    trainer = Trainer(cfg, Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo"))
+    summary = trainer.fit()
+    trainer.close()
+    return summary
+
+
+def test_time_limit_stops_every_stage_at_the_same_evaluation(tmp_path):
+    """train.time_limit_sec is checked at evaluations, where the ranks agree on the largest
+    training clock: a DNI first stage that runs ahead must stop at the same step as the last."""
+    summary = run_distributed(_time_limited, 3, str(tmp_path), timeout=120)[-1]
+    steps = summary["steps"]
+    assert 0 < steps < 100000 and steps % 10 == 0
+    evals = [json.loads(line) for line in (tmp_path / "metrics/stage2.jsonl").read_text().splitlines()
+             if "eval_step" in line]
+    assert [e["eval_step"] for e in evals] == list(range(10, steps + 1, 10))  # no second pass at the end
+    clocks = [e["train_sec"] for e in evals]
+    assert clocks == sorted(clocks) and clocks[-1] >= 1.5 > clocks[-2]
+    assert evals[-1]["samples"] == steps * 32
+    for stage in range(3):  # every stage stopped after the same step and saved it
+        assert torch.load(tmp_path / f"checkpoints/stage{stage}.pt", weights_only=False)["step"] == steps
