@@ -1,0 +1,215 @@
+"""``python -m pipedni.bench CONFIG --stages N --modes LIST --out DIR``: benchmark the schedules.
+
+Two phases, both real torchrun jobs on the same stage modules, data, batch and loss:
+1. throughput: every job runs ``--steps`` steps, ``--repeats`` times, interleaved (repeat r runs
+   every job before repeat r+1 starts, in a rotated order) next to a per-stage profile that gives
+   the ideal pipeline limit; the first ``--warmup`` steps of each run are not timed;
+2. time to accuracy: one job per mode (swept modes at their fastest microbatch count) trains for
+   the same ``--budget`` seconds of training time, evaluating along the way.
+Then a table, ``results.json``, CSV files and plots in DIR; ``--docs`` regenerates a docs page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from pipedni.bench import report
+from pipedni.bench.plan import DEFAULT_MODES, Job, parse_counts, parse_modes, plan_jobs
+from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, spread, time_to_target
+from pipedni.config import load_config
+from pipedni.errors import USER_ERRORS, ConfigError
+
+QUICK = {"steps": 30, "warmup": 5, "repeats": 3, "microbatches": "4", "budget": 12.0}
+EVALS_PER_BUDGET = 12
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m pipedni.bench", description=__doc__.splitlines()[0],
+                                epilog="Other --section.key=value arguments override the config for every job.")
+    p.add_argument("config", help="YAML config: model, data, batch, optimizer, dni settings")
+    p.add_argument("--stages", type=int, default=2, help="pipeline stages (processes), default 2")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all")
+    p.add_argument("--out", help="output directory (default: bench/<config name>)")
+    p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores: " + ", ".join(
+        f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--microbatches", default="1,2,4,8", help="microbatch counts swept, default 1,2,4,8")
+    p.add_argument("--repeats", type=int, default=5, help="interleaved repeats, default 5")
+    p.add_argument("--steps", type=int, default=60, help="steps per throughput run, default 60")
+    p.add_argument("--warmup", type=int, default=10, help="untimed first steps of each run, default 10")
+    p.add_argument("--budget", type=float, default=60.0, help="training seconds per mode for time to "
+                   "accuracy, default 60 (0: skip)")
+    p.add_argument("--target", type=float, help="target test accuracy (default: 0.95 x the best reached)")
+    p.add_argument("--docs", help="also regenerate this docs page's section for the config (e.g. docs/benchmarks.md)")
+    p.add_argument("--job-timeout", type=float, default=900.0, help="seconds before a job counts as hung")
+    args, overrides = p.parse_known_args(argv)
+    if args.quick:
+        for key, value in QUICK.items():
+            if p.get_default(key) == getattr(args, key):
+                setattr(args, key, value)
+    return args, overrides
+
+
+def check(args: argparse.Namespace, overrides: list[str]) -> tuple[list[str], list[int]]:
+    """Everything a job could fail on at once, before any job starts."""
+    cfg = load_config(args.config, overrides)
+    modes = parse_modes(args.modes)
+    counts = parse_counts(args.microbatches, "--microbatches")
+    for name, low in (("stages", 2), ("repeats", 1), ("steps", 2), ("warmup", 0)):
+        if getattr(args, name) < low:
+            raise ConfigError(f"--{name} = {getattr(args, name)}; must be >= {low}")
+    if args.warmup >= args.steps:
+        raise ConfigError(f"--warmup = {args.warmup} leaves no timed step of --steps = {args.steps}; lower it")
+    if cfg.data.batch_size < args.stages:
+        raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is smaller than --stages = {args.stages}")
+    return modes, counts
+
+
+def machine() -> dict:
+    import torch
+
+    cpu = platform.processor()
+    try:
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
+            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "commit": commit or None, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
+
+
+def profile(args: argparse.Namespace, overrides: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "pipedni.bench.profile", args.config, f"--stages={args.stages}",
+           *overrides, "--run.threads=1"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=args.job_timeout)
+    if proc.returncode != 0:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("error: ")
+        raise JobFailed(f"per-stage profile failed: {last}", proc.returncode)
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def throughput_phase(args, overrides, jobs: list[Job], out: Path, batch_size: int) -> tuple[dict, dict]:
+    extra = [*overrides, f"--train.steps={args.steps}", "--train.eval_every=0", "--train.time_limit_sec=0",
+             "--checkpoint.enabled=false", "--run.activation_memory=true", f"--run.log_every={args.steps}",
+             f"--data.test_limit={batch_size}"]
+    runs: dict[str, list[dict]] = {job.label: [] for job in jobs}
+    profiles = []
+    for r in range(args.repeats):
+        profiles.append(profile(args, overrides))
+        for job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:  # rotated: no job always runs first
+            run_dir = run_job(job, args.config, out / "runs" / slug(job.label) / f"r{r}", extra, args.job_timeout)
+            result = measure(run_dir, job.nproc, batch_size, args.warmup)
+            runs[job.label].append(result)
+            print(f"[repeat {r + 1}/{args.repeats}] {job.label:<18} {result['samples_per_sec']:9.1f} samples/s",
+                  flush=True)
+    return runs, combine_profiles(profiles)
+
+
+def combine_profiles(profiles: list[dict]) -> dict:
+    combined = dict(profiles[0])
+    combined["stages"] = [
+        {**stage, "fwd_bwd_sec": spread([p["stages"][i]["fwd_bwd_sec"] for p in profiles])["median"],
+         "optimizer_sec": spread([p["stages"][i]["optimizer_sec"] for p in profiles])["median"]}
+        for i, stage in enumerate(profiles[0]["stages"])]
+    combined["ideal_samples_per_sec"] = spread([p["ideal_samples_per_sec"] for p in profiles])
+    combined["serial_samples_per_sec"] = spread([p["serial_samples_per_sec"] for p in profiles])
+    return combined
+
+
+def accuracy_phase(args, overrides, jobs: list[Job], rows: list[dict], out: Path, batch_size: int) -> list[dict]:
+    """Each mode's fastest job trains for ``--budget`` seconds; returns one curve per job."""
+    best: dict[str, Job] = {}
+    speed = {row["label"]: row["samples_per_sec"]["median"] for row in rows}
+    for job in jobs:
+        if job.mode not in best or speed[job.label] > speed[best[job.mode].label]:
+            best[job.mode] = job
+    chosen = [job for job in jobs if job.mode == "single" or best[job.mode] is job]  # both single baselines
+    curves = []
+    for job in chosen:
+        every = max(1, round(speed[job.label] * args.budget / EVALS_PER_BUDGET / batch_size))
+        extra = [*overrides, "--train.steps=100000000", f"--train.eval_every={every}",
+                 f"--train.time_limit_sec={args.budget}", "--checkpoint.enabled=false", "--run.log_every=100000"]
+        run_dir = run_job(job, args.config, out / "runs" / slug(job.label) / "budget", extra,
+                          args.job_timeout + 3 * args.budget)
+        curve = read_curve(run_dir, job.nproc)
+        curves.append({"label": job.label, "mode": job.mode, "eval_every": every, "curve": curve})
+        print(f"[budget {args.budget:.0f}s] {job.label:<18} final accuracy {curve[-1]['accuracy']:.4f}", flush=True)
+    return curves
+
+
+def slug(label: str) -> str:
+    return label.replace(" ", "_").replace("=", "")
+
+
+def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float) -> list[dict]:
+    rows = []
+    for job in jobs:
+        results = runs[job.label]
+        speed = spread([r["samples_per_sec"] for r in results])
+        stages = []
+        for i in range(len(results[0]["stages"])):
+            per_repeat = [r["stages"][i] for r in results]
+            stage = {key: spread([s[key] for s in per_repeat])["median"] for key in
+                     ("busy_fraction", "wait_input_sec_per_step", "wait_grad_sec_per_step", "bytes_sent_per_step")}
+            for key in ("peak_activation_bytes", "peak_memory_bytes"):
+                stage[key] = max((s[key] or 0) for s in per_repeat) or None
+            stages.append(stage)
+        rows.append({**asdict(job), "samples_per_sec": speed, "ratio_to_ideal": speed["median"] / ideal,
+                     "stages": stages})
+    return rows
+
+
+def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
+    modes, counts = check(args, overrides)
+    cfg = load_config(args.config, overrides)
+    jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size)
+    print(f"{len(jobs)} jobs x {args.repeats} repeats, {args.steps} steps each ({args.warmup} untimed)", flush=True)
+    runs, profiled = throughput_phase(args, overrides, jobs, out, cfg.data.batch_size)
+    rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"])
+    curves = accuracy_phase(args, overrides, jobs, rows, out, cfg.data.batch_size) if args.budget > 0 else []
+    target = args.target if args.target is not None else auto_target(curves)
+    for entry in curves:
+        entry["time_to_target_sec"] = time_to_target(entry["curve"], target) if target is not None else None
+    return {"config": args.config, "workload": Path(args.config).stem, "stages": args.stages,
+            "batch_size": cfg.data.batch_size, "command": "python -m pipedni.bench " + shlex.join(sys.argv[1:]),
+            "machine": machine(), "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "budget")},
+            "overrides": overrides, "profile": profiled, "throughput": rows, "target_accuracy": target,
+            "accuracy": curves}
+
+
+def auto_target(curves: list[dict]) -> Optional[float]:
+    finals = [entry["curve"][-1]["accuracy"] for entry in curves if entry["curve"]]
+    return round(0.95 * max(finals), 3) if finals else None
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out or Path("bench") / Path(args.config).stem)
+    try:
+        results = run_benchmark(args, overrides, out)
+    except JobFailed as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2 if err.exit_code == 2 else 1
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    report.write(results, out)
+    if args.docs:
+        report.update_docs(Path(args.docs), [results])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

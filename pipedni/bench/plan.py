@@ -1,0 +1,85 @@
+"""What to run: benchmark modes expanded into jobs (a label, a process count, config overrides)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from pipedni.errors import ConfigError
+
+# A mode name -> (train.schedule, swept over microbatch counts?)
+MODES = {
+    "single": ("single", False),  # two jobs: 1 thread, and every core
+    "naive": ("naive", False),
+    "gpipe": ("gpipe", True),
+    "1f1b": ("1f1b", True),
+    "torch_gpipe": ("torch_gpipe", True),
+    "torch_1f1b": ("torch_1f1b", True),
+    "dni": ("dni", False),
+    "cdni": ("dni", False),  # dni conditioned on labels
+}
+DEFAULT_MODES = list(MODES)
+BASELINE = "single 1 thread"  # the job every speed-up is quoted against
+
+
+@dataclass(frozen=True)
+class Job:
+    """One benchmarked configuration; ``label`` names it in every table and file."""
+
+    label: str
+    mode: str
+    schedule: str
+    nproc: int
+    threads: int
+    microbatches: int
+    overrides: tuple[str, ...] = field(default=())
+
+    def args(self, *extra: str) -> list[str]:
+        """Config overrides for this job (``extra`` last: they win)."""
+        return [f"--train.schedule={self.schedule}", f"--train.microbatches={self.microbatches}",
+                f"--run.threads={self.threads}", *self.overrides, *extra]
+
+
+def parse_modes(text: str) -> list[str]:
+    modes = [m.strip() for m in text.split(",") if m.strip()]
+    unknown = [m for m in modes if m not in MODES]
+    if unknown or not modes:
+        raise ConfigError(f"--modes {text!r}: unknown {', '.join(unknown) or '(none given)'}; "
+                          f"choose from {','.join(MODES)}")
+    return modes
+
+
+def parse_counts(text: str, what: str) -> list[int]:
+    try:
+        counts = sorted({int(c) for c in text.split(",") if c.strip()})
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise ConfigError(f"{what} {text!r}: give positive whole numbers separated by commas, e.g. 1,2,4,8")
+    return counts
+
+
+def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_size: int) -> list[Job]:
+    """Every job of the throughput sweep, in a fixed order. Microbatch counts a schedule cannot
+    run (torch's: uneven microbatches, or 1F1B with M < N) are left out, not failed."""
+    cores = os.cpu_count() or 1
+    jobs: list[Job] = []
+    for mode in modes:
+        schedule, swept = MODES[mode]
+        if mode == "single":
+            jobs.append(Job(BASELINE, mode, schedule, 1, 1, 1))
+            if cores > 1:
+                jobs.append(Job(f"single {cores} threads", mode, schedule, 1, cores, 1))
+        elif mode in ("dni", "cdni"):
+            labels = f"--dni.condition_on_labels={'true' if mode == 'cdni' else 'false'}"
+            jobs.append(Job(mode, mode, schedule, num_stages, 1, 1, (labels,)))
+        elif not swept:
+            jobs.append(Job(f"{mode}", mode, schedule, num_stages, 1, 1))
+        else:
+            for m in microbatches:
+                if m > batch_size or (schedule.startswith("torch") and batch_size % m):
+                    continue
+                if schedule == "torch_1f1b" and m < num_stages:
+                    continue
+                jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m))
+    return jobs

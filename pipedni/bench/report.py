@@ -1,0 +1,221 @@
+"""Benchmark results out: ``results.json``, CSV files, rich tables, PNG plots and a docs section.
+
+``python -m pipedni.bench.report DIR [DIR ...] [--docs docs/benchmarks.md]`` redoes all of it
+from saved ``results.json`` files. Each workload owns one marked section of the docs page, so
+regenerating one keeps the others and every hand-written paragraph outside the markers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+from rich.console import Console
+from rich.table import Table
+
+from pipedni.bench.plan import BASELINE
+from pipedni.metrics import write_json_atomic
+
+MIB = 1024 * 1024
+# Per-stage columns read "stage 0 / stage 1 / ...".
+THROUGHPUT_HEADER = ["job", "samples/s", "min-max", "x ideal", "x single", "busy", "MiB sent/step", "peak act. MiB"]
+ACCURACY_HEADER = ["job", "time to target (s)", "accuracy at budget", "steps", "evaluations"]
+
+
+def _per_stage(stages: list[dict], key: str, fmt) -> str:
+    values = [s.get(key) for s in stages]
+    return " / ".join("-" if v is None else fmt(v) for v in values)
+
+
+def throughput_rows(results: dict) -> list[list[str]]:
+    rows = results["throughput"]
+    single = next((r["samples_per_sec"]["median"] for r in rows if r["label"] == BASELINE), None)
+    out = []
+    for r in rows:
+        speed = r["samples_per_sec"]
+        out.append([
+            r["label"], f"{speed['median']:.0f}", f"{speed['min']:.0f}-{speed['max']:.0f}",
+            f"{r['ratio_to_ideal']:.2f}", "-" if single is None else f"{speed['median'] / single:.2f}",
+            _per_stage(r["stages"], "busy_fraction", lambda v: f"{v:.0%}"),
+            _per_stage(r["stages"], "bytes_sent_per_step", lambda v: f"{v / MIB:.2f}"),
+            _per_stage(r["stages"], "peak_activation_bytes", lambda v: f"{v / MIB:.1f}"),
+        ])
+    return out
+
+
+def accuracy_rows(results: dict) -> list[list[str]]:
+    out = []
+    for entry in results["accuracy"]:
+        curve = entry["curve"]
+        reached = entry.get("time_to_target_sec")
+        out.append([entry["label"], "not reached" if reached is None else f"{reached:.1f}",
+                    f"{curve[-1]['accuracy']:.4f}" if curve else "-",
+                    str(curve[-1]["samples"] // results["batch_size"]) if curve else "0", str(len(curve))])
+    return out
+
+
+def profile_rows(results: dict) -> list[list[str]]:
+    return [[str(s["stage_index"]), f"{s['num_params']:,}", f"{s['fwd_bwd_sec'] * 1e3:.1f}",
+             f"{s['optimizer_sec'] * 1e3:.1f}"] for s in results["profile"]["stages"]]
+
+
+PROFILE_HEADER = ["stage", "params", "forward+backward ms", "optimizer step ms"]
+
+
+def _title(results: dict) -> str:
+    return f"{results['workload']}: {results['stages']} stages, batch {results['batch_size']}"
+
+
+def print_tables(results: dict, console: Optional[Console] = None) -> None:
+    console = console or Console()
+    ideal = results["profile"]["ideal_samples_per_sec"]["median"]
+    for title, header, rows in (
+        (f"{_title(results)}: each stage alone (ideal limit {ideal:.0f} samples/s)", PROFILE_HEADER, profile_rows(results)),
+        (f"{_title(results)}: throughput", THROUGHPUT_HEADER, throughput_rows(results)),
+        (f"{_title(results)}: {results['settings']['budget']:.0f} s of training each, target accuracy "
+         f"{results['target_accuracy']}", ACCURACY_HEADER, accuracy_rows(results)),
+    ):
+        if not rows:
+            continue
+        table = Table(title=title)
+        for name in header:
+            table.add_column(name, justify="left" if name == "job" else "right")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+
+
+def write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(header)
+        writer.writerows(rows)
+
+
+def plot(results: dict, out: Path) -> list[Path]:
+    """throughput.png and accuracy.png; nothing (with a hint) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: pip install 'pipedni[plot]' (matplotlib) to get them", file=sys.stderr)
+        return []
+    rows = results["throughput"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * len(rows)), 4))
+    medians = [r["samples_per_sec"]["median"] for r in rows]
+    errors = [[m - r["samples_per_sec"]["min"] for m, r in zip(medians, rows)],
+              [r["samples_per_sec"]["max"] - m for m, r in zip(medians, rows)]]
+    ax.bar([r["label"] for r in rows], medians, yerr=errors, capsize=3, color="tab:blue")
+    ax.axhline(results["profile"]["ideal_samples_per_sec"]["median"], color="tab:red", ls="--", label="ideal pipeline limit")
+    ax.set_ylabel("samples/s (median, min-max)")
+    ax.set_title(_title(results))
+    ax.legend()
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    paths = [out / "throughput.png"]
+    fig.tight_layout()
+    fig.savefig(paths[0], dpi=120)
+    plt.close(fig)
+    if results["accuracy"]:
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for entry in results["accuracy"]:
+            ax.plot([p["train_sec"] for p in entry["curve"]], [p["accuracy"] for p in entry["curve"]],
+                    marker=".", label=entry["label"])
+        if results["target_accuracy"] is not None:
+            ax.axhline(results["target_accuracy"], color="grey", ls=":", label="target")
+        ax.set_xlabel("training seconds (evaluation excluded)")
+        ax.set_ylabel("test accuracy")
+        ax.set_title(_title(results))
+        ax.legend(fontsize=8)
+        paths.append(out / "accuracy.png")
+        fig.tight_layout()
+        fig.savefig(paths[1], dpi=120)
+        plt.close(fig)
+    return paths
+
+
+def write(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out / "results.json", results)
+    write_csv(out / "throughput.csv", THROUGHPUT_HEADER, throughput_rows(results))
+    write_csv(out / "accuracy.csv", ["job", "train_sec", "samples", "accuracy"],
+              [[e["label"], p["train_sec"], p["samples"], p["accuracy"]] for e in results["accuracy"] for p in e["curve"]])
+    print_tables(results)
+    for path in plot(results, out):
+        print(f"wrote {path}")
+    print(f"wrote {out / 'results.json'}, {out / 'throughput.csv'}, {out / 'accuracy.csv'}")
+
+
+# --------------------------------------------------------------------------- docs
+
+
+def _md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def markdown(results: dict) -> str:
+    m, prof = results["machine"], results["profile"]
+    ideal, serial = prof["ideal_samples_per_sec"], prof["serial_samples_per_sec"]
+    parts = [
+        f"### {_title(results)}",
+        f"`{results['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}"
+        f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; commit {m.get('commit')}, {m['date']}. "
+        f"{results['settings']['repeats']} interleaved repeats of {results['settings']['steps']} steps, "
+        f"the first {results['settings']['warmup']} untimed; 1 thread per stage process.",
+        "Each stage alone (median over repeats). Ideal pipeline limit: "
+        f"**{ideal['median']:.0f} samples/s** ({ideal['min']:.0f}-{ideal['max']:.0f}); "
+        f"all stages in series: {serial['median']:.0f} samples/s.",
+        _md_table(PROFILE_HEADER, profile_rows(results)),
+        "Throughput: samples/s at the last stage; x ideal: against the ideal pipeline limit; x single: against "
+        "one process with 1 thread; per-stage columns read stage 0 / stage 1 / ...; peak act.: bytes saved "
+        "for backward at once, plus what a DNI stage keeps in its store.",
+        _md_table(THROUGHPUT_HEADER, throughput_rows(results)),
+    ]
+    if results["accuracy"]:
+        parts += [f"Time to {results['target_accuracy']} test accuracy, each job given "
+                  f"{results['settings']['budget']:.0f} s of training (evaluation excluded):",
+                  _md_table(ACCURACY_HEADER, accuracy_rows(results))]
+    return "\n\n".join(parts)
+
+
+def update_docs(path: Path, results_list: list[dict]) -> None:
+    """Replace (or append) each workload's marked section of ``path``."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    for results in results_list:
+        begin, end = f"<!-- bench:{results['workload']}:begin -->", f"<!-- bench:{results['workload']}:end -->"
+        section = f"{begin}\n{markdown(results)}\n{end}"
+        if begin in text and end in text:
+            text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+        else:
+            text = text.rstrip("\n") + "\n\n" + section + "\n"
+    path.write_text(text)
+    print(f"updated {path}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipedni.bench.report", description=__doc__.splitlines()[0])
+    parser.add_argument("dirs", nargs="+", help="benchmark output directories (holding results.json)")
+    parser.add_argument("--docs", help="docs page to update, e.g. docs/benchmarks.md")
+    args = parser.parse_args(argv)
+    results_list = []
+    for directory in args.dirs:
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            print(f"error: {path} does not exist; run python -m pipedni.bench CONFIG --out {directory} first",
+                  file=sys.stderr)
+            return 2
+        results_list.append(json.loads(path.read_text()))
+        write(results_list[-1], Path(directory))
+    if args.docs:
+        update_docs(Path(args.docs), results_list)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

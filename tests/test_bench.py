@@ -1,0 +1,95 @@
+"""The benchmark command: planning, a real tiny end-to-end run, its files and its docs section."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipedni.bench.plan import BASELINE, parse_counts, parse_modes, plan_jobs
+from pipedni.bench.report import update_docs
+from pipedni.errors import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = ["--model.depth=2", "--model.width=32", "--data.name=synthetic", "--data.synthetic_size=2048",
+        "--data.batch_size=32", "--data.eval_batch_size=256", "--dni.kind=linear", "--optim.name=adam",
+        "--optim.lr=0.001"]
+
+
+def bench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.run([sys.executable, "-m", "pipedni.bench", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_plan_sweeps_microbatches_and_leaves_out_what_torch_cannot_run():
+    jobs = plan_jobs(["single", "gpipe", "torch_gpipe", "torch_1f1b", "cdni"], 4, [1, 3, 4], batch_size=12)
+    labels = [job.label for job in jobs]
+    assert labels[0] == BASELINE and labels[0:1] + labels[-1:] == [BASELINE, "cdni"]
+    assert "gpipe M=3" in labels and "torch_gpipe M=3" in labels  # 12 divides into 3
+    assert "torch_1f1b M=1" not in labels and "torch_1f1b M=3" not in labels  # M < 4 stages
+    assert "torch_1f1b M=4" in labels
+    cdni = jobs[-1]
+    assert cdni.schedule == "dni" and "--dni.condition_on_labels=true" in cdni.args()
+    assert all(job.threads == 1 for job in jobs if job.mode != "single")
+
+
+def test_plan_inputs_are_checked():
+    with pytest.raises(ConfigError, match="unknown zb; choose from single"):
+        parse_modes("1f1b,zb")
+    with pytest.raises(ConfigError, match="--microbatches '0,2'"):
+        parse_counts("0,2", "--microbatches")
+
+
+def test_a_bad_mode_or_config_value_is_one_line_and_exit_2():
+    proc = bench("configs/bench_mlp_fashion.yaml", "--modes=fast", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "--modes 'fast'" in proc.stderr
+    proc = bench("configs/bench_mlp_fashion.yaml", "--train.nope=1", timeout=60)
+    assert proc.returncode == 2 and "unknown key" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_missing_data_stops_the_benchmark_with_the_fix(tmp_path):
+    proc = bench("configs/bench_mlp_fashion.yaml", "--data.name=mnist", f"--data.root={tmp_path}",
+                 f"--out={tmp_path / 'out'}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "per-stage profile failed" in proc.stderr and "python -m pipedni.data fetch mnist" in proc.stderr
+
+
+def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
+    out = tmp_path / "out"
+    docs = tmp_path / "benchmarks.md"
+    docs.write_text("# Benchmarks\n\nHand-written analysis stays.\n")
+    proc = bench("configs/bench_mlp_fashion.yaml", "--stages=2", "--modes=single,1f1b,torch_1f1b,dni",
+                 "--microbatches=2", "--repeats=2", "--steps=8", "--warmup=2", "--budget=2",
+                 f"--out={out}", f"--docs={docs}", *TINY)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    rows = {row["label"]: row for row in results["throughput"]}
+    assert BASELINE in rows and {"1f1b M=2", "torch_1f1b M=2", "dni"} <= rows.keys()
+    for row in rows.values():
+        speed = row["samples_per_sec"]
+        assert len(speed["values"]) == 2 and speed["min"] <= speed["median"] <= speed["max"]
+        assert row["ratio_to_ideal"] > 0
+        assert all(0 < stage["busy_fraction"] <= 1 and stage["peak_activation_bytes"] > 0 for stage in row["stages"])
+    # torch's schedule sends what ours sends: M activations forward, M gradients back, per step
+    ours, torch_ = rows["1f1b M=2"]["stages"], rows["torch_1f1b M=2"]["stages"]
+    assert [s["bytes_sent_per_step"] for s in ours] == [s["bytes_sent_per_step"] for s in torch_]
+    assert ours[0]["bytes_sent_per_step"] == 2 * 16 * 32 * 4  # 2 microbatches of 16 x 32 floats
+    assert len(results["profile"]["stages"]) == 2 and results["profile"]["ideal_samples_per_sec"]["median"] > 0
+    curves = {entry["label"]: entry for entry in results["accuracy"]}
+    assert {BASELINE, "1f1b M=2", "torch_1f1b M=2", "dni"} <= curves.keys()
+    for entry in curves.values():
+        seconds = [p["train_sec"] for p in entry["curve"]]
+        assert seconds == sorted(seconds) and seconds[-1] >= 2.0
+    assert results["target_accuracy"] is not None
+    assert (out / "throughput.csv").read_text().startswith("job,samples/s")
+    assert (out / "accuracy.csv").read_text().count("\n") > 4
+    text = docs.read_text()
+    assert "Hand-written analysis stays." in text and "bench_mlp_fashion: 2 stages, batch 32" in text
+    update_docs(docs, [results])  # regenerating replaces the section instead of adding one
+    assert docs.read_text().count("<!-- bench:bench_mlp_fashion:begin -->") == 1
