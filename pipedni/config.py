@@ -47,16 +47,18 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion_mnist", "mnist", "mnist_5k", "synthetic"] = _f(
+    name: Literal["fashion_mnist", "mnist", "mnist_5k", "kjv", "synthetic"] = _f(
         "fashion_mnist",
-        "Data set: fashion_mnist, mnist (IDX files), mnist_5k (5000-digit CSV) or synthetic (random, no I/O).",
+        "Data set: fashion_mnist, mnist (IDX files), mnist_5k (5000-digit CSV), kjv (King James Bible, "
+        "characters) or synthetic (random, no I/O).",
     )
-    root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz).")
+    root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz, kjv.jsonl).")
     batch_size: int = _f(128, "Training batch size (split into train.microbatches).")
     eval_batch_size: int = _f(1000, "Batch size of the forward-only evaluation pass.")
-    normalize: bool = _f(True, "Standardise inputs with the training set's mean and std.")
+    normalize: bool = _f(True, "Standardise float inputs with the training set's mean and std (not token ids).")
     train_limit: int = _f(0, "Use only the first N training samples (0: all).")
     test_limit: int = _f(0, "Evaluate on only the first N test samples (0: all).")
+    seq_len: int = _f(128, "kjv: characters per sample; targets are the same characters shifted by one.")
     synthetic_shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample.")
     synthetic_classes: int = _f(10, "synthetic: number of classes.")
     synthetic_size: int = _f(8192, "synthetic: number of training samples (test: a quarter).")
@@ -257,6 +259,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks, run once at load."""
     _require(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}; must be >= 1")
     _require(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}; must be >= 1")
+    _require(cfg.data.seq_len >= 1, f"data.seq_len = {cfg.data.seq_len}; must be >= 1")
     m = cfg.train.microbatches
     _require(m >= 1, f"train.microbatches = {m}; must be >= 1")
     _require(
