@@ -37,10 +37,13 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "cnn"] = _f("mlp", "Built-in model: mlp (fully connected) or cnn (conv).")
-    depth: int = _f(3, "mlp: number of hidden Linear layers.")
-    width: int = _f(256, "mlp: units per hidden layer.")
-    batchnorm: bool = _f(False, "Add BatchNorm after each hidden Linear / conv layer.")
+    name: Literal["mlp", "cnn", "transformer"] = _f(
+        "mlp", "Built-in model: mlp (fully connected), cnn (conv) or transformer (causal character LM)."
+    )
+    depth: int = _f(3, "mlp: number of hidden Linear layers; transformer: number of blocks.")
+    width: int = _f(256, "mlp: units per hidden layer; transformer: model width (d_model).")
+    heads: int = _f(4, "transformer: attention heads per block (model.width must divide by it).")
+    batchnorm: bool = _f(False, "mlp / cnn: add BatchNorm after each hidden Linear / conv layer.")
     channels: list[int] = _f([32, 64], "cnn: output channels of each 5x5 conv block.")
     hidden: int = _f(0, "cnn: width of a hidden Linear layer before the classifier (0: none).")
 
@@ -284,6 +287,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.depth >= 1, f"model.depth = {cfg.model.depth}; must be >= 1")
     _require(cfg.model.width >= 1, f"model.width = {cfg.model.width}; must be >= 1")
     _require(cfg.model.hidden >= 0, f"model.hidden = {cfg.model.hidden}; must be >= 0 (0: none)")
+    _validate_transformer(cfg.model)
     _require(
         len(cfg.model.channels) >= 1 and min(cfg.model.channels) >= 1,
         f"model.channels = {cfg.model.channels}; give at least one positive channel count",
@@ -299,6 +303,18 @@ def validate(cfg: Config) -> None:
             len(balance) >= 1 and min(balance) >= 1,
             f"partition.balance = {balance}; every stage needs at least one layer",
         )
+
+
+def _validate_transformer(m: ModelConfig) -> None:
+    if m.name != "transformer":
+        return
+    _require(m.heads >= 1, f"model.heads = {m.heads}; must be >= 1")
+    _require(
+        m.width % m.heads == 0,
+        f"model.width = {m.width} does not divide into model.heads = {m.heads} heads; "
+        f"use a width that is a multiple of {m.heads} (e.g. {m.heads * max(1, round(m.width / m.heads))})",
+    )
+    _require(not m.batchnorm, "model.batchnorm = true; the transformer uses LayerNorm, set model.batchnorm=false")
 
 
 def _validate_optim(o: OptimConfig) -> None:
