@@ -106,9 +106,11 @@ class OptimConfig:
 @dataclass
 class DNIConfig:
     kind: Literal["linear", "lowrank", "mlp", "conv"] = _f(
-        "mlp", "Synthetic-gradient model: linear, lowrank, mlp, or conv (4-D activations)."
+        "mlp", "Synthetic-gradient model: linear, lowrank, mlp (per position on [B, T, C]), or conv (4-D)."
     )
-    condition_on_labels: bool = _f(False, "cDNI: give the predictor the one-hot label as extra input.")
+    condition_on_labels: bool = _f(
+        False, "cDNI: give the predictor the one-hot label (of each position, on sequences) as extra input."
+    )
     hidden_layers: int = _f(2, "mlp / conv: hidden layers of the predictor.")
     hidden_width: int = _f(1024, "mlp: units per hidden layer; conv: channels per hidden layer.")
     rank: int = _f(64, "lowrank: width of the bottleneck.")
@@ -118,7 +120,7 @@ class DNIConfig:
     output_scale: float = _f(1.0, "Multiply predicted gradients by this before backpropagating them.")
     clip: float = _f(0.0, "Clip each sample's predicted gradient to this L2 norm (0: off).")
     normalize_target: bool = _f(
-        True, "Regress on data.batch_size x gradient (O(1) values) and divide back before use."
+        True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
     )
     max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
     warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")

@@ -251,7 +251,7 @@ class TensorSpec:
         return header.dtype == self.dtype and tuple(header.shape[1:]) == tuple(self.shape[1:])
 
     def describe(self) -> str:
-        return f"[*, {', '.join(map(str, self.shape[1:]))}] {str(self.dtype).replace('torch.', '')}"
+        return f"[{', '.join(['*', *map(str, self.shape[1:])])}] {str(self.dtype).replace('torch.', '')}"
 
 
 class Transport:
