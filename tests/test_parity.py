@@ -1,8 +1,9 @@
 """Parity: every locked pipelined schedule must equal one process on every parameter.
 
 This is the backbone test of the engine: naive, GPipe and 1F1B with N = 2 and 4 stages and
-M = 1 and 4 microbatches train an mlp (no BatchNorm) for a few SGD steps on the same data as
-the single-process reference; the merged per-stage checkpoints must match it by name.
+M = 1 and 4 microbatches train an mlp (no BatchNorm), and a transformer language model with one
+label per position, for a few SGD steps on the same data as the single-process reference; the
+merged per-stage checkpoints must match it by name.
 """
 
 from __future__ import annotations
@@ -18,8 +19,13 @@ from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
+from test_textdata import write_kjv
 
 CASES = [(schedule, m) for schedule in ("naive", "gpipe", "1f1b") for m in (1, 4)]
+
+# A tiny character LM on a small kjv.jsonl fixture: 6 layers (embed, 4 blocks, head), [B, T, V] scores.
+TRANSFORMER = ("--model.name=transformer", "--model.depth=4", "--model.width=32", "--model.heads=2",
+               "--data.name=kjv", "--data.seq_len=16")
 
 
 def make_config(run_dir: Path, schedule: str, microbatches: int, *extra: str):
@@ -58,16 +64,29 @@ def assert_same_parameters(actual: dict, expected: dict, label: str, atol: float
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=atol, msg=lambda m: f"{label} {name}: {m}")
 
 
-@pytest.mark.parametrize("num_stages", [2, 4])
-def test_locked_schedules_match_single_process(tmp_path, num_stages):
-    expected, reference = train_single(tmp_path / "single")
-    summaries = run_distributed(_train_cases, num_stages, str(tmp_path), CASES, ())
+def check_locked_schedules(tmp_path: Path, num_stages: int, extra: tuple) -> None:
+    expected, reference = train_single(tmp_path / "single", *extra)
+    summaries = run_distributed(_train_cases, num_stages, str(tmp_path), CASES, extra)
     for i, (schedule, m) in enumerate(CASES):
         merged = merge_checkpoints(tmp_path / f"{schedule}-{m}")
         assert_same_parameters(merged, expected, f"{schedule} N={num_stages} M={m}")
         last = summaries[-1][i]
         assert last["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-4)
         assert last["num_stages"] == num_stages and last["schedule"] == schedule
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_locked_schedules_match_single_process(tmp_path, num_stages):
+    check_locked_schedules(tmp_path, num_stages, ())
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_locked_schedules_match_single_process_on_a_transformer(tmp_path, num_stages):
+    """Per-position labels: the loss is the mean over batch x seq_len labels, and the microbatch
+    weights (rows / batch) must still make accumulated gradients equal one full-batch step;
+    30 sequences in 4 microbatches also gives uneven ones (8, 8, 7, 7)."""
+    write_kjv(tmp_path / "kjv.jsonl")
+    check_locked_schedules(tmp_path, num_stages, (*TRANSFORMER, f"--data.root={tmp_path}"))
 
 
 def test_parity_with_clipping_adam_and_cosine(tmp_path):
