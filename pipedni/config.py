@@ -40,26 +40,31 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: Literal["mlp", "cnn"] = _f("mlp", "Built-in model: mlp (fully connected) or cnn (conv).")
-    depth: int = _f(3, "mlp: number of hidden Linear layers.")
-    width: int = _f(256, "mlp: units per hidden layer.")
-    batchnorm: bool = _f(False, "Add BatchNorm after each hidden Linear / conv layer.")
+    name: Literal["mlp", "cnn", "transformer"] = _f(
+        "mlp", "Built-in model: mlp (fully connected), cnn (conv) or transformer (causal character LM)."
+    )
+    depth: int = _f(3, "mlp: number of hidden Linear layers; transformer: number of blocks.")
+    width: int = _f(256, "mlp: units per hidden layer; transformer: model width (d_model).")
+    heads: int = _f(4, "transformer: attention heads per block (model.width must divide by it).")
+    batchnorm: bool = _f(False, "mlp / cnn: add BatchNorm after each hidden Linear / conv layer.")
     channels: list[int] = _f([32, 64], "cnn: output channels of each 5x5 conv block.")
     hidden: int = _f(0, "cnn: width of a hidden Linear layer before the classifier (0: none).")
 
 
 @dataclass
 class DataConfig:
-    name: Literal["fashion_mnist", "mnist", "mnist_5k", "synthetic"] = _f(
+    name: Literal["fashion_mnist", "mnist", "mnist_5k", "kjv", "synthetic"] = _f(
         "fashion_mnist",
-        "Data set: fashion_mnist, mnist (IDX files), mnist_5k (5000-digit CSV) or synthetic (random, no I/O).",
+        "Data set: fashion_mnist, mnist (IDX files), mnist_5k (5000-digit CSV), kjv (King James Bible, "
+        "characters) or synthetic (random, no I/O).",
     )
-    root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz).")
+    root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz, kjv.jsonl).")
     batch_size: int = _f(128, "Training batch size (split into train.microbatches).")
     eval_batch_size: int = _f(1000, "Batch size of the forward-only evaluation pass.")
-    normalize: bool = _f(True, "Standardise inputs with the training set's mean and std.")
+    normalize: bool = _f(True, "Standardise float inputs with the training set's mean and std (not token ids).")
     train_limit: int = _f(0, "Use only the first N training samples (0: all).")
     test_limit: int = _f(0, "Evaluate on only the first N test samples (0: all).")
+    seq_len: int = _f(128, "kjv: characters per sample; targets are the same characters shifted by one.")
     synthetic_shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample.")
     synthetic_classes: int = _f(10, "synthetic: number of classes.")
     synthetic_size: int = _f(8192, "synthetic: number of training samples (test: a quarter).")
@@ -109,9 +114,11 @@ class OptimConfig:
 @dataclass
 class DNIConfig:
     kind: Literal["linear", "lowrank", "mlp", "conv"] = _f(
-        "mlp", "Synthetic-gradient model: linear, lowrank, mlp, or conv (4-D activations)."
+        "mlp", "Synthetic-gradient model: linear, lowrank, mlp (per position on [B, T, C]), or conv (4-D)."
     )
-    condition_on_labels: bool = _f(False, "cDNI: give the predictor the one-hot label as extra input.")
+    condition_on_labels: bool = _f(
+        False, "cDNI: give the predictor the one-hot label (of each position, on sequences) as extra input."
+    )
     hidden_layers: int = _f(2, "mlp / conv: hidden layers of the predictor.")
     hidden_width: int = _f(1024, "mlp: units per hidden layer; conv: channels per hidden layer.")
     rank: int = _f(64, "lowrank: width of the bottleneck.")
@@ -121,7 +128,7 @@ class DNIConfig:
     output_scale: float = _f(1.0, "Multiply predicted gradients by this before backpropagating them.")
     clip: float = _f(0.0, "Clip each sample's predicted gradient to this L2 norm (0: off).")
     normalize_target: bool = _f(
-        True, "Regress on data.batch_size x gradient (O(1) values) and divide back before use."
+        True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
     )
     max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
     warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")
@@ -265,6 +272,7 @@ def validate(cfg: Config) -> None:
     """Cross-field checks, run once at load."""
     _require(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}; must be >= 1")
     _require(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}; must be >= 1")
+    _require(cfg.data.seq_len >= 1, f"data.seq_len = {cfg.data.seq_len}; must be >= 1")
     m = cfg.train.microbatches
     _require(m >= 1, f"train.microbatches = {m}; must be >= 1")
     _require(
@@ -296,6 +304,7 @@ def validate(cfg: Config) -> None:
     _require(cfg.model.depth >= 1, f"model.depth = {cfg.model.depth}; must be >= 1")
     _require(cfg.model.width >= 1, f"model.width = {cfg.model.width}; must be >= 1")
     _require(cfg.model.hidden >= 0, f"model.hidden = {cfg.model.hidden}; must be >= 0 (0: none)")
+    _validate_transformer(cfg.model)
     _require(
         len(cfg.model.channels) >= 1 and min(cfg.model.channels) >= 1,
         f"model.channels = {cfg.model.channels}; give at least one positive channel count",
@@ -311,6 +320,18 @@ def validate(cfg: Config) -> None:
             len(balance) >= 1 and min(balance) >= 1,
             f"partition.balance = {balance}; every stage needs at least one layer",
         )
+
+
+def _validate_transformer(m: ModelConfig) -> None:
+    if m.name != "transformer":
+        return
+    _require(m.heads >= 1, f"model.heads = {m.heads}; must be >= 1")
+    _require(
+        m.width % m.heads == 0,
+        f"model.width = {m.width} does not divide into model.heads = {m.heads} heads; "
+        f"use a width that is a multiple of {m.heads} (e.g. {m.heads * max(1, round(m.width / m.heads))})",
+    )
+    _require(not m.batchnorm, "model.batchnorm = true; the transformer uses LayerNorm, set model.batchnorm=false")
 
 
 def _validate_optim(o: OptimConfig) -> None:

@@ -1,4 +1,4 @@
-"""Data sets (IDX files, the mnist_5k CSV, synthetic) and the batch order every rank shares."""
+"""Data sets (IDX files, the mnist_5k CSV, kjv text, synthetic) and the batch order every rank shares."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from pipedni.datafiles import (
     read_mnist_5k_csv,
 )
 from pipedni.errors import DataError
+from pipedni.textdata import KJV, TEXT_NAMES, fetch_kjv, find_kjv, read_kjv, split_windows
 
 NUM_CLASSES = {"fashion_mnist": 10, "mnist": 10, "mnist_5k": 10}
 
@@ -30,9 +31,9 @@ MNIST_5K_TEST_EVERY = 5  # one sample in five of each class is a test sample: 40
 
 @dataclass
 class Dataset:
-    inputs: torch.Tensor  # float32, (N, C, H, W), normalised if asked
-    targets: torch.Tensor  # int64, (N,)
-    num_classes: int
+    inputs: torch.Tensor  # one sample per row: float32 (N, *shape), normalised if asked, or int64 token ids (N, T)
+    targets: torch.Tensor  # int64 labels in 0..num_classes-1: (N,) one per sample, or (N, T) one per position
+    num_classes: int  # classes, or the vocabulary size of a text set
     name: str
 
     def __len__(self) -> int:
@@ -94,7 +95,10 @@ def _limit(dataset: Dataset, limit: int, key: str) -> Dataset:
 
 
 def _normalize(train: Dataset, test: Dataset) -> None:
-    """Standardise both sets in place with the training set's scalar mean and std."""
+    """Standardise both sets in place with the training set's scalar mean and std (float inputs
+    only: token ids are indices, not measurements)."""
+    if not train.inputs.is_floating_point():
+        return
     std, mean = torch.std_mean(train.inputs, correction=0)
     std = std if std > 0 else torch.ones(())  # a constant input: centre it, do not divide by 0
     for dataset in (train, test):
@@ -110,6 +114,8 @@ def load_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
         train, test = _synthetic(cfg, seed)
     elif cfg.name == MNIST_5K:
         train, test = _load_mnist_5k(cfg.root)
+    elif cfg.name == KJV:
+        train, test = _load_kjv(cfg.root, cfg.seq_len)
     else:
         files = find_idx_files(cfg.name, cfg.root)
         train, test = _load_idx_split(files, "train", cfg.name), _load_idx_split(files, "test", cfg.name)
@@ -156,6 +162,17 @@ def _load_mnist_5k(root: str) -> tuple[Dataset, Dataset]:
         return Dataset(full.inputs[index], full.targets[index], full.num_classes, MNIST_5K)
 
     return subset(train_index), subset(test_index)
+
+
+# --------------------------------------------------------------------------- kjv (text)
+
+
+def _load_kjv(root: str, seq_len: int) -> tuple[Dataset, Dataset]:
+    """Next-character prediction: seq_len-character windows and the same windows shifted by one."""
+    (train_inputs, train_targets), (test_inputs, test_targets), vocab_size = split_windows(
+        read_kjv(find_kjv(root)), seq_len
+    )
+    return (Dataset(train_inputs, train_targets, vocab_size, KJV), Dataset(test_inputs, test_targets, vocab_size, KJV))
 
 
 # --------------------------------------------------------------------------- batch order
@@ -218,6 +235,8 @@ def _info(name: str, root: str) -> None:
         where = "generated"
     elif name == MNIST_5K:
         where = f"file {find_mnist_5k(root)}"
+    elif name == KJV:
+        where = f"file {find_kjv(root)}"
     else:
         where = f"files in {find_idx_files(name, root)['train_images'].parent}"
     print(
@@ -230,14 +249,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipedni.data", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="make a data set's files available")
-    fetch_parser.add_argument("name", choices=FILE_NAMES)
+    fetch_parser.add_argument("name", choices=FILE_NAMES + TEXT_NAMES)
     info_parser = commands.add_parser("info", help="print sizes, input shape and classes")
-    info_parser.add_argument("name", choices=FILE_NAMES + ("synthetic",))
+    info_parser.add_argument("name", choices=FILE_NAMES + TEXT_NAMES + ("synthetic",))
     for sub in (fetch_parser, info_parser):
         sub.add_argument("--root", default="data", help="directory searched first (default: data)")
     args = parser.parse_args(argv)
     try:
-        if args.command == "fetch":
+        if args.command == "fetch" and args.name == KJV:
+            print(f"{args.name}: text file in {fetch_kjv(args.root)}")
+        elif args.command == "fetch":
             kind = "CSV file" if args.name == MNIST_5K else "IDX files"
             print(f"{args.name}: {kind} in {fetch(args.name, args.root)}")
         else:

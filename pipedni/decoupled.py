@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from pipedni.config import Config
 from pipedni.stage import Stage
-from pipedni.synthetic import SyntheticGradientTrainer
+from pipedni.errors import ConfigError
+from pipedni.synthetic import SyntheticGradientTrainer, labels_per_sample
 from pipedni.transport import Kind, TensorSpec, Transport
 from pipedni.worker import EvalResult, StageWorker, StepStats, Timers
 
@@ -66,8 +67,9 @@ class DNIWorker:
         self.locked.connect(sample_spec, num_classes)
         if not self.stage.is_last:
             feature_shape = tuple(self.stage.output_spec.shape[1:])
+            self.labels_per_sample = labels_per_sample(feature_shape)
             self.sg = SyntheticGradientTrainer(feature_shape, num_classes, self.dni, self.stage.device,
-                                               self.cfg.data.batch_size)
+                                               self.cfg.data.batch_size, self.labels_per_sample)
 
     def _labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return targets if self.dni.condition_on_labels else None
@@ -101,6 +103,13 @@ class DNIWorker:
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
         self._step, self._log = step, _FitLog()
+        if self.sg is not None and targets[0].numel() != self.labels_per_sample:
+            raise ConfigError(
+                f"dni: stage {self.stage.stage_index}'s output {self.stage.output_spec.describe()} is a "
+                f"{'sequence' if self.labels_per_sample > 1 else 'per-sample'} boundary expecting "
+                f"{self.labels_per_sample} label(s) per sample, but the data has {targets[0].numel()}; "
+                "synthetic gradients on [B, T, C] need one label per position (a language model)"
+            )
         if step < self.dni.warmup_steps:
             stats = self.locked.train_step(step, inputs, targets)
         else:

@@ -14,6 +14,7 @@ from torch import nn
 
 from pipedni.config import ModelConfig
 from pipedni.errors import ConfigError
+from pipedni.transformer import Block, Embed, Head, init_weights
 
 ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], nn.Sequential]
 MODELS: dict[str, ModelBuilder] = {}
@@ -87,6 +88,29 @@ def cnn(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.
     else:
         layers["head"] = nn.Sequential(nn.Flatten(), nn.Linear(features, num_classes))
     return nn.Sequential(layers)
+
+
+@register_model("transformer")
+def transformer(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """A nanoGPT-style causal language model over ``num_classes`` tokens: ``[B, T]`` ids in,
+    ``[B, T, num_classes]`` next-token scores out.
+
+    Layer names: ``embed`` (token + position), ``block0 .. block{depth-1}`` (pre-LayerNorm causal
+    attention + 4x MLP, cfg.width wide, cfg.heads heads) and ``head``. Positions go up to the
+    input's length T; no weight tying, so ``embed`` and ``head`` may sit on different stages.
+    """
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"model.name = 'transformer' needs token-id inputs of shape (seq_len,), got {list(input_shape)}; "
+            "use a text data set such as data.name=kjv"
+        )
+    layers: OrderedDict[str, nn.Module] = OrderedDict(embed=Embed(num_classes, input_shape[0], cfg.width))
+    for i in range(cfg.depth):
+        layers[f"block{i}"] = Block(cfg.width, cfg.heads)
+    layers["head"] = Head(cfg.width, num_classes)
+    model = nn.Sequential(layers)
+    init_weights(model, cfg.depth)
+    return model
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -3,6 +3,14 @@
 Jaderberg et al. 2016 (arXiv 1608.05343). Each non-last stage owns one predictor for its output
 boundary, with its own optimizer. The predictor's last layer starts at zero, so training
 begins with a zero synthetic gradient (no update) rather than a random one.
+
+[Note: per-position predictors]
+On a sequence boundary, activations ``[B, T, C]`` of a language model with one label per
+position, the vector predictors (linear, lowrank, mlp) act on each position's C features alone,
+as a Linear over C shared by all positions (not over T*C): they stay small next to the stage,
+do not depend on T, and cDNI appends each position's own one-hot label ``[B, T, V]``. The
+gradient of the mean loss over B*T labels is O(1 / (B*T)), so ``dni.normalize_target`` scales
+by the labels per batch, B*T, rather than by B.
 """
 
 from __future__ import annotations
@@ -50,16 +58,31 @@ def _conv(in_channels: int, out_channels: int, cfg: DNIConfig) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+def is_sequence(feature_shape: tuple[int, ...]) -> bool:
+    """True for a (T, C) sample: a sequence boundary with one label per position.
+
+    See [Note: per-position predictors]."""
+    return len(feature_shape) == 2
+
+
+def labels_per_sample(feature_shape: tuple[int, ...]) -> int:
+    """Labels one sample carries past this boundary: T on a sequence, else 1."""
+    return feature_shape[0] if is_sequence(feature_shape) else 1
+
+
 class SyntheticGradient(nn.Module):
     """Predicts the gradient of the loss with respect to ``h`` (shape ``(B, *feature_shape)``).
 
     Label conditioning (cDNI) appends the one-hot label: as extra features for the vector
     predictors, as extra constant channels for ``conv`` (the label tiled over the feature map).
+    On a sequence ``(B, T, C)`` the vector predictors work per position: see
+    [Note: per-position predictors].
     """
 
     def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig):
         super().__init__()
         self.feature_shape, self.num_classes, self.cfg = tuple(feature_shape), num_classes, cfg
+        self.per_position = cfg.kind != "conv" and is_sequence(self.feature_shape)
         extra = num_classes if cfg.condition_on_labels else 0
         if cfg.kind == "conv":
             if len(feature_shape) != 3:
@@ -69,7 +92,7 @@ class SyntheticGradient(nn.Module):
                 )
             self.net = _conv(feature_shape[0] + extra, feature_shape[0], cfg)
             return
-        features = math.prod(feature_shape)
+        features = feature_shape[-1] if self.per_position else math.prod(feature_shape)
         if cfg.kind == "linear":
             self.net = nn.Sequential(_zero_last(nn.Linear(features + extra, features)))
         elif cfg.kind == "lowrank":
@@ -86,10 +109,21 @@ class SyntheticGradient(nn.Module):
                 onehot = F.one_hot(labels, self.num_classes).to(h.dtype)
                 x = torch.cat([h, onehot[:, :, None, None].expand(-1, -1, *h.shape[2:])], dim=1)
             return self.net(x)
-        x = h.reshape(batch, -1)
+        # one row per sample, or per position (B*T rows of C features) on a sequence
+        x = h.reshape(-1, self.feature_shape[-1]) if self.per_position else h.reshape(batch, -1)
         if self.cfg.condition_on_labels:
-            x = torch.cat([x, F.one_hot(labels, self.num_classes).to(h.dtype)], dim=1)
+            x = torch.cat([x, self._onehot_rows(labels, x.shape[0], h.dtype)], dim=1)
         return self.net(x).view(batch, *self.feature_shape)
+
+    def _onehot_rows(self, labels: torch.Tensor, num_rows: int, dtype: torch.dtype) -> torch.Tensor:
+        """One-hot labels, one per row of the predictor's input (per sample or per position)."""
+        if labels.numel() != num_rows:
+            raise ConfigError(
+                f"dni.condition_on_labels: the predictor of a {[None, *self.feature_shape]} boundary takes "
+                f"{num_rows} rows but the labels have shape {list(labels.shape)}; per-position predictors "
+                "need one label per position, else set dni.condition_on_labels=false"
+            )
+        return F.one_hot(labels.reshape(-1), self.num_classes).to(dtype)
 
 
 class SyntheticGradientTrainer:
@@ -97,11 +131,12 @@ class SyntheticGradientTrainer:
     ``fit`` on the gradients that arrive later. Converts between target units and gradients."""
 
     def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig, device: torch.device,
-                 batch_size: int):
+                 batch_size: int, labels_per_sample: int = 1):
         self.cfg = cfg
-        # Gradients of a mean loss over the batch are O(1 / batch_size), for a whole batch and for
-        # a microbatch of it alike (see Stage.forward's weights), hence the batch size, not h's rows.
-        self.target_scale = float(batch_size) if cfg.normalize_target else 1.0
+        # Gradients of a mean loss over the batch's labels are O(1 / labels per batch), for a whole
+        # batch and for a microbatch of it alike (see Stage.forward's weights), hence the batch's
+        # label count, not h's rows. See [Note: per-position predictors] for sequences.
+        self.target_scale = float(batch_size * labels_per_sample) if cfg.normalize_target else 1.0
         self.model = SyntheticGradient(feature_shape, num_classes, cfg).to(device)
         params = self.model.parameters()
         self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"

@@ -252,7 +252,7 @@ class TensorSpec:
         return header.dtype == self.dtype and tuple(header.shape[1:]) == tuple(self.shape[1:])
 
     def describe(self) -> str:
-        return f"[*, {', '.join(map(str, self.shape[1:]))}] {str(self.dtype).replace('torch.', '')}"
+        return f"[{', '.join(['*', *map(str, self.shape[1:])])}] {str(self.dtype).replace('torch.', '')}"
 
     def num_bytes(self, rows: int) -> int:
         """Payload bytes of ``rows`` samples of this spec."""

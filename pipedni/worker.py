@@ -110,10 +110,12 @@ class StageWorker:
             ) from None
         if not stage.is_last:
             transport.send("next", Kind.SHAPE, 0, 0, torch.zeros((1, *out.shape[1:]), dtype=out.dtype))
-        elif len(out.shape) != 2 or out.shape[1] != num_classes:
+        elif len(out.shape) < 2 or out.shape[-1] != num_classes:
+            # [B, C] scores for one label per sample, [B, T, C] for one per position (see loss_fn)
             raise PartitionError(
                 f"the last stage (stage {stage.stage_index}) outputs {out.describe()} but the loss needs "
-                f"[*, {num_classes}] class scores; end the model with a layer of {num_classes} outputs"
+                f"[*, {num_classes}] class scores on the last dimension; end the model with a layer of "
+                f"{num_classes} outputs"
             )
 
     # ------------------------------------------------------------------ training

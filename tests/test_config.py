@@ -244,11 +244,21 @@ def test_section_must_be_a_mapping(tmp_path):
         (["--model.batchnorm=true", "--data.batch_size=8", "--train.microbatches=8"], "model.batchnorm needs"),
         (["--dni.max_staleness=64"], "dni.max_staleness = 64 must be below dist.queue_size = 64"),
         (["--dni.boundaries=[{warmup_steps: 3}]"], r"dni.boundaries\[0\] sets 'warmup_steps'"),
+        (["--data.seq_len=0"], "data.seq_len = 0; must be >= 1"),
+        (["--model.name=transformer", "--model.width=30", "--model.heads=4"],
+         r"model.width = 30 does not divide into model.heads = 4 heads; use a width that is a multiple of 4 \(e.g. 32\)"),
+        (["--model.name=transformer", "--model.heads=0"], "model.heads = 0; must be >= 1"),
+        (["--model.name=transformer", "--model.batchnorm=true"], "the transformer uses LayerNorm"),
     ],
 )
 def test_validate_rejects_impossible_combinations(overrides, message):
     with pytest.raises(ConfigError, match=message):
         load_config(None, overrides)
+
+
+def test_heads_are_checked_only_for_the_transformer():
+    """model.heads means nothing to an mlp: its width need not divide by it."""
+    assert load_config(None, ["--model.name=mlp", "--model.width=30"]).model.heads == 4
 
 
 def test_steps_alone_or_epochs_alone_is_enough():

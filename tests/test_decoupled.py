@@ -4,6 +4,7 @@ back-pressure under an unbalanced pipeline, and exact message accounting."""
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 
@@ -11,13 +12,15 @@ import pytest
 import torch
 from torch import nn
 
-from dist_utils import run_distributed
+from dist_utils import RankFailed, run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
+from pipedni.errors import ConfigError
 from pipedni.export import merge_checkpoints
 from pipedni.models import build_model
 from pipedni.runtime import Runtime
 from test_parity import assert_same_parameters, make_config, train_single
+from test_textdata import write_kjv
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
 
@@ -147,3 +150,52 @@ def test_slow_stage_causes_back_pressure_not_deadlock_or_growth(tmp_path):
     assert first["wait_grad_sec"] > 0.3  # stage 0 was held back by the store bound
     assert max(s["peak_queued_messages"] for s in summary["stages"]) <= 8
     assert_every_message_received([counts for _, counts in results])
+
+
+def _train_language_model(rank, world_size, run_dir, overrides):
+    cfg = load_config(None, [f"--run.dir={run_dir}", "--run.log_every=100000", *overrides])
+    trainer = Trainer(cfg, _runtime(rank, world_size))
+    summary = trainer.fit()
+    trainer.close()
+    sg = trainer.worker.sg
+    return summary, trainer.worker.transport.counts(), None if sg is None else sg.model.net[0].in_features
+
+
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_dni_and_cdni_train_a_transformer_with_per_position_predictors(tmp_path, conditioned):
+    """Two stages of a character LM, cut between blocks: the boundary carries [B, T, C]
+    activations and one label per position. The predictor works per position (C inputs, plus V
+    for cDNI, not T*C), is fitted on every step's gradient, and the model learns."""
+    text = write_kjv(tmp_path / "kjv.jsonl")
+    args = ["--train.schedule=dni", "--model.name=transformer", "--model.depth=4", "--model.width=32",
+            "--model.heads=2", "--data.name=kjv", f"--data.root={tmp_path}", "--data.seq_len=16",
+            "--data.batch_size=16", "--train.steps=40", "--partition.balance=[3,3]", "--optim.name=adam",
+            "--optim.lr=3e-3", "--dni.hidden_width=64", f"--dni.condition_on_labels={str(conditioned).lower()}"]
+    results = run_distributed(_train_language_model, 2, str(tmp_path / "run"), args, timeout=120)
+    vocab_size = len(set(text))
+    assert results[0][2] == 32 + (vocab_size if conditioned else 0) and results[1][2] is None
+    fits = [r for r in read_steps(tmp_path / "run", 0) if "sg_loss" in r]
+    assert len(fits) >= 10 and all(math.isfinite(r["sg_loss"]) for r in fits)  # a step may fit several
+    losses = [r["loss"] for r in read_steps(tmp_path / "run", 1)]
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.5, losses  # ln(31) = 3.4 at the start
+    assert math.isfinite(results[1][0]["test_loss"])
+    assert_every_message_received([counts for _, counts, _ in results])
+
+
+def _train_per_sample_labels_on_a_sequence_boundary(rank, world_size, run_dir):
+    model = nn.Sequential(nn.Linear(8, 8), nn.Flatten(), nn.Linear(32, 10))  # [B, 4, 8] between stages
+    args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_shape=[4,8]",
+            "--data.synthetic_size=64", "--data.batch_size=16", "--train.steps=2", "--partition.balance=[1,2]",
+            "--dist.timeout_sec=30"]
+    return _train(rank, world_size, run_dir, args, model)
+
+
+def test_sequence_boundary_with_one_label_per_sample_is_refused(tmp_path):
+    """A [B, T, C] boundary gets a per-position predictor whose targets are scaled by B*T labels;
+    with one label per sample that scale would silently be T times too large, so it is an error."""
+    results = run_distributed(_train_per_sample_labels_on_a_sequence_boundary, 2, str(tmp_path),
+                              allow_failures=True, timeout=60)
+    err = results[0]
+    assert isinstance(err, RankFailed) and isinstance(err.error, ConfigError), err
+    assert "stage 0's output [*, 4, 8] float32 is a sequence boundary expecting 4 label(s) per sample" in str(err.error)
+    assert "but the data has 1" in str(err.error)

@@ -1,8 +1,10 @@
 """Parity: every locked pipelined schedule must equal one process on every parameter.
 
 This is the backbone test of the engine: naive, GPipe and 1F1B with N = 2 and 4 stages and
-M = 1 and 4 microbatches (and torch's own GPipe and 1F1B, the benchmark's peer) train an mlp (no BatchNorm) for a few SGD steps on the same data as
-the single-process reference; the merged per-stage checkpoints must match it by name.
+M = 1 and 4 microbatches train an mlp (no BatchNorm), and a transformer language model with one
+label per position, for a few SGD steps on the same data as the single-process reference; the
+merged per-stage checkpoints must match it by name. torch's own GPipe and 1F1B driving the same
+stages (the benchmark's peer) must match it too.
 """
 
 from __future__ import annotations
@@ -18,8 +20,13 @@ from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
+from test_textdata import write_kjv
 
 CASES = [(schedule, m) for schedule in ("naive", "gpipe", "1f1b") for m in (1, 4)]
+
+# A tiny character LM on a small kjv.jsonl fixture: 6 layers (embed, 4 blocks, head), [B, T, V] scores.
+TRANSFORMER = ("--model.name=transformer", "--model.depth=4", "--model.width=32", "--model.heads=2",
+               "--data.name=kjv", "--data.seq_len=16")
 
 
 def make_config(run_dir: Path, schedule: str, microbatches: int, *extra: str):
@@ -58,10 +65,9 @@ def assert_same_parameters(actual: dict, expected: dict, label: str, atol: float
         torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=atol, msg=lambda m: f"{label} {name}: {m}")
 
 
-@pytest.mark.parametrize("num_stages", [2, 4])
-def test_locked_schedules_match_single_process(tmp_path, num_stages):
-    expected, reference = train_single(tmp_path / "single")
-    summaries = run_distributed(_train_cases, num_stages, str(tmp_path), CASES, ())
+def check_locked_schedules(tmp_path: Path, num_stages: int, extra: tuple) -> None:
+    expected, reference = train_single(tmp_path / "single", *extra)
+    summaries = run_distributed(_train_cases, num_stages, str(tmp_path), CASES, extra)
     for i, (schedule, m) in enumerate(CASES):
         merged = merge_checkpoints(tmp_path / f"{schedule}-{m}")
         assert_same_parameters(merged, expected, f"{schedule} N={num_stages} M={m}")
@@ -71,11 +77,28 @@ def test_locked_schedules_match_single_process(tmp_path, num_stages):
 
 
 @pytest.mark.parametrize("num_stages", [2, 4])
-def test_the_peer_matches_single_process(tmp_path, num_stages):
+def test_locked_schedules_match_single_process(tmp_path, num_stages):
+    check_locked_schedules(tmp_path, num_stages, ())
+
+
+@pytest.mark.parametrize("num_stages", [2, 4])
+def test_locked_schedules_match_single_process_on_a_transformer(tmp_path, num_stages):
+    """Per-position labels: the loss is the mean over batch x seq_len labels, and the microbatch
+    weights (rows / batch) must still make accumulated gradients equal one full-batch step;
+    30 sequences in 4 microbatches also gives uneven ones (8, 8, 7, 7)."""
+    write_kjv(tmp_path / "kjv.jsonl")
+    check_locked_schedules(tmp_path, num_stages, (*TRANSFORMER, f"--data.root={tmp_path}"))
+
+
+@pytest.mark.parametrize("num_stages,workload", [(2, "mlp"), (4, "mlp"), (2, "transformer")])
+def test_the_peer_matches_single_process(tmp_path, num_stages, workload):
     """torch.distributed.pipelining's GPipe and 1F1B driving our stages (pipedni.peer) is the
     benchmark's yardstick, so it must train exactly what the others train. torch averages equal
     microbatches, hence a batch that M divides."""
     extra = ("--data.batch_size=32",)
+    if workload == "transformer":
+        write_kjv(tmp_path / "kjv.jsonl")
+        extra += (*TRANSFORMER, f"--data.root={tmp_path}")
     expected, reference = train_single(tmp_path / "single", *extra)
     cases = [("torch_gpipe", 4), ("torch_1f1b", 4)]
     summaries = run_distributed(_train_cases, num_stages, str(tmp_path), cases, extra)

@@ -269,10 +269,10 @@ def test_cnn_needs_image_shaped_inputs():
 
 def test_unknown_model_name_lists_the_choices():
     cfg = ModelConfig()
-    cfg.name = "transformer"
+    cfg.name = "resnet"
     with pytest.raises(ConfigError) as info:
         build_model(cfg, MNIST_SHAPE, 10, seed=0)
-    assert "model.name = 'transformer' is unknown" in str(info.value)
+    assert "model.name = 'resnet' is unknown" in str(info.value)
     for name in MODELS:
         assert name in str(info.value)
 

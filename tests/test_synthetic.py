@@ -74,3 +74,51 @@ def test_clip_bounds_each_sample_and_output_scale_multiplies():
         sg.model.net[0].bias.fill_(3.0)  # per-sample norm 3 * sqrt(8), clipped to 1, then halved
     norms = sg.predict(torch.zeros(4, 8), None).norm(dim=1)
     assert torch.allclose(norms, torch.full((4,), 0.5))
+
+
+# --------------------------------------------------------------------------- sequences [B, T, C]
+
+
+@pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
+@pytest.mark.parametrize("conditioned", [False, True])
+def test_sequence_predictors_act_per_position_on_the_last_dim(kind, conditioned):
+    """On [B, T, C] the vector predictors take C (+ V one-hot) inputs per position, not T*C, and a
+    position's prediction depends on that position's activation and label only."""
+    cfg = DNIConfig(kind=kind, condition_on_labels=conditioned, hidden_width=16, rank=4, batchnorm=kind == "mlp")
+    sg = SyntheticGradient((6, 8), 10, cfg).eval()
+    assert sg.per_position and sg.net[0].in_features == 8 + (10 if conditioned else 0)
+    torch.manual_seed(0)
+    for p in sg.parameters():  # leave the zero start: make every layer matter
+        torch.nn.init.normal_(p)
+    h, labels = torch.randn(3, 6, 8), torch.randint(10, (3, 6))
+    changed_h, changed_labels = h.clone(), labels.clone()
+    changed_h[:, 2] += 1.0
+    changed_labels[:, 2] = (labels[:, 2] + 1) % 10
+    with torch.no_grad():
+        before = sg(h, labels if conditioned else None)
+        after = sg(changed_h, changed_labels if conditioned else None)
+    assert before.shape == h.shape
+    unchanged = [t for t in range(6) if t != 2]
+    torch.testing.assert_close(after[:, unchanged], before[:, unchanged], rtol=0, atol=0)
+    assert not torch.allclose(after[:, 2], before[:, 2])
+
+
+def test_sequence_targets_are_scaled_by_the_labels_per_batch():
+    """A mean loss over B*T labels has O(1 / (B*T)) gradients: normalize_target scales by B*T."""
+    cfg = DNIConfig(kind="linear", normalize_target=True)
+    sg = SyntheticGradientTrainer((5, 8), 10, cfg, CPU, batch_size=4, labels_per_sample=5)
+    with torch.no_grad():
+        sg.model.net[0].bias.fill_(2.0)
+    assert torch.allclose(sg.predict(torch.zeros(2, 5, 8), None), torch.full((2, 5, 8), 0.1))
+
+
+def test_four_d_activations_keep_the_flattening_predictor():
+    """Only [B, T, C] goes per position: [B, C, H, W] under mlp still flattens each sample."""
+    assert not SyntheticGradient((4, 3, 3), 10, DNIConfig(kind="mlp")).per_position
+    assert SyntheticGradient((4, 3, 3), 10, DNIConfig(kind="mlp", hidden_layers=0)).net[0].in_features == 36
+
+
+def test_per_position_cdni_needs_a_label_per_position():
+    sg = SyntheticGradient((6, 8), 10, DNIConfig(kind="linear", condition_on_labels=True))
+    with pytest.raises(ConfigError, match=r"takes 18 rows but the labels have shape \[3\]"):
+        sg(torch.randn(3, 6, 8), torch.randint(10, (3,)))

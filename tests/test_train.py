@@ -148,6 +148,29 @@ def test_stage_that_cannot_take_its_input_fails_at_start_up_naming_both_stages(t
     assert "partition.balance" in message
 
 
+class Unflatten(nn.Module):
+    """[B, 30] -> [B, 10, 3]: scores with the classes on the wrong dimension."""
+
+    def forward(self, x):
+        return x.view(x.shape[0], 10, 3)
+
+
+@pytest.mark.parametrize("last, shown", [
+    (nn.Linear(32, 11), "[*, 11] float32"),  # one class too many
+    (nn.Sequential(nn.Linear(32, 30), Unflatten()), "[*, 10, 3] float32"),  # classes not last
+    (nn.Sequential(nn.Linear(32, 1), nn.Flatten(0)), "[*] float32"),  # no class dimension at all
+])
+def test_last_stage_must_end_in_class_scores_on_the_last_dimension(tmp_path, last, shown):
+    """The loss takes [*, classes] scores: [B, C] (one label per sample) or [B, T, C] (one per
+    position). Anything else fails at start-up with the shape and the fix, not inside the loss."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 32), last)
+    trainer_args = (_config(str(tmp_path)), Runtime(0, 1, 0, 1, torch.device("cpu"), "none"))
+    with pytest.raises(PartitionError) as info:
+        Trainer(*trainer_args, model=model)
+    assert f"the last stage (stage 0) outputs {shown} but the loss needs [*, 10] class scores" in str(info.value)
+    assert "end the model with a layer of 10 outputs" in str(info.value)
+
+
 class Explode(nn.Module):
     def __init__(self, at_call: int):
         super().__init__()
