@@ -131,6 +131,9 @@ class DNIConfig:
         True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
     )
     max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
+    microbatches: int = _f(
+        1, "Pieces each batch runs in, freed one by one (activation memory / M); one update per batch."
+    )
     warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")
     boundaries: list[dict] = _f(
         [], "Per-boundary overrides: entry i (stage i -> i+1) maps predictor keys above to values."
@@ -347,9 +350,19 @@ def _validate_dni(cfg: Config) -> None:
     d = cfg.dni
     _require(d.max_staleness >= 1, f"dni.max_staleness = {d.max_staleness}; must be >= 1")
     _require(
-        d.max_staleness < cfg.dist.queue_size,
-        f"dni.max_staleness = {d.max_staleness} must be below dist.queue_size = {cfg.dist.queue_size} "
-        "(the mailbox must hold every step in flight); raise dist.queue_size",
+        1 <= d.microbatches <= cfg.data.batch_size,
+        f"dni.microbatches = {d.microbatches}; must lie in [1, data.batch_size = {cfg.data.batch_size}]",
+    )
+    _require(
+        not cfg.model.batchnorm or cfg.data.batch_size // d.microbatches >= 2,
+        f"model.batchnorm needs microbatches of >= 2 samples but data.batch_size = {cfg.data.batch_size} "
+        f"/ dni.microbatches = {d.microbatches} leaves {cfg.data.batch_size // d.microbatches}",
+    )
+    in_flight = d.max_staleness * d.microbatches
+    _require(
+        in_flight < cfg.dist.queue_size,
+        f"dni.max_staleness x dni.microbatches = {in_flight} must be below dist.queue_size = "
+        f"{cfg.dist.queue_size} (the mailbox must hold every message in flight); raise dist.queue_size",
     )
     _require(d.warmup_steps >= 0, f"dni.warmup_steps = {d.warmup_steps}; must be >= 0")
     for i, entry in enumerate(d.boundaries):
@@ -386,5 +399,19 @@ def reference_markdown() -> str:
     return "\n".join(lines) + "\n"
 
 
+def update_reference(path: Path) -> None:
+    """Replace the reference table embedded in the markdown file ``path`` with the current one."""
+    text = path.read_text()
+    start = text.index("| key | type | default | meaning |")
+    end = text.find("\n\n", start)
+    end = len(text) if end == -1 else end + 1
+    path.write_text(text[:start] + reference_markdown() + text[end:])
+
+
 if __name__ == "__main__":
-    sys.stdout.write(reference_markdown())
+    # python -m pipedni.config               prints the table
+    # python -m pipedni.config docs/usage.md  updates the table embedded there
+    if len(sys.argv) > 1:
+        update_reference(Path(sys.argv[1]))
+    else:
+        sys.stdout.write(reference_markdown())

@@ -24,6 +24,7 @@ from torch import nn
 
 from pipedni.config import DNIConfig
 from pipedni.errors import ConfigError
+from pipedni.optim import fused
 
 
 def _zero_last(module: nn.Module) -> nn.Module:
@@ -138,9 +139,9 @@ class SyntheticGradientTrainer:
         # label count, not h's rows. See [Note: per-position predictors] for sequences.
         self.target_scale = float(batch_size * labels_per_sample) if cfg.normalize_target else 1.0
         self.model = SyntheticGradient(feature_shape, num_classes, cfg).to(device)
-        params = self.model.parameters()
-        self.optimizer = (torch.optim.Adam(params, lr=cfg.lr) if cfg.optimizer == "adam"
-                          else torch.optim.SGD(params, lr=cfg.lr, momentum=0.9))
+        params = list(self.model.parameters())
+        self.optimizer = (fused(torch.optim.Adam, params, lr=cfg.lr) if cfg.optimizer == "adam"
+                          else fused(torch.optim.SGD, params, lr=cfg.lr, momentum=0.9))
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
@@ -153,14 +154,17 @@ class SyntheticGradientTrainer:
             grad = grad * factor.view(-1, *([1] * (grad.dim() - 1)))
         return grad * self.cfg.output_scale
 
-    def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> float:
-        """One regression step towards the gradient that arrived for ``h``; returns the loss."""
+    def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> tuple[float, float]:
+        """One regression step towards the gradient that arrived for ``h``; returns the loss and
+        the cosine between the prediction (before this step) and the arrived gradient."""
         target = grad * self.target_scale
-        loss = F.mse_loss(self.model(h, labels), target)
+        prediction = self.model(h, labels)
+        loss = F.mse_loss(prediction, target)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return float(loss.detach())
+        cosine = F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0)
+        return float(loss.detach()), float(cosine)
 
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}

@@ -91,16 +91,16 @@ def _train_cfg(rank, world_size, cfg):
 
 def test_predictor_learns_the_true_gradient(tmp_path):
     """With 2 stages, stage 0's targets are exact gradients from the loss: the cosine between
-    its predictions and those targets starts at 0 (zero predictor) and must rise far above the
-    ~0 of an uninformed guess."""
+    its predictions and those targets starts near 0 (the predictor starts at zero; fits within
+    the first step already move it) and must rise far above the ~0 of an uninformed guess."""
     args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_size=4096", "--data.batch_size=64",
             "--train.steps=300", "--model.depth=2", "--model.width=64", "--partition.balance=[2,1]",
             "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true"]
     run_distributed(_train, 2, str(tmp_path), args)
     steps = [r for r in read_steps(tmp_path, 0) if "sg_cosine" in r]
-    assert steps[0]["sg_cosine"] == 0.0
     late = [r["sg_cosine"] for r in steps[-50:]]
     assert sum(late) / len(late) > 0.8, late
+    assert steps[0]["sg_cosine"] < 0.25, steps[0]
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
@@ -199,3 +199,22 @@ def test_sequence_boundary_with_one_label_per_sample_is_refused(tmp_path):
     assert isinstance(err, RankFailed) and isinstance(err.error, ConfigError), err
     assert "stage 0's output [*, 4, 8] float32 is a sequence boundary expecting 4 label(s) per sample" in str(err.error)
     assert "but the data has 1" in str(err.error)
+
+
+def test_dni_microbatches_give_the_same_update_with_a_fraction_of_the_activations(tmp_path):
+    """[Note: DNI microbatches]: after 2 locked warm-up steps the predictors are non-zero; the
+    first decoupled step run as 4 microbatches must update every stage exactly as one
+    whole-batch pass does (per-sample predictions, loss shares on the last stage), while the
+    last stage keeps a quarter of the activations alive. Every message, now one per
+    microbatch, is consumed (cDNI: labels are split alike)."""
+    args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_size=256", "--data.batch_size=32",
+            "--train.steps=3", "--dni.warmup_steps=2", "--model.depth=3", "--model.width=32", "--run.seed=3",
+            "--partition.method=uniform", "--optim.name=sgd", "--optim.lr=0.1", "--dni.kind=linear",
+            "--dni.condition_on_labels=true", "--dni.lr=0.01", "--run.activation_memory=true"]
+    whole = run_distributed(_train, 3, str(tmp_path / "m1"), [*args, "--dni.microbatches=1"])
+    split = run_distributed(_train, 3, str(tmp_path / "m4"), [*args, "--dni.microbatches=4"])
+    assert_same_parameters(merge_checkpoints(tmp_path / "m4"), merge_checkpoints(tmp_path / "m1"), "dni M=4 vs 1")
+    assert_every_message_received([counts for _, counts in split])
+    assert split[0][1]["sent_next"] == whole[0][1]["sent_next"] + 3  # step 2: 4 activations instead of 1
+    last_whole, last_split = whole[-1][0]["stages"][-1], split[-1][0]["stages"][-1]
+    assert last_split["peak_activation_bytes"] < 0.5 * last_whole["peak_activation_bytes"]
