@@ -164,7 +164,7 @@ class Trainer:
                 stats = self.worker.train_step(step, inputs, targets)
             self.meter.hold(self.worker.held_bytes())
             done = step + 1
-            self.metrics.step(stats, cfg.data.batch_size, lr)
+            self.metrics.step(stats, cfg.data.batch_size, lr, time.perf_counter() - self.start)
             if step > 0 or self.steps == 1:  # the first step pays one-off costs
                 self.totals.add(stats)
             self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))

@@ -82,10 +82,11 @@ class MetricsWriter:
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
 
-    def step(self, stats: StepStats, batch_size: int, lr: float) -> None:
+    def step(self, stats: StepStats, batch_size: int, lr: float, time_sec: float) -> None:
         record = asdict(stats)
         record["samples_per_sec"] = batch_size / stats.step_sec if stats.step_sec > 0 else 0.0
         record["lr"] = lr
+        record["time_sec"] = time_sec
         record = {key: value for key, value in record.items() if value is not None}
         self.log(record)
 

@@ -27,14 +27,16 @@ def bench(*args: str, timeout: float = 400) -> subprocess.CompletedProcess:
 
 
 def test_plan_sweeps_microbatches_and_leaves_out_what_torch_cannot_run():
-    jobs = plan_jobs(["single", "gpipe", "torch_gpipe", "torch_1f1b", "cdni"], 4, [1, 3, 4], batch_size=12)
+    jobs = plan_jobs(["single", "naive", "gpipe", "torch_gpipe", "torch_1f1b", "cdni"], 4, [1, 3, 4], batch_size=12)
     labels = [job.label for job in jobs]
-    assert labels[0] == BASELINE and labels[0:1] + labels[-1:] == [BASELINE, "cdni"]
+    assert labels[0] == BASELINE and labels[-1] == "cdni M=4" and "naive" in labels
     assert "gpipe M=3" in labels and "torch_gpipe M=3" in labels  # 12 divides into 3
     assert "torch_1f1b M=1" not in labels and "torch_1f1b M=3" not in labels  # M < 4 stages
     assert "torch_1f1b M=4" in labels
-    cdni = jobs[-1]
-    assert cdni.schedule == "dni" and "--dni.condition_on_labels=true" in cdni.args()
+    cdni = jobs[-1]  # dni sweeps its own microbatches (dni.microbatches), conditioned on labels
+    assert cdni.schedule == "dni" and {"--dni.condition_on_labels=true", "--dni.microbatches=4"} <= set(cdni.args())
+    gpipe = jobs[labels.index("gpipe M=3")]
+    assert "--train.microbatches=3" in gpipe.args() and gpipe.nproc == 4
     assert all(job.threads == 1 for job in jobs if job.mode != "single")
 
 
@@ -70,7 +72,7 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
     rows = {row["label"]: row for row in results["throughput"]}
-    assert BASELINE in rows and {"1f1b M=2", "torch_1f1b M=2", "dni"} <= rows.keys()
+    assert BASELINE in rows and {"1f1b M=2", "torch_1f1b M=2", "dni M=2"} <= rows.keys()
     for row in rows.values():
         speed = row["samples_per_sec"]
         assert len(speed["values"]) == 2 and speed["min"] <= speed["median"] <= speed["max"]
@@ -82,7 +84,7 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
     assert ours[0]["bytes_sent_per_step"] == 2 * 16 * 32 * 4  # 2 microbatches of 16 x 32 floats
     assert len(results["profile"]["stages"]) == 2 and results["profile"]["ideal_samples_per_sec"]["median"] > 0
     curves = {entry["label"]: entry for entry in results["accuracy"]}
-    assert {BASELINE, "1f1b M=2", "torch_1f1b M=2", "dni"} <= curves.keys()
+    assert {BASELINE, "1f1b M=2", "torch_1f1b M=2", "dni M=2"} <= curves.keys()
     for entry in curves.values():
         seconds = [p["train_sec"] for p in entry["curve"]]
         assert seconds == sorted(seconds) and seconds[-1] >= 2.0

@@ -3,7 +3,7 @@
 Two phases, both real torchrun jobs on the same stage modules, data, batch and loss:
 1. throughput: every job runs ``--steps`` steps, ``--repeats`` times, interleaved (repeat r runs
    every job before repeat r+1 starts, in a rotated order) next to a per-stage profile that gives
-   the ideal pipeline limit; the first ``--warmup`` steps of each run are not timed;
+   the ideal pipeline limit; the first ``--warmup`` steps (at least 1) of each run are not timed;
 2. time to accuracy: one job per mode (swept modes at their fastest microbatch count) trains for
    the same ``--budget`` seconds of training time, evaluating along the way.
 Then a table, ``results.json``, CSV files and plots in DIR; ``--docs`` regenerates a docs page.
@@ -19,18 +19,22 @@ import platform
 import shlex
 import subprocess
 import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from pipedni.bench import report
 from pipedni.bench.plan import DEFAULT_MODES, Job, parse_counts, parse_modes, plan_jobs
+from pipedni.bench.profile import limits
 from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, spread, time_to_target
 from pipedni.config import load_config
 from pipedni.errors import USER_ERRORS, ConfigError
 
 QUICK = {"steps": 30, "warmup": 5, "repeats": 3, "microbatches": "4", "budget": 12.0}
 EVALS_PER_BUDGET = 12
+PROFILE_START_SEC = 8.0  # start-up time given to the per-stage profile processes before they time together
+PROFILE_TOGETHER_SEC = 2.0
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -64,11 +68,11 @@ def check(args: argparse.Namespace, overrides: list[str]) -> tuple[list[str], li
     cfg = load_config(args.config, overrides)
     modes = parse_modes(args.modes)
     counts = parse_counts(args.microbatches, "--microbatches")
-    for name, low in (("stages", 2), ("repeats", 1), ("steps", 2), ("warmup", 0)):
+    for name, low in (("stages", 2), ("repeats", 1), ("steps", 3), ("warmup", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} = {getattr(args, name)}; must be >= {low}")
-    if args.warmup >= args.steps:
-        raise ConfigError(f"--warmup = {args.warmup} leaves no timed step of --steps = {args.steps}; lower it")
+    if args.warmup + 2 > args.steps:
+        raise ConfigError(f"--warmup = {args.warmup} leaves under 2 timed steps of --steps = {args.steps}; lower it")
     if cfg.data.batch_size < args.stages:
         raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is smaller than --stages = {args.stages}")
     return modes, counts
@@ -89,19 +93,39 @@ def machine() -> dict:
             "commit": commit or None, "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M")}
 
 
-def profile(args: argparse.Namespace, overrides: list[str]) -> dict:
-    cmd = [sys.executable, "-m", "pipedni.bench.profile", args.config, f"--stages={args.stages}",
-           *overrides, "--run.threads=1"]
-    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=args.job_timeout)
+def _profile_command(args: argparse.Namespace, overrides: list[str], *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipedni.bench.profile", args.config, f"--stages={args.stages}",
+            *overrides, "--run.threads=1", *extra]
+
+
+def _profile_output(proc: subprocess.CompletedProcess | subprocess.Popen, stdout: str, stderr: str) -> dict:
     if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("error: ")
+        last = (stderr.strip().splitlines() or ["(no output)"])[-1].removeprefix("error: ")
         raise JobFailed(f"per-stage profile failed: {last}", proc.returncode)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return json.loads(stdout.strip().splitlines()[-1])
+
+
+def profile(args: argparse.Namespace, overrides: list[str]) -> dict:
+    """Each stage alone in one process, then all stages at once, one process each (see profile.py)."""
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(_profile_command(args, overrides), env=env, capture_output=True, text=True,
+                          timeout=args.job_timeout)
+    alone = _profile_output(proc, proc.stdout, proc.stderr)
+    start_at = time.time() + PROFILE_START_SEC
+    procs = [subprocess.Popen(_profile_command(args, overrides, f"--only={i}", f"--start-at={start_at}",
+                                               f"--seconds={PROFILE_TOGETHER_SEC}"),
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for i in range(args.stages)]
+    together = [_profile_output(p, *p.communicate(timeout=args.job_timeout)) for p in procs]
+    for stage, other in zip(alone["stages"], together):
+        stage["fwd_bwd_together_sec"] = other["stages"][0]["fwd_bwd_sec"]
+    return alone
 
 
 def throughput_phase(args, overrides, jobs: list[Job], out: Path, batch_size: int) -> tuple[dict, dict]:
+    # dni.warmup_steps=0: the throughput of decoupled steps (warm-up steps run locked 1F1B)
     extra = [*overrides, f"--train.steps={args.steps}", "--train.eval_every=0", "--train.time_limit_sec=0",
+             "--dni.warmup_steps=0",
              "--checkpoint.enabled=false", "--run.activation_memory=true", f"--run.log_every={args.steps}",
              f"--data.test_limit={batch_size}"]
     runs: dict[str, list[dict]] = {job.label: [] for job in jobs}
@@ -114,18 +138,20 @@ def throughput_phase(args, overrides, jobs: list[Job], out: Path, batch_size: in
             runs[job.label].append(result)
             print(f"[repeat {r + 1}/{args.repeats}] {job.label:<18} {result['samples_per_sec']:9.1f} samples/s",
                   flush=True)
-    return runs, combine_profiles(profiles)
+    return runs, combine_profiles(profiles, batch_size)
 
 
-def combine_profiles(profiles: list[dict]) -> dict:
-    combined = dict(profiles[0])
-    combined["stages"] = [
-        {**stage, "fwd_bwd_sec": spread([p["stages"][i]["fwd_bwd_sec"] for p in profiles])["median"],
-         "optimizer_sec": spread([p["stages"][i]["optimizer_sec"] for p in profiles])["median"]}
-        for i, stage in enumerate(profiles[0]["stages"])]
-    combined["ideal_samples_per_sec"] = spread([p["ideal_samples_per_sec"] for p in profiles])
-    combined["serial_samples_per_sec"] = spread([p["serial_samples_per_sec"] for p in profiles])
-    return combined
+def combine_profiles(profiles: list[dict], batch_size: int) -> dict:
+    """Median over repeats of each stage's times, and the limits they give (with min-max)."""
+    keys = ("fwd_bwd_sec", "optimizer_sec", "predictor_sec", "fwd_bwd_together_sec")
+    stages = [{**stage, **{key: spread([p["stages"][i][key] for p in profiles])["median"] for key in keys}}
+              for i, stage in enumerate(profiles[0]["stages"])]
+    per_repeat = [limits(p["stages"], batch_size) for p in profiles]
+    together = [limits([{"fwd_bwd_sec": s["fwd_bwd_together_sec"]} for s in p["stages"]], batch_size) for p in profiles]
+    return {"threads": profiles[0]["threads"], "stages": stages,
+            "ideal_samples_per_sec": spread([x["ideal_samples_per_sec"] for x in per_repeat]),
+            "serial_samples_per_sec": spread([x["serial_samples_per_sec"] for x in per_repeat]),
+            "ideal_together_samples_per_sec": spread([x["ideal_samples_per_sec"] for x in together])}
 
 
 def accuracy_phase(args, overrides, jobs: list[Job], rows: list[dict], out: Path, batch_size: int) -> list[dict]:
@@ -153,7 +179,7 @@ def slug(label: str) -> str:
     return label.replace(" ", "_").replace("=", "")
 
 
-def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float) -> list[dict]:
+def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float, ideal_together: float) -> list[dict]:
     rows = []
     for job in jobs:
         results = runs[job.label]
@@ -167,7 +193,7 @@ def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float) -
                 stage[key] = max((s[key] or 0) for s in per_repeat) or None
             stages.append(stage)
         rows.append({**asdict(job), "samples_per_sec": speed, "ratio_to_ideal": speed["median"] / ideal,
-                     "stages": stages})
+                     "ratio_to_ideal_together": speed["median"] / ideal_together, "stages": stages})
     return rows
 
 
@@ -177,7 +203,8 @@ def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> 
     jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size)
     print(f"{len(jobs)} jobs x {args.repeats} repeats, {args.steps} steps each ({args.warmup} untimed)", flush=True)
     runs, profiled = throughput_phase(args, overrides, jobs, out, cfg.data.batch_size)
-    rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"])
+    rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"],
+                          profiled["ideal_together_samples_per_sec"]["median"])
     curves = accuracy_phase(args, overrides, jobs, rows, out, cfg.data.batch_size) if args.budget > 0 else []
     target = args.target if args.target is not None else auto_target(curves)
     for entry in curves:

@@ -15,8 +15,8 @@ MODES = {
     "1f1b": ("1f1b", True),
     "torch_gpipe": ("torch_gpipe", True),
     "torch_1f1b": ("torch_1f1b", True),
-    "dni": ("dni", False),
-    "cdni": ("dni", False),  # dni conditioned on labels
+    "dni": ("dni", True),  # swept over dni.microbatches: see [Note: DNI microbatches]
+    "cdni": ("dni", True),  # dni conditioned on labels
 }
 DEFAULT_MODES = list(MODES)
 BASELINE = "single 1 thread"  # the job every speed-up is quoted against
@@ -36,8 +36,7 @@ class Job:
 
     def args(self, *extra: str) -> list[str]:
         """Config overrides for this job (``extra`` last: they win)."""
-        return [f"--train.schedule={self.schedule}", f"--train.microbatches={self.microbatches}",
-                f"--run.threads={self.threads}", *self.overrides, *extra]
+        return [f"--train.schedule={self.schedule}", f"--run.threads={self.threads}", *self.overrides, *extra]
 
 
 def parse_modes(text: str) -> list[str]:
@@ -59,6 +58,12 @@ def parse_counts(text: str, what: str) -> list[int]:
     return counts
 
 
+def _microbatch_args(mode: str, m: int) -> tuple[str, ...]:
+    if mode in ("dni", "cdni"):
+        return (f"--dni.microbatches={m}", f"--dni.condition_on_labels={'true' if mode == 'cdni' else 'false'}")
+    return (f"--train.microbatches={m}",)
+
+
 def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_size: int) -> list[Job]:
     """Every job of the throughput sweep, in a fixed order. Microbatch counts a schedule cannot
     run (torch's: uneven microbatches, or 1F1B with M < N) are left out, not failed."""
@@ -70,16 +75,13 @@ def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_
             jobs.append(Job(BASELINE, mode, schedule, 1, 1, 1))
             if cores > 1:
                 jobs.append(Job(f"single {cores} threads", mode, schedule, 1, cores, 1))
-        elif mode in ("dni", "cdni"):
-            labels = f"--dni.condition_on_labels={'true' if mode == 'cdni' else 'false'}"
-            jobs.append(Job(mode, mode, schedule, num_stages, 1, 1, (labels,)))
         elif not swept:
-            jobs.append(Job(f"{mode}", mode, schedule, num_stages, 1, 1))
+            jobs.append(Job(mode, mode, schedule, num_stages, 1, 1, ("--train.microbatches=1",)))
         else:
             for m in microbatches:
                 if m > batch_size or (schedule.startswith("torch") and batch_size % m):
                     continue
                 if schedule == "torch_1f1b" and m < num_stages:
                     continue
-                jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m))
+                jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m, _microbatch_args(mode, m)))
     return jobs

@@ -1,11 +1,19 @@
-"""Each stage timed alone: forward+backward of one batch, which sets the ideal pipeline limit.
+"""Each stage timed on its own: forward+backward of one batch sets the ideal pipeline limit.
 
 N perfectly overlapped stages finish one batch per ``max_i t_i`` seconds, where ``t_i`` is stage
-i's forward+backward time for a whole batch on its own (no communication, no waiting): the
-ideal pipeline limit is ``batch_size / max_i t_i`` samples/s. The benchmark runs this in its own
-process with the stages' thread count, once per repeat, interleaved with the jobs.
+i's forward+backward time for a whole batch with no communication and no waiting: the ideal
+pipeline limit is ``batch_size / max_i t_i`` samples/s. Stages are timed through ``Stage``, the
+code every schedule runs, on real batches; the optimizer step and, for a non-last stage, the
+DNI predictor's predict+fit are timed apart (work a schedule adds per batch).
 
-``python -m pipedni.bench.profile CONFIG --stages N [--section.key=value ...]`` prints JSON.
+Two ways to run it (the benchmark does both, once per repeat):
+- alone: one process times every stage in turn, the only busy core;
+- ``--only i --start-at T``: one process per stage, all timing at once from wall time T, so
+  each stage is timed while the others load the machine too (shared caches, memory bandwidth,
+  clock boost), as in a real pipeline.
+
+``python -m pipedni.bench.profile CONFIG --stages N [--only i --start-at T] [--section.key=value ...]``
+prints JSON.
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ import json
 import statistics
 import sys
 import time
+from typing import Callable, Optional
 
 import torch
 
@@ -22,58 +31,94 @@ from pipedni import data as datasets
 from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS
 from pipedni.models import build_model
-from pipedni.optim import build_optimizer
-from pipedni.partition import num_params, partition
-from pipedni.stage import loss_fn
+from pipedni.partition import partition
+from pipedni.stage import Stage
+from pipedni.synthetic import SyntheticGradientTrainer, labels_per_sample
+from pipedni.transport import TensorSpec
 
-WARMUP_ITERS = 2
+NUM_BATCHES = 4  # distinct batches cycled through, so caches hold no more than in training
 
 
-def _time(fn, iters: int) -> float:
-    """Median seconds of ``fn()`` over ``iters`` calls, after warm-up calls."""
-    for _ in range(WARMUP_ITERS):
-        fn()
-    samples = []
-    for _ in range(iters):
+def _median_time(fn: Callable[[int], None], iters: int, seconds: float = 0.0) -> float:
+    """Median seconds of ``fn(i)``: 2 warm-up calls, then ``iters`` calls or ``seconds`` of them."""
+    for i in range(2):
+        fn(i)
+    samples, end = [], time.perf_counter() + seconds
+    while len(samples) < iters or time.perf_counter() < end:
         start = time.perf_counter()
-        fn()
+        fn(len(samples))
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
 
-def profile_stages(cfg: Config, num_stages: int, iters: int = 5) -> dict:
-    """Per stage: median forward+backward and optimizer-step seconds for one batch."""
-    train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
-    _, inputs, targets = next(datasets.train_batches(train_set, cfg.data.batch_size, cfg.run.seed, 1))
-    model = build_model(cfg.model, tuple(train_set.inputs.shape[1:]), train_set.num_classes, cfg.run.seed)
-    stages = partition(model, num_stages, cfg.partition.balance if num_stages > 1 else None, cfg.partition.method)
-    results, x = [], inputs
-    for index, module in enumerate(stages):
-        is_last = index == num_stages - 1
+class _Timed:
+    """One stage with its batches, the gradients arriving at its output, and its predictor."""
+
+    def __init__(self, cfg: Config, module, index: int, num_stages: int, xs: list, ys: list, num_classes: int):
+        self.stage = Stage(module, index, num_stages, torch.device("cpu"), cfg.optim, 1000)
+        self.xs, self.ys = xs, ys
         with torch.no_grad():
-            out = module(x)
-        grad = None if is_last else torch.randn_like(out) / out.shape[0]
-        x_in = x
+            self.outs = [module(x) for x in xs]
+        self.grads = [torch.randn_like(out) / out.shape[0] for out in self.outs]
+        self.sg: Optional[SyntheticGradientTrainer] = None
+        if not self.stage.is_last:
+            shape = tuple(self.outs[0].shape[1:])
+            self.sg = SyntheticGradientTrainer(shape, num_classes, cfg.dni.for_boundary(index), self.stage.device,
+                                               cfg.data.batch_size, labels_per_sample(shape))
+            self.stage.input_spec = TensorSpec(tuple(xs[0].shape), xs[0].dtype)
 
-        def fwd_bwd():
-            module.zero_grad(set_to_none=True)
-            given = x_in if index == 0 else x_in.detach().requires_grad_(True)
-            result = module(given)
-            if is_last:
-                loss_fn(result, targets).backward()
-            else:
-                result.backward(grad)
+    def _forward_backward(self, i: int) -> None:
+        k, stage = i % len(self.xs), self.stage
+        stage.forward(0, self.xs[k], self.ys[k] if stage.is_last else None, 1.0)
+        stage.backward(0, None if stage.is_last else self.grads[k])
 
-        optimizer = build_optimizer(module.parameters(), cfg.optim)
-        fwd_bwd_sec = _time(fwd_bwd, iters)
-        step_sec = _time(optimizer.step, iters) if num_params(module) else 0.0
-        results.append({"stage_index": index, "num_params": num_params(module),
-                        "fwd_bwd_sec": fwd_bwd_sec, "optimizer_sec": step_sec})
-        x = out
-    slowest = max(r["fwd_bwd_sec"] for r in results)
-    return {"threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size, "stages": results,
-            "ideal_samples_per_sec": cfg.data.batch_size / slowest,
-            "serial_samples_per_sec": cfg.data.batch_size / sum(r["fwd_bwd_sec"] for r in results)}
+    def fwd_bwd(self, i: int) -> None:
+        self._forward_backward(i)
+        self.stage.module.zero_grad(set_to_none=True)  # as Stage.step would
+
+    def step(self, i: int) -> None:
+        self._forward_backward(i)  # the optimizer needs fresh gradients; fwd_bwd's time is subtracted
+        self.stage.step()
+
+    def predictor(self, i: int) -> None:
+        k = i % len(self.xs)
+        labels = self.ys[k] if self.sg.cfg.condition_on_labels else None
+        self.sg.predict(self.outs[k], labels)
+        self.sg.fit(self.outs[k], labels, self.grads[k])
+
+
+def _batches(cfg: Config) -> tuple[list, list, int, tuple]:
+    train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
+    batches = list(datasets.train_batches(train_set, cfg.data.batch_size, cfg.run.seed, NUM_BATCHES))
+    return [b[1] for b in batches], [b[2] for b in batches], train_set.num_classes, tuple(train_set.inputs.shape[1:])
+
+
+def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[int] = None,
+                   start_at: float = 0.0, seconds: float = 0.0) -> dict:
+    """Per stage: median forward+backward, optimizer-step and predictor seconds for one batch."""
+    xs, ys, num_classes, sample_shape = _batches(cfg)
+    model = build_model(cfg.model, sample_shape, num_classes, cfg.run.seed)
+    modules = partition(model, num_stages, cfg.partition.balance if num_stages > 1 else None, cfg.partition.method)
+    results = []
+    for index, module in enumerate(modules):
+        timed = _Timed(cfg, module, index, num_stages, xs, ys, num_classes)
+        xs = timed.outs
+        if only is not None and index != only:
+            continue
+        time.sleep(max(0.0, start_at - time.time()))
+        fwd_bwd = _median_time(timed.fwd_bwd, iters, seconds)
+        result = {"stage_index": index, "num_params": timed.stage.num_params, "fwd_bwd_sec": fwd_bwd}
+        if only is None:
+            result["optimizer_sec"] = max(0.0, _median_time(timed.step, iters) - fwd_bwd)
+            result["predictor_sec"] = _median_time(timed.predictor, iters) if timed.sg else 0.0
+        results.append(result)
+    return {"threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size, "stages": results}
+
+
+def limits(stages: list[dict], batch_size: int) -> dict:
+    """The ideal pipeline limit (slowest stage) and all stages in series, in samples/s."""
+    times = [s["fwd_bwd_sec"] for s in stages]
+    return {"ideal_samples_per_sec": batch_size / max(times), "serial_samples_per_sec": batch_size / sum(times)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,12 +126,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("config")
     parser.add_argument("--stages", type=int, required=True)
     parser.add_argument("--iters", type=int, default=5)
+    parser.add_argument("--only", type=int, help="time only this stage (one process per stage, at once)")
+    parser.add_argument("--start-at", type=float, default=0.0, help="wall time (time.time()) to start timing")
+    parser.add_argument("--seconds", type=float, default=0.0, help="keep timing at least this long")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        print(json.dumps(profile_stages(cfg, args.stages, args.iters)))
+        print(json.dumps(profile_stages(cfg, args.stages, args.iters, args.only, args.start_at, args.seconds)))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -22,7 +22,8 @@ from pipedni.metrics import write_json_atomic
 
 MIB = 1024 * 1024
 # Per-stage columns read "stage 0 / stage 1 / ...".
-THROUGHPUT_HEADER = ["job", "samples/s", "min-max", "x ideal", "x single", "busy", "MiB sent/step", "peak act. MiB"]
+THROUGHPUT_HEADER = ["job", "samples/s", "min-max", "x ideal", "x ideal together", "x single", "busy",
+                     "MiB sent/step", "peak act. MiB"]
 ACCURACY_HEADER = ["job", "time to target (s)", "accuracy at budget", "steps", "evaluations"]
 
 
@@ -39,7 +40,7 @@ def throughput_rows(results: dict) -> list[list[str]]:
         speed = r["samples_per_sec"]
         out.append([
             r["label"], f"{speed['median']:.0f}", f"{speed['min']:.0f}-{speed['max']:.0f}",
-            f"{r['ratio_to_ideal']:.2f}", "-" if single is None else f"{speed['median'] / single:.2f}",
+            f"{r['ratio_to_ideal']:.2f}", f"{r['ratio_to_ideal_together']:.2f}", "-" if single is None else f"{speed['median'] / single:.2f}",
             _per_stage(r["stages"], "busy_fraction", lambda v: f"{v:.0%}"),
             _per_stage(r["stages"], "bytes_sent_per_step", lambda v: f"{v / MIB:.2f}"),
             _per_stage(r["stages"], "peak_activation_bytes", lambda v: f"{v / MIB:.1f}"),
@@ -60,10 +61,11 @@ def accuracy_rows(results: dict) -> list[list[str]]:
 
 def profile_rows(results: dict) -> list[list[str]]:
     return [[str(s["stage_index"]), f"{s['num_params']:,}", f"{s['fwd_bwd_sec'] * 1e3:.1f}",
-             f"{s['optimizer_sec'] * 1e3:.1f}"] for s in results["profile"]["stages"]]
+             f"{s['fwd_bwd_together_sec'] * 1e3:.1f}", f"{s['optimizer_sec'] * 1e3:.1f}",
+             f"{s['predictor_sec'] * 1e3:.1f}" if s["predictor_sec"] else "-"] for s in results["profile"]["stages"]]
 
 
-PROFILE_HEADER = ["stage", "params", "forward+backward ms", "optimizer step ms"]
+PROFILE_HEADER = ["stage", "params", "fwd+bwd ms alone", "fwd+bwd ms together", "optimizer ms", "predictor ms"]
 
 
 def _title(results: dict) -> str:
@@ -162,17 +164,21 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def markdown(results: dict) -> str:
     m, prof = results["machine"], results["profile"]
     ideal, serial = prof["ideal_samples_per_sec"], prof["serial_samples_per_sec"]
+    together = prof["ideal_together_samples_per_sec"]
     parts = [
         f"### {_title(results)}",
         f"`{results['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}, Python {m['python']}"
         f"{', GPU ' + m['gpu'] if m.get('gpu') else ''}; commit {m.get('commit')}, {m['date']}. "
         f"{results['settings']['repeats']} interleaved repeats of {results['settings']['steps']} steps, "
         f"the first {results['settings']['warmup']} untimed; 1 thread per stage process.",
-        "Each stage alone (median over repeats). Ideal pipeline limit: "
-        f"**{ideal['median']:.0f} samples/s** ({ideal['min']:.0f}-{ideal['max']:.0f}); "
-        f"all stages in series: {serial['median']:.0f} samples/s.",
+        "Each stage timed alone, and with every stage timing at once (one process each), median over "
+        f"repeats. Ideal pipeline limit: **{ideal['median']:.0f} samples/s** ({ideal['min']:.0f}-"
+        f"{ideal['max']:.0f}); from the stages timed together: {together['median']:.0f} samples/s "
+        f"({together['min']:.0f}-{together['max']:.0f}); all stages in series: {serial['median']:.0f} samples/s. "
+        "Optimizer and predictor (predict + fit, DNI only): per batch, alone.",
         _md_table(PROFILE_HEADER, profile_rows(results)),
-        "Throughput: samples/s at the last stage; x ideal: against the ideal pipeline limit; x single: against "
+        "Throughput: samples/s at the last stage; x ideal: against the ideal pipeline limit (stages alone; "
+        "x ideal together: stages timed at once); x single: against "
         "one process with 1 thread; per-stage columns read stage 0 / stage 1 / ...; peak act.: bytes saved "
         "for backward at once, plus what a DNI stage keeps in its store.",
         _md_table(THROUGHPUT_HEADER, throughput_rows(results)),

@@ -59,16 +59,18 @@ def read_steps(run_dir: Path, stage_index: int) -> list[dict]:
 def measure(run_dir: Path, num_stages: int, batch_size: int, warmup_steps: int) -> dict:
     """Throughput over the steps after ``warmup_steps``, and per-stage figures over the same steps.
 
-    Samples/s is taken at the last stage: every batch passes through it, so in steady state its
-    rate is the pipeline's, for locked and decoupled schedules alike.
+    Samples/s is wall-clock at the last stage, from the end of the last warm-up step to the end
+    of the run's last step (bookkeeping between steps included): every batch passes through the
+    last stage, so in steady state its rate is the pipeline's, for locked and decoupled alike.
     """
     summary = json.loads((run_dir / "summary.json").read_text())
     stages = []
     for i in range(num_stages):
-        timed = read_steps(run_dir, i)[warmup_steps:]
-        if not timed:
-            raise LaunchError(f"{run_dir}: stage {i} ran no step after the {warmup_steps} warm-up steps; "
-                              "give more --steps")
+        records = read_steps(run_dir, i)
+        timed = records[warmup_steps:]
+        if warmup_steps < 1 or len(timed) < 2:
+            raise LaunchError(f"{run_dir}: stage {i} ran {len(records)} steps; need at least "
+                              f"{warmup_steps + 2} for {warmup_steps} warm-up steps (give more --steps)")
         seconds = sum(r["step_sec"] for r in timed)
         per_stage = summary["stages"][i]
         stages.append({
@@ -78,7 +80,7 @@ def measure(run_dir: Path, num_stages: int, batch_size: int, warmup_steps: int) 
             "bytes_sent_per_step": sum(r["bytes_sent"] for r in timed) / len(timed),
             "peak_activation_bytes": per_stage.get("peak_activation_bytes"),
             "peak_memory_bytes": per_stage.get("peak_memory_bytes"),
-            "samples_per_sec": batch_size * len(timed) / seconds,
+            "samples_per_sec": batch_size * (len(timed) - 1) / (timed[-1]["time_sec"] - timed[0]["time_sec"]),
         })
     return {"samples_per_sec": stages[-1]["samples_per_sec"], "stages": stages}
 
