@@ -16,8 +16,8 @@ from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.console import make_console
 from pipedni.decoupled import DNIWorker
-from pipedni.memory import make_meter
 from pipedni.errors import LaunchError, same_on_every_rank
+from pipedni.memory import make_meter
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.models import build_model
 from pipedni.partition import describe, partition

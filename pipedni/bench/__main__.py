@@ -27,7 +27,7 @@ from typing import Optional
 from pipedni.bench import report
 from pipedni.bench.plan import DEFAULT_MODES, Job, parse_counts, parse_modes, plan_jobs
 from pipedni.bench.profile import limits
-from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, spread, time_to_target
+from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, set_target, spread
 from pipedni.config import load_config
 from pipedni.errors import USER_ERRORS, ConfigError
 
@@ -52,7 +52,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, default=10, help="untimed first steps of each run, default 10")
     p.add_argument("--budget", type=float, default=60.0, help="training seconds per mode for time to "
                    "accuracy, default 60 (0: skip)")
-    p.add_argument("--target", type=float, help="target test accuracy (default: 0.95 x the best reached)")
+    p.add_argument("--target", type=float, help="target test accuracy (default: the lowest any locked pipeline "
+                   "reached within the budget)")
     p.add_argument("--docs", help="also regenerate this docs page's section for the config (e.g. docs/benchmarks.md)")
     p.add_argument("--job-timeout", type=float, default=900.0, help="seconds before a job counts as hung")
     args, overrides = p.parse_known_args(argv)
@@ -206,19 +207,12 @@ def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> 
     rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"],
                           profiled["ideal_together_samples_per_sec"]["median"])
     curves = accuracy_phase(args, overrides, jobs, rows, out, cfg.data.batch_size) if args.budget > 0 else []
-    target = args.target if args.target is not None else auto_target(curves)
-    for entry in curves:
-        entry["time_to_target_sec"] = time_to_target(entry["curve"], target) if target is not None else None
-    return {"config": args.config, "workload": Path(args.config).stem, "stages": args.stages,
-            "batch_size": cfg.data.batch_size, "command": "python -m pipedni.bench " + shlex.join(sys.argv[1:]),
-            "machine": machine(), "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "budget")},
-            "overrides": overrides, "profile": profiled, "throughput": rows, "target_accuracy": target,
-            "accuracy": curves}
-
-
-def auto_target(curves: list[dict]) -> Optional[float]:
-    finals = [entry["curve"][-1]["accuracy"] for entry in curves if entry["curve"]]
-    return round(0.95 * max(finals), 3) if finals else None
+    results = {"config": args.config, "workload": Path(args.config).stem, "stages": args.stages,
+               "batch_size": cfg.data.batch_size, "command": "python -m pipedni.bench " + shlex.join(sys.argv[1:]),
+               "machine": machine(), "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "budget")},
+               "overrides": overrides, "profile": profiled, "throughput": rows, "accuracy": curves}
+    set_target(results, args.target)
+    return results
 
 
 def main(argv: Optional[list[str]] = None) -> int:

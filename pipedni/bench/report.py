@@ -18,13 +18,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipedni.bench.plan import BASELINE
+from pipedni.bench.runner import UNPIPELINED_OR_DECOUPLED, set_target
 from pipedni.metrics import write_json_atomic
 
 MIB = 1024 * 1024
 # Per-stage columns read "stage 0 / stage 1 / ...".
 THROUGHPUT_HEADER = ["job", "samples/s", "min-max", "x ideal", "x ideal together", "x single", "busy",
                      "MiB sent/step", "peak act. MiB"]
-ACCURACY_HEADER = ["job", "time to target (s)", "accuracy at budget", "steps", "evaluations"]
+ACCURACY_HEADER = ["job", "time to target (s)", "x fastest locked pipeline", "accuracy at budget", "steps",
+                   "evaluations"]
 
 
 def _per_stage(stages: list[dict], key: str, fmt) -> str:
@@ -49,11 +51,14 @@ def throughput_rows(results: dict) -> list[list[str]]:
 
 
 def accuracy_rows(results: dict) -> list[list[str]]:
+    times = [e["time_to_target_sec"] for e in results["accuracy"]
+             if e["mode"] not in UNPIPELINED_OR_DECOUPLED and e.get("time_to_target_sec") is not None]
+    fastest = min(times, default=None)
     out = []
     for entry in results["accuracy"]:
-        curve = entry["curve"]
-        reached = entry.get("time_to_target_sec")
+        curve, reached = entry["curve"], entry.get("time_to_target_sec")
         out.append([entry["label"], "not reached" if reached is None else f"{reached:.1f}",
+                    "-" if reached is None or fastest is None else f"{reached / fastest:.2f}",
                     f"{curve[-1]['accuracy']:.4f}" if curve else "-",
                     str(curve[-1]["samples"] // results["batch_size"]) if curve else "0", str(len(curve))])
     return out
@@ -185,7 +190,8 @@ def markdown(results: dict) -> str:
     ]
     if results["accuracy"]:
         parts += [f"Time to {results['target_accuracy']} test accuracy, each job given "
-                  f"{results['settings']['budget']:.0f} s of training (evaluation excluded):",
+                  f"{results['settings']['budget']:.0f} s of training (evaluation excluded); x fastest locked "
+                  "pipeline: against the quickest of naive, gpipe, 1f1b and torch_* to get there:",
                   _md_table(ACCURACY_HEADER, accuracy_rows(results))]
     return "\n\n".join(parts)
 
@@ -208,6 +214,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipedni.bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="benchmark output directories (holding results.json)")
     parser.add_argument("--docs", help="docs page to update, e.g. docs/benchmarks.md")
+    parser.add_argument("--target", type=float, help="target test accuracy (default: the lowest any locked "
+                        "pipeline reached within the budget)")
     args = parser.parse_args(argv)
     results_list = []
     for directory in args.dirs:
@@ -217,6 +225,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                   file=sys.stderr)
             return 2
         results_list.append(json.loads(path.read_text()))
+        set_target(results_list[-1], args.target)  # the default target is recomputed from the curves
         write(results_list[-1], Path(directory))
     if args.docs:
         update_docs(Path(args.docs), results_list)

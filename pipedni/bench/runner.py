@@ -8,6 +8,7 @@ with the job's overrides; its outputs are the run's own contract (``metrics/stag
 from __future__ import annotations
 
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Optional
 
 from pipedni.bench.plan import Job
+
+UNPIPELINED_OR_DECOUPLED = ("single", "dni", "cdni")
 from pipedni.errors import LaunchError
 
 
@@ -94,6 +97,23 @@ def read_curve(run_dir: Path, num_stages: int) -> list[dict]:
 
 def time_to_target(curve: list[dict], target: float) -> Optional[float]:
     return next((point["train_sec"] for point in curve if point["accuracy"] >= target), None)
+
+
+def set_target(results: dict, target: Optional[float] = None) -> None:
+    """Set the target accuracy (given, or the default below) and each curve's time to reach it.
+
+    Default: the lowest accuracy any locked pipeline (naive, gpipe, 1f1b, torch_*) reached by
+    the end of the budget, so every locked pipeline reaches it and their times compare; a
+    decoupled mode either gets there too, and its time compares with theirs, or it does not.
+    """
+    curves = [entry for entry in results["accuracy"] if entry["curve"]]
+    if target is None and curves:
+        locked = [e["curve"][-1]["accuracy"] for e in curves if e["mode"] not in UNPIPELINED_OR_DECOUPLED]
+        finals = locked or [0.95 * max(e["curve"][-1]["accuracy"] for e in curves)]
+        target = math.floor(min(finals) * 1000) / 1000
+    results["target_accuracy"] = target
+    for entry in results["accuracy"]:
+        entry["time_to_target_sec"] = None if target is None else time_to_target(entry["curve"], target)
 
 
 def spread(values: list[float]) -> dict:
