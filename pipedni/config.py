@@ -271,23 +271,23 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def _check_microbatches(cfg: Config, key: str, m: int) -> None:
+    batch = cfg.data.batch_size
+    _require(m >= 1, f"{key} = {m}; must be >= 1")
+    _require(m <= batch, f"{key} = {m} exceeds data.batch_size = {batch}; use at most one microbatch per sample")
+    _require(
+        not cfg.model.batchnorm or batch // m >= 2,
+        f"model.batchnorm needs microbatches of >= 2 samples but data.batch_size = {batch} "
+        f"/ {key} = {m} leaves {batch // m}; use fewer microbatches",
+    )
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, run once at load."""
     _require(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}; must be >= 1")
     _require(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}; must be >= 1")
     _require(cfg.data.seq_len >= 1, f"data.seq_len = {cfg.data.seq_len}; must be >= 1")
-    m = cfg.train.microbatches
-    _require(m >= 1, f"train.microbatches = {m}; must be >= 1")
-    _require(
-        m <= cfg.data.batch_size,
-        f"train.microbatches = {m} exceeds data.batch_size = {cfg.data.batch_size}; "
-        "use at most one microbatch per sample",
-    )
-    _require(
-        not cfg.model.batchnorm or cfg.data.batch_size // m >= 2,
-        f"model.batchnorm needs microbatches of >= 2 samples but data.batch_size = {cfg.data.batch_size} "
-        f"/ train.microbatches = {m} leaves {cfg.data.batch_size // m}; use fewer microbatches",
-    )
+    _check_microbatches(cfg, "train.microbatches", cfg.train.microbatches)
     _require(cfg.train.steps >= 0, f"train.steps = {cfg.train.steps}; must be >= 0")
     _require(
         cfg.train.steps > 0 or cfg.train.epochs > 0,
@@ -349,15 +349,7 @@ def _validate_optim(o: OptimConfig) -> None:
 def _validate_dni(cfg: Config) -> None:
     d = cfg.dni
     _require(d.max_staleness >= 1, f"dni.max_staleness = {d.max_staleness}; must be >= 1")
-    _require(
-        1 <= d.microbatches <= cfg.data.batch_size,
-        f"dni.microbatches = {d.microbatches}; must lie in [1, data.batch_size = {cfg.data.batch_size}]",
-    )
-    _require(
-        not cfg.model.batchnorm or cfg.data.batch_size // d.microbatches >= 2,
-        f"model.batchnorm needs microbatches of >= 2 samples but data.batch_size = {cfg.data.batch_size} "
-        f"/ dni.microbatches = {d.microbatches} leaves {cfg.data.batch_size // d.microbatches}",
-    )
+    _check_microbatches(cfg, "dni.microbatches", d.microbatches)
     in_flight = d.max_staleness * d.microbatches
     _require(
         in_flight < cfg.dist.queue_size,
@@ -387,31 +379,7 @@ def save_config(cfg: Config, path: Path) -> None:
     path.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def reference_markdown() -> str:
-    """The config reference table embedded in docs/usage.md (one row per field)."""
-    lines = ["| key | type | default | meaning |", "| --- | --- | --- | --- |"]
-    for section, section_type in SECTIONS.items():
-        hints = typing.get_type_hints(section_type)
-        for f in dataclasses.fields(section_type):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            tname = type_name(hints[f.name]).replace("|", "\\|")
-            lines.append(f"| `{section}.{f.name}` | {tname} | `{default!r}` | {f.metadata['doc']} |")
-    return "\n".join(lines) + "\n"
+if __name__ == "__main__":  # python -m pipedni.config [docs/usage.md]: see pipedni.configdoc
+    from pipedni.configdoc import main
 
-
-def update_reference(path: Path) -> None:
-    """Replace the reference table embedded in the markdown file ``path`` with the current one."""
-    text = path.read_text()
-    start = text.index("| key | type | default | meaning |")
-    end = text.find("\n\n", start)
-    end = len(text) if end == -1 else end + 1
-    path.write_text(text[:start] + reference_markdown() + text[end:])
-
-
-if __name__ == "__main__":
-    # python -m pipedni.config               prints the table
-    # python -m pipedni.config docs/usage.md  updates the table embedded there
-    if len(sys.argv) > 1:
-        update_reference(Path(sys.argv[1]))
-    else:
-        sys.stdout.write(reference_markdown())
+    sys.exit(main(sys.argv[1:]))

@@ -13,10 +13,10 @@ from pipedni.config import (
     config_from_dict,
     load_config,
     parse_override,
-    reference_markdown,
     save_config,
     validate,
 )
+from pipedni.configdoc import reference_markdown
 from pipedni.errors import ConfigError
 
 REPO = Path(__file__).parent.parent
@@ -244,7 +244,8 @@ def test_section_must_be_a_mapping(tmp_path):
         (["--model.batchnorm=true", "--data.batch_size=8", "--train.microbatches=8"], "model.batchnorm needs"),
         (["--dni.max_staleness=64"], r"dni.max_staleness x dni.microbatches = 64 must be below dist.queue_size = 64"),
         (["--dni.max_staleness=8", "--dni.microbatches=8"], "= 64 must be below dist.queue_size = 64"),
-        (["--dni.microbatches=0"], r"dni.microbatches = 0; must lie in \[1, data.batch_size = 128\]"),
+        (["--dni.microbatches=0"], "dni.microbatches = 0; must be >= 1"),
+        (["--dni.microbatches=200"], "dni.microbatches = 200 exceeds data.batch_size = 128"),
         (["--dni.boundaries=[{warmup_steps: 3}]"], r"dni.boundaries\[0\] sets 'warmup_steps'"),
         (["--data.seq_len=0"], "data.seq_len = 0; must be >= 1"),
         (["--model.name=transformer", "--model.width=30", "--model.heads=4"],
