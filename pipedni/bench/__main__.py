@@ -31,7 +31,7 @@ from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, set_ta
 from pipedni.config import load_config
 from pipedni.errors import USER_ERRORS, ConfigError
 
-QUICK = {"steps": 30, "warmup": 5, "repeats": 3, "microbatches": "4", "budget": 12.0}
+QUICK = {"steps": 20, "warmup": 4, "repeats": 3, "microbatches": "4", "budget": 8.0}
 EVALS_PER_BUDGET = 12
 PROFILE_START_SEC = 8.0  # start-up time given to the per-stage profile processes before they time together
 PROFILE_TOGETHER_SEC = 2.0
@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--stages", type=int, default=2, help="pipeline stages (processes), default 2")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all")
     p.add_argument("--out", help="output directory (default: bench/<config name>)")
-    p.add_argument("--quick", action="store_true", help="a few minutes on 2 CPU cores: " + ", ".join(
+    p.add_argument("--quick", action="store_true", help="about 7 minutes on 2 CPU cores (job start-up dominates): " + ", ".join(
         f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--microbatches", default="1,2,4,8", help="microbatch counts swept, default 1,2,4,8")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats, default 5")
