@@ -28,7 +28,7 @@ from pipedni.bench import report
 from pipedni.bench.plan import DEFAULT_MODES, Job, parse_counts, parse_modes, plan_jobs
 from pipedni.bench.profile import limits
 from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, set_target, spread
-from pipedni.config import load_config
+from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS, ConfigError
 
 QUICK = {"steps": 20, "warmup": 4, "repeats": 3, "microbatches": "4", "budget": 8.0}
@@ -64,7 +64,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, overrides
 
 
-def check(args: argparse.Namespace, overrides: list[str]) -> tuple[list[str], list[int]]:
+def check(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, list[str], list[int]]:
     """Everything a job could fail on at once, before any job starts."""
     cfg = load_config(args.config, overrides)
     modes = parse_modes(args.modes)
@@ -76,7 +76,7 @@ def check(args: argparse.Namespace, overrides: list[str]) -> tuple[list[str], li
         raise ConfigError(f"--warmup = {args.warmup} leaves under 2 timed steps of --steps = {args.steps}; lower it")
     if cfg.data.batch_size < args.stages:
         raise ConfigError(f"data.batch_size = {cfg.data.batch_size} is smaller than --stages = {args.stages}")
-    return modes, counts
+    return cfg, modes, counts
 
 
 def machine() -> dict:
@@ -199,8 +199,7 @@ def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float, i
 
 
 def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
-    modes, counts = check(args, overrides)
-    cfg = load_config(args.config, overrides)
+    cfg, modes, counts = check(args, overrides)
     jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size)
     print(f"{len(jobs)} jobs x {args.repeats} repeats, {args.steps} steps each ({args.warmup} untimed)", flush=True)
     runs, profiled = throughput_phase(args, overrides, jobs, out, cfg.data.batch_size)
