@@ -16,7 +16,7 @@ from pipedni.config import (
     save_config,
     validate,
 )
-from pipedni.configdoc import reference_markdown
+from pipedni.config.reference import reference_markdown
 from pipedni.errors import ConfigError
 
 REPO = Path(__file__).parent.parent

@@ -1,18 +1,18 @@
 """The config reference: one markdown row per field, printed or updated in place in a docs page.
 
 ``python -m pipedni.config`` prints the table; ``python -m pipedni.config docs/usage.md``
-replaces the table embedded there (a test checks the docs match the code).
+replaces the table embedded there (see pipedni.config.__main__; a test checks the docs match
+the code).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import typing
 from pathlib import Path
 
-from pipedni.config import SECTIONS
-from pipedni.typecheck import type_name
+from pipedni.config.sections import SECTIONS
+from pipedni.config.typecheck import type_name
 
 HEADER = "| key | type | default | meaning |"
 
@@ -36,14 +36,3 @@ def update_reference(path: Path) -> None:
     end = (text.find("\n\n", start) + 1) or len(text)
     path.write_text(text[:start] + reference_markdown() + text[end:])
 
-
-def main(argv: list[str]) -> int:
-    if argv:
-        update_reference(Path(argv[0]))
-    else:
-        sys.stdout.write(reference_markdown())
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,185 @@
+"""The config sections: one dataclass per YAML section, every field with its one-line doc.
+
+The defaults below are the lowest layer of the precedence (see pipedni.config.load). Every
+field carries a one-line doc (``field.metadata["doc"]``) that the reference table prints
+(see pipedni.config.reference).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+
+def _f(default: Any, doc: str) -> Any:
+    """A dataclass field with a documented default (lists are copied per instance)."""
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+@dataclass
+class RunConfig:
+    name: str = _f("default", "Run name; also the default run directory name.")
+    dir: Optional[str] = _f(None, "Output directory (default: runs/<name>).")
+    seed: int = _f(0, "Seed for weights and data order; identical on every rank.")
+    threads: int = _f(0, "Torch CPU threads per stage process (0: cores / local processes).")
+    log_every: int = _f(10, "Steps between console updates (metrics are written every step).")
+    activation_memory: bool = _f(
+        False, "Count the bytes each stage keeps for backward (summary: peak_activation_bytes); costs a hook per saved tensor."
+    )
+
+
+@dataclass
+class ModelConfig:
+    name: Literal["mlp", "cnn", "transformer"] = _f(
+        "mlp", "Built-in model: mlp (fully connected), cnn (conv) or transformer (causal character LM)."
+    )
+    depth: int = _f(3, "mlp: number of hidden Linear layers; transformer: number of blocks.")
+    width: int = _f(256, "mlp: units per hidden layer; transformer: model width (d_model).")
+    heads: int = _f(4, "transformer: attention heads per block (model.width must divide by it).")
+    batchnorm: bool = _f(False, "mlp / cnn: add BatchNorm after each hidden Linear / conv layer.")
+    channels: list[int] = _f([32, 64], "cnn: output channels of each 5x5 conv block.")
+    hidden: int = _f(0, "cnn: width of a hidden Linear layer before the classifier (0: none).")
+
+
+@dataclass
+class DataConfig:
+    name: Literal["fashion_mnist", "mnist", "mnist_5k", "kjv", "synthetic"] = _f(
+        "fashion_mnist",
+        "Data set: fashion_mnist, mnist (IDX files), mnist_5k (5000-digit CSV), kjv (King James Bible, "
+        "characters) or synthetic (random, no I/O).",
+    )
+    root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz, kjv.jsonl).")
+    batch_size: int = _f(128, "Training batch size (split into train.microbatches).")
+    eval_batch_size: int = _f(1000, "Batch size of the forward-only evaluation pass.")
+    normalize: bool = _f(True, "Standardise float inputs with the training set's mean and std (not token ids).")
+    train_limit: int = _f(0, "Use only the first N training samples (0: all).")
+    test_limit: int = _f(0, "Evaluate on only the first N test samples (0: all).")
+    seq_len: int = _f(128, "kjv: characters per sample; targets are the same characters shifted by one.")
+    synthetic_shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample.")
+    synthetic_classes: int = _f(10, "synthetic: number of classes.")
+    synthetic_size: int = _f(8192, "synthetic: number of training samples (test: a quarter).")
+
+
+@dataclass
+class PartitionConfig:
+    balance: Optional[list[int]] = _f(None, "Layers per stage, e.g. [2, 2]; overrides method.")
+    method: Literal["uniform", "parameters"] = _f(
+        "parameters", "uniform: equal layer counts; parameters: exact min-max parameter split."
+    )
+
+
+@dataclass
+class TrainConfig:
+    schedule: Literal["single", "naive", "gpipe", "1f1b", "dni", "torch_gpipe", "torch_1f1b"] = _f(
+        "1f1b",
+        "single (one process, reference), naive, gpipe, 1f1b, dni (synthetic gradients), or "
+        "torch_gpipe / torch_1f1b (torch.distributed.pipelining's schedules on the same stages: the peer).",
+    )
+    steps: int = _f(0, "Optimizer steps to run (0: use train.epochs).")
+    epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")
+    microbatches: int = _f(4, "Microbatches per batch for naive / gpipe / 1f1b and dni's warm-up (M).")
+    eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
+    time_limit_sec: float = _f(
+        0.0, "Stop at the first evaluation after this many seconds of training, evaluation excluded (0: off)."
+    )
+
+
+@dataclass
+class OptimConfig:
+    name: Literal["sgd", "adam", "adamw"] = _f("sgd", "Optimizer: sgd, adam or adamw.")
+    lr: float = _f(0.05, "Peak learning rate.")
+    momentum: float = _f(0.9, "sgd: momentum.")
+    weight_decay: float = _f(0.0, "Weight decay (decoupled for adamw).")
+    betas: list[float] = _f([0.9, 0.999], "adam / adamw: betas.")
+    lr_schedule: Literal["constant", "cosine"] = _f(
+        "constant", "constant, or cosine: linear warmup then cosine decay to min_lr."
+    )
+    warmup_steps: int = _f(0, "cosine: steps of linear warmup from 0 to lr.")
+    min_lr: float = _f(0.0, "cosine: learning rate at the last step.")
+    grad_clip: float = _f(
+        0.0, "Clip the gradient norm to this (0: off): of the whole model when locked, per stage under dni."
+    )
+
+
+@dataclass
+class DNIConfig:
+    kind: Literal["linear", "lowrank", "mlp", "conv"] = _f(
+        "mlp", "Synthetic-gradient model: linear, lowrank, mlp (per position on [B, T, C]), or conv (4-D)."
+    )
+    condition_on_labels: bool = _f(
+        False, "cDNI: give the predictor the one-hot label (of each position, on sequences) as extra input."
+    )
+    hidden_layers: int = _f(2, "mlp / conv: hidden layers of the predictor.")
+    hidden_width: int = _f(1024, "mlp: units per hidden layer; conv: channels per hidden layer.")
+    rank: int = _f(64, "lowrank: width of the bottleneck.")
+    batchnorm: bool = _f(False, "mlp / conv: BatchNorm after each hidden layer of the predictor.")
+    optimizer: Literal["adam", "sgd"] = _f("adam", "Optimizer of the predictors (their own, not optim.*).")
+    lr: float = _f(3e-4, "Learning rate of the predictors.")
+    output_scale: float = _f(1.0, "Multiply predicted gradients by this before backpropagating them.")
+    clip: float = _f(0.0, "Clip each sample's predicted gradient to this L2 norm (0: off).")
+    normalize_target: bool = _f(
+        True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
+    )
+    max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
+    microbatches: int = _f(
+        1, "Pieces each batch runs in, freed one by one (activation memory / M); one update per batch."
+    )
+    warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")
+    boundaries: list[dict] = _f(
+        [], "Per-boundary overrides: entry i (stage i -> i+1) maps predictor keys above to values."
+    )
+
+    def for_boundary(self, index: int) -> "DNIConfig":
+        """This config with boundary ``index``'s overrides applied."""
+        if index >= len(self.boundaries):
+            return self
+        return dataclasses.replace(self, **self.boundaries[index])
+
+
+# Keys a per-boundary entry may set (the predictor's own settings, not the schedule's).
+DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank", "batchnorm",
+                     "optimizer", "lr", "output_scale", "clip", "normalize_target")
+
+
+@dataclass
+class DistConfig:
+    backend: Literal["auto", "gloo", "nccl"] = _f(
+        "auto", "auto: nccl when every rank has its own GPU, else gloo."
+    )
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu.")
+    timeout_sec: float = _f(300.0, "Longest wait for any message before the job fails.")
+    queue_size: int = _f(64, "Messages buffered per incoming direction before the sender waits.")
+
+
+@dataclass
+class CheckpointConfig:
+    enabled: bool = _f(True, "Write final per-stage checkpoints to <run.dir>/checkpoints.")
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    partition: PartitionConfig = field(default_factory=PartitionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    dni: DNIConfig = field(default_factory=DNIConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.run.name
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS: dict[str, type] = {f.name: typing.get_type_hints(Config)[f.name] for f in dataclasses.fields(Config)}
+
