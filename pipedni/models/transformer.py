@@ -1,13 +1,18 @@
-"""The transformer's layers (nanoGPT-style): token + position embedding, pre-LayerNorm causal
-block, and the language-model head, with nanoGPT's initialisation."""
+"""The transformer (nanoGPT-style): token + position embedding, pre-LayerNorm causal block, the
+language-model head, nanoGPT's initialisation, and the ``transformer`` model built from them."""
 
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from pipedni.config import ModelConfig
+from pipedni.errors import ConfigError
+from pipedni.models.registry import register_model
 
 
 class Embed(nn.Module):
@@ -81,3 +86,26 @@ def init_weights(model: nn.Module, depth: int) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+@register_model("transformer")
+def transformer(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Sequential:
+    """A nanoGPT-style causal language model over ``num_classes`` tokens: ``[B, T]`` ids in,
+    ``[B, T, num_classes]`` next-token scores out.
+
+    Layer names: ``embed`` (token + position), ``block0 .. block{depth-1}`` (pre-LayerNorm causal
+    attention + 4x MLP, cfg.width wide, cfg.heads heads) and ``head``. Positions go up to the
+    input's length T; no weight tying, so ``embed`` and ``head`` may sit on different stages.
+    """
+    if len(input_shape) != 1:
+        raise ConfigError(
+            f"model.name = 'transformer' needs token-id inputs of shape (seq_len,), got {list(input_shape)}; "
+            "use a text data set such as data.name=kjv"
+        )
+    layers: OrderedDict[str, nn.Module] = OrderedDict(embed=Embed(num_classes, input_shape[0], cfg.width))
+    for i in range(cfg.depth):
+        layers[f"block{i}"] = Block(cfg.width, cfg.heads)
+    layers["head"] = Head(cfg.width, num_classes)
+    model = nn.Sequential(layers)
+    init_weights(model, cfg.depth)
+    return model
