@@ -2,7 +2,7 @@
 types (typecheck.py) and the generated reference table (reference.py).
 
 Precedence: ``--section.key=value`` on the command line > the YAML file > the section defaults.
-``python -m pipedni.config`` prints the reference table that ``docs/usage.md`` embeds.
+``python -m pipedni.config`` prints the reference table that ``docs/config.md`` embeds.
 """
 
 from pipedni.config.load import config_from_dict, load_config, parse_override, save_config, validate

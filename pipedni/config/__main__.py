@@ -1,5 +1,5 @@
 """``python -m pipedni.config``: print the config reference table, or with a markdown path
-(``python -m pipedni.config docs/usage.md``) replace the table embedded there."""
+(``python -m pipedni.config docs/config.md``) replace the table embedded there."""
 
 from __future__ import annotations
 

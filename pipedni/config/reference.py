@@ -1,6 +1,6 @@
 """The config reference: one markdown row per field, printed or updated in place in a docs page.
 
-``python -m pipedni.config`` prints the table; ``python -m pipedni.config docs/usage.md``
+``python -m pipedni.config`` prints the table; ``python -m pipedni.config docs/config.md``
 replaces the table embedded there (see pipedni.config.__main__; a test checks the docs match
 the code).
 """
@@ -18,7 +18,7 @@ HEADER = "| key | type | default | meaning |"
 
 
 def reference_markdown() -> str:
-    """The config reference table embedded in docs/usage.md (one row per field)."""
+    """The config reference table embedded in docs/config.md (one row per field)."""
     lines = [HEADER, "| --- | --- | --- | --- |"]
     for section, section_type in SECTIONS.items():
         hints = typing.get_type_hints(section_type)
