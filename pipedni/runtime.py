@@ -51,7 +51,7 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-def _choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[torch.device, str]:
+def choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[torch.device, str]:
     """(device, backend). See [Note: transport layout] on backends."""
     want_cuda = cfg.dist.device == "cuda" or (cfg.dist.device == "auto" and torch.cuda.is_available())
     if not want_cuda:
@@ -78,7 +78,7 @@ def init_runtime(cfg: Config) -> Runtime:
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
     rank, world_size = _env_int("RANK", 0), _env_int("WORLD_SIZE", 1)
     local_rank, local_world_size = _env_int("LOCAL_RANK", 0), _env_int("LOCAL_WORLD_SIZE", 1)
-    device, backend = _choose_device(cfg, local_rank, local_world_size)
+    device, backend = choose_device(cfg, local_rank, local_world_size)
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world_size))
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -32,21 +32,26 @@ from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS
 from pipedni.models import build_model
 from pipedni.partition import partition
+from pipedni.runtime import choose_device
+from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
+from pipedni.schedules.worker import grad_norm
 from pipedni.stage import Stage
-from pipedni.synthetic import SyntheticGradientTrainer, labels_per_sample
-from pipedni.transport import TensorSpec
 
 NUM_BATCHES = 4  # distinct batches cycled through, so caches hold no more than in training
 
 
 def _median_time(fn: Callable[[int], None], iters: int, seconds: float = 0.0) -> float:
-    """Median seconds of ``fn(i)``: 2 warm-up calls, then ``iters`` calls or ``seconds`` of them."""
+    """Median seconds of ``fn(i)``: 2 warm-up calls, then ``iters`` calls or ``seconds`` of them
+    (on a GPU each call is timed to the end of its kernels)."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
     for i in range(2):
         fn(i)
     samples, end = [], time.perf_counter() + seconds
     while len(samples) < iters or time.perf_counter() < end:
+        sync()
         start = time.perf_counter()
         fn(len(samples))
+        sync()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
 
@@ -54,18 +59,18 @@ def _median_time(fn: Callable[[int], None], iters: int, seconds: float = 0.0) ->
 class _Timed:
     """One stage with its batches, the gradients arriving at its output, and its predictor."""
 
-    def __init__(self, cfg: Config, module, index: int, num_stages: int, xs: list, ys: list, num_classes: int):
-        self.stage = Stage(module, index, num_stages, torch.device("cpu"), cfg.optim, 1000)
-        self.xs, self.ys = xs, ys
+    def __init__(self, cfg: Config, module, index: int, num_stages: int, xs: list, ys: list, num_classes: int,
+                 device: torch.device):
+        self.stage = Stage(module, index, num_stages, device, cfg.optim, 1000)
+        self.xs, self.ys = [x.to(device) for x in xs], [y.to(device) for y in ys]
         with torch.no_grad():
-            self.outs = [module(x) for x in xs]
+            self.outs = [module(x) for x in self.xs]
         self.grads = [torch.randn_like(out) / out.shape[0] for out in self.outs]
         self.sg: Optional[SyntheticGradientTrainer] = None
         if not self.stage.is_last:
             shape = tuple(self.outs[0].shape[1:])
             self.sg = SyntheticGradientTrainer(shape, num_classes, cfg.dni.for_boundary(index), self.stage.device,
                                                cfg.data.batch_size, labels_per_sample(shape))
-            self.stage.input_spec = TensorSpec(tuple(xs[0].shape), xs[0].dtype)
 
     def _forward_backward(self, i: int) -> None:
         k, stage = i % len(self.xs), self.stage
@@ -78,7 +83,7 @@ class _Timed:
 
     def step(self, i: int) -> None:
         self._forward_backward(i)  # the optimizer needs fresh gradients; fwd_bwd's time is subtracted
-        self.stage.step()
+        self.stage.step(grad_norm(self.stage))
 
     def predictor(self, i: int) -> None:
         k = i % len(self.xs)
@@ -97,11 +102,12 @@ def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[
                    start_at: float = 0.0, seconds: float = 0.0) -> dict:
     """Per stage: median forward+backward, optimizer-step and predictor seconds for one batch."""
     xs, ys, num_classes, sample_shape = _batches(cfg)
+    device = choose_device(cfg, local_rank=0, local_world_size=1)[0]  # dist.device, as rank 0 would
     model = build_model(cfg.model, sample_shape, num_classes, cfg.run.seed)
     modules = partition(model, num_stages, cfg.partition.balance if num_stages > 1 else None, cfg.partition.method)
     results = []
     for index, module in enumerate(modules):
-        timed = _Timed(cfg, module, index, num_stages, xs, ys, num_classes)
+        timed = _Timed(cfg, module, index, num_stages, xs, ys, num_classes, device)
         xs = timed.outs
         if only is not None and index != only:
             continue
@@ -112,7 +118,8 @@ def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[
             result["optimizer_sec"] = max(0.0, _median_time(timed.step, iters) - fwd_bwd)
             result["predictor_sec"] = _median_time(timed.predictor, iters) if timed.sg else 0.0
         results.append(result)
-    return {"threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size, "stages": results}
+    return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size,
+            "stages": results}
 
 
 def limits(stages: list[dict], batch_size: int) -> dict:
