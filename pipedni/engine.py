@@ -12,21 +12,23 @@ import torch.distributed as dist
 from torch import nn
 
 from pipedni import data as datasets
+from pipedni.boundary import TensorSpec
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
-from pipedni.console import make_console
-from pipedni.decoupled import DNIWorker
 from pipedni.errors import LaunchError, same_on_every_rank
-from pipedni.memory import make_meter
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
+from pipedni.metrics.console import make_console
+from pipedni.metrics.memory import make_meter
+from pipedni.metrics.telemetry import make_telemetry
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
-from pipedni.peer import SCHEDULES as PEER_SCHEDULES, PeerWorker
 from pipedni.runtime import Runtime
+from pipedni.schedules import registry
+from pipedni.schedules.passes import probe_shapes
+from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.worker import Worker
 from pipedni.stage import Stage
-from pipedni.telemetry import make_telemetry
-from pipedni.transport import TensorSpec, Transport
-from pipedni.worker import StageWorker
+from pipedni.transport import NullTransport, Transport
 
 
 def total_steps(cfg: Config, num_train_samples: int) -> int:
@@ -36,52 +38,38 @@ def total_steps(cfg: Config, num_train_samples: int) -> int:
     return max(1, math.ceil(cfg.train.epochs * per_epoch))
 
 
-def check_layout(cfg: Config, runtime: Runtime) -> None:
-    """One process per stage: the schedule and the balance must fit the world size."""
+def check_layout(cfg: Config, runtime: Runtime) -> ScheduleSpec:
+    """One process per stage: the schedule and the balance must fit the world size. Returns the
+    schedule that runs (see ``registry.resolve``)."""
     n = runtime.num_stages
-    if cfg.train.schedule == "single" and n > 1:
-        raise LaunchError(
-            f"train.schedule = 'single' runs the whole model in one process but {n} were started; "
-            "use --nproc_per_node=1, plain python, or a pipelined schedule (naive, gpipe, 1f1b, dni)"
-        )
-    schedule, m = cfg.train.schedule, cfg.train.microbatches
-    if schedule in ("dni", *PEER_SCHEDULES) and n < 2:
-        raise LaunchError(f"train.schedule = {schedule!r} needs at least 2 stages (processes); start more with torchrun")
-    if schedule in PEER_SCHEDULES and cfg.data.batch_size % m:
-        raise LaunchError(
-            f"train.schedule = {schedule!r} gives torch equal microbatches but data.batch_size = "
-            f"{cfg.data.batch_size} does not divide into train.microbatches = {m}; make it a multiple of {m}"
-        )
-    if schedule == "torch_1f1b" and m < n:
-        raise LaunchError(
-            f"train.schedule = 'torch_1f1b' needs train.microbatches >= stages, got {m} < {n}; "
-            f"use --train.microbatches={n} or more"
-        )
+    spec = registry.check_layout(cfg, n)
     balance = cfg.partition.balance
     if balance is not None and n > 1 and len(balance) != n:
         raise LaunchError(
             f"partition.balance = {balance} describes {len(balance)} stages but {n} processes were started; "
             f"use torchrun --nproc_per_node={len(balance)} or give {n} entries"
         )
+    return spec
 
 
-def build_worker(cfg: Config, runtime: Runtime, stages: list[nn.Sequential],
-                 steps: int) -> StageWorker | DNIWorker | PeerWorker:
-    """This rank's stage of the partitioned model with its optimizer, transport and schedule."""
-    n = runtime.num_stages
-    stage = Stage(stages[runtime.stage_index], runtime.stage_index, n, runtime.device, cfg.optim, steps,
-                  # global clipping all-reduces over every stage at each step: that would re-lock DNI
-                  clip_across_stages=runtime.distributed and cfg.train.schedule != "dni")
-    transport = None
-    if n > 1:
-        wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging
-        transport = Transport(runtime.stage_index, n, runtime.device, wire, cfg.dist.queue_size, cfg.dist.timeout_sec)
-    if n > 1 and cfg.train.schedule == "dni":
-        return DNIWorker(stage, transport, cfg)
-    if n > 1 and cfg.train.schedule in PEER_SCHEDULES:
-        return PeerWorker(stage, transport, cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size)
-    schedule = "single" if n == 1 else cfg.train.schedule
-    return StageWorker(stage, transport, schedule, cfg.train.microbatches)
+def build_transport(cfg: Config, runtime: Runtime) -> Transport | NullTransport:
+    if runtime.num_stages == 1:
+        return NullTransport()
+    wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging
+    return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
+                     cfg.dist.timeout_sec)
+
+
+def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, module: nn.Module, steps: int,
+                 train_set: datasets.Dataset) -> Worker:
+    """This rank's stage with its optimizer and transport, its shapes probed end to end, and the
+    schedule's worker built around them."""
+    stage = Stage(module, runtime.stage_index, runtime.num_stages, runtime.device, cfg.optim, steps)
+    transport = build_transport(cfg, runtime)
+    sample_spec = TensorSpec((1, *train_set.inputs.shape[1:]), train_set.inputs.dtype)
+    shapes = probe_shapes(stage, transport, sample_spec, train_set.num_classes)
+    ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]))
+    return spec.build(ctx)
 
 
 def run_token(runtime: Runtime) -> str:
@@ -99,7 +87,7 @@ class Trainer:
         self.cfg, self.runtime = cfg, runtime
         self.run_dir = cfg.run_dir
         with same_on_every_rank():
-            check_layout(cfg, runtime)
+            self.spec = check_layout(cfg, runtime)
             self.train_set, self.test_set = datasets.load_datasets(cfg.data, cfg.run.seed)
             self.steps = total_steps(cfg, len(self.train_set))
             sample_shape = tuple(self.train_set.inputs.shape[1:])
@@ -107,15 +95,15 @@ class Trainer:
                 model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
             balance = cfg.partition.balance if runtime.num_stages > 1 else None
             stages = partition(model, runtime.num_stages, balance, cfg.partition.method)
-        self.console = make_console(runtime.is_last, cfg.run.log_every)
-        self.worker = build_worker(cfg, runtime, stages, self.steps)
-        self.worker.connect(TensorSpec((1, *sample_shape), self.train_set.inputs.dtype), self.train_set.num_classes)
+        self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
+        self.worker = build_worker(cfg, runtime, self.spec, stages[runtime.stage_index], self.steps, self.train_set)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if runtime.is_first:
             save_config(cfg, self.run_dir / "config.yaml")
             print(describe(stages), flush=True)
         self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
-        self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params)
+        self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params,
+                                  metrics=self.spec.metrics)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled, run_token(runtime))
         self.telemetry = make_telemetry(runtime.device)
         self.meter = make_meter(cfg.run.activation_memory, self.worker.stage.module.parameters())
@@ -185,8 +173,7 @@ class Trainer:
     def _summarize(self, wall: float, steps: int) -> Optional[dict]:
         self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
         self.totals.peak_activation_bytes = self.meter.peak_bytes
-        if self.worker.transport is not None:
-            self.totals.peak_queued_messages = self.worker.transport.peak_queued
+        self.totals.peak_queued_messages = self.worker.transport.peak_queued
         stages = [{**self.totals.summary(), **self.telemetry.summary()}]
         if self.runtime.distributed:
             gathered: list = [None] * self.runtime.world_size
@@ -196,13 +183,11 @@ class Trainer:
         if not self.runtime.is_last:
             return None
         t = self.totals
-        summary = build_summary(self.cfg.train.schedule if self.runtime.num_stages > 1 else "single",
-                                self.runtime.num_stages, steps, self.cfg.data.batch_size, wall,
+        summary = build_summary(self.spec.name, self.runtime.num_stages, steps, self.cfg.data.batch_size, wall,
                                 t.step_sec, t.steps, self.last_eval, stages)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.console.finish(summary)
         return summary
 
     def close(self) -> None:
-        if self.worker.transport is not None:
-            self.worker.transport.close()
+        self.worker.transport.close()

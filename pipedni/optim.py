@@ -1,12 +1,11 @@
-"""Optimizers, learning-rate schedules and gradient clipping across all stages."""
+"""Optimizers and learning-rate schedules (clipping: ``Stage.step`` with the norm its schedule measured)."""
 
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Iterable
 
 import torch
-import torch.distributed as dist
 
 from pipedni.config import OptimConfig
 
@@ -50,22 +49,3 @@ def lr_factor(step: int, cfg: OptimConfig, total_steps: int) -> float:
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, total_steps))
-
-
-def clip_grad_norm(params: Iterable[torch.nn.Parameter], max_norm: float, device: torch.device,
-                   group: Optional[dist.ProcessGroup] = None, distributed: bool = False) -> float:
-    """Clip the gradient norm of the *whole model*: each stage's squared norm is summed over all
-    stages (an all-reduce), so a pipelined run clips exactly like one process would. ``device`` is
-    the stage's: a stage without parameters still joins the all-reduce, and NCCL needs a GPU tensor."""
-    grads = [p.grad for p in params if p.grad is not None]
-    sq = torch.zeros((), dtype=torch.float64, device=device)
-    for g in grads:
-        sq += g.detach().double().pow(2).sum()
-    if distributed:
-        dist.all_reduce(sq, group=group)
-    total = float(sq.sqrt())
-    if max_norm > 0 and total > max_norm:
-        scale = max_norm / (total + 1e-6)
-        for g in grads:
-            g.mul_(scale)
-    return total

@@ -1,4 +1,4 @@
-"""One stage's computation: forward, backward, optimizer step. It never touches the network."""
+"""One stage's computation: forward, backward, gradient norm, optimizer step. It never touches the network."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipedni.boundary import TensorSpec
 from pipedni.config import OptimConfig
 from pipedni.errors import PartitionError
-from pipedni.optim import build_optimizer, build_scheduler, clip_grad_norm
+from pipedni.optim import build_optimizer, build_scheduler
 from pipedni.partition import num_params
-from pipedni.transport import TensorSpec
 
 
 def loss_fn(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -34,18 +34,16 @@ class Stage:
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
-                 optim: OptimConfig, total_steps: int, clip_across_stages: bool = False):
+                 optim: OptimConfig, total_steps: int):
         self.module = module.to(device)
         self.stage_index, self.num_stages, self.device = stage_index, num_stages, device
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
-        self.optim_cfg, self.clip_across_stages = optim, clip_across_stages
+        self.optim_cfg = optim
         self.optimizer = build_optimizer(self.module.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.batch_loss = 0.0  # weighted sum of microbatch losses (last stage)
-        self.input_spec: Optional[TensorSpec] = None
-        self.output_spec: Optional[TensorSpec] = None
 
     @property
     def num_params(self) -> int:
@@ -71,17 +69,33 @@ class Stage:
         out.backward(grad)
         return None if self.is_first else x.grad
 
-    def step(self) -> Optional[float]:
-        """Clip (whole-model norm, see optim), update, advance the LR schedule; returns the norm."""
-        norm = None
-        if self.optim_cfg.grad_clip > 0:
-            norm = clip_grad_norm(self.module.parameters(), self.optim_cfg.grad_clip, self.device,
-                                  distributed=self.clip_across_stages)
+    @property
+    def clips(self) -> bool:
+        """Whether ``optim.grad_clip`` is on: the schedule then supplies the norm to ``step``."""
+        return self.optim_cfg.grad_clip > 0
+
+    def grad_sq_norm(self) -> torch.Tensor:
+        """The squared norm of this stage's accumulated gradients (float64 on the stage's device,
+        zero without parameters): the schedule sums it over stages for a whole-model norm."""
+        sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        for p in self.module.parameters():
+            if p.grad is not None:
+                sq += p.grad.detach().double().pow(2).sum()
+        return sq
+
+    def step(self, grad_norm: Optional[float] = None) -> None:
+        """Clip to ``optim.grad_clip`` given the gradient norm the schedule measured (the whole
+        model's or this stage's: the schedule decides), update, advance the LR schedule."""
+        max_norm = self.optim_cfg.grad_clip
+        if grad_norm is not None and 0 < max_norm < grad_norm:
+            scale = max_norm / (grad_norm + 1e-6)
+            for p in self.module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(scale)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         assert not self.inputs and not self.outputs, "a schedule left microbatches without backward"
-        return norm
 
     def take_loss(self) -> float:
         loss, self.batch_loss = self.batch_loss, 0.0
@@ -95,7 +109,6 @@ class Stage:
     def probe(self, spec: TensorSpec) -> TensorSpec:
         """This stage's output spec for an input of ``spec`` (one zero sample, eval mode, so no
         BatchNorm statistics move); the caller turns a failure into a PartitionError."""
-        self.input_spec = spec
         was_training = self.module.training
         self.module.eval()
         try:
@@ -106,8 +119,7 @@ class Stage:
             raise PartitionError(
                 f"stage {self.stage_index} returns {type(out).__name__}; a stage must return one tensor"
             )
-        self.output_spec = TensorSpec(tuple(out.shape), out.dtype)
-        return self.output_spec
+        return TensorSpec(tuple(out.shape), out.dtype)
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -15,6 +15,7 @@ from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.errors import USER_ERRORS, TransportError, same_on_every_rank
 from pipedni.runtime import init_runtime, shutdown
+from pipedni.schedules.registry import REFERENCE
 
 # An error every rank hits alike is printed by rank 0 only; the others wait this long before
 # exiting, since the launcher stops all ranks as soon as one exits.
@@ -28,9 +29,9 @@ def train(argv: list[str]) -> Optional[dict]:
         raise SystemExit(USAGE)
     with same_on_every_rank():
         cfg = load_config(argv[0], argv[1:])
-    if "RANK" not in os.environ and cfg.train.schedule != "single":
+    if "RANK" not in os.environ and cfg.train.schedule != REFERENCE:
         print(f"no torchrun: training the whole model in one process instead of {cfg.train.schedule}")
-        cfg.train.schedule = "single"
+        cfg.train.schedule = REFERENCE
     # 2. this process: device pinned from LOCAL_RANK, then the process group
     runtime = init_runtime(cfg)
     # 3. this rank's stage: model, partition, transport, shapes checked end to end

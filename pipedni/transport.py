@@ -25,7 +25,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import enum
-import math
 import threading
 import time
 from collections import deque
@@ -35,6 +34,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from pipedni.boundary import TensorSpec
 from pipedni.errors import TransportError
 
 MAX_DIMS = 8
@@ -241,24 +241,6 @@ class Inbox:
             return [_what(Kind(k[0]), k[1], k[2]) for k in sorted(self.mailbox)]
 
 
-@dataclass(frozen=True)
-class TensorSpec:
-    """What a receiver expects: the shape past the batch dimension, and the dtype."""
-
-    shape: tuple[int, ...]
-    dtype: torch.dtype
-
-    def matches(self, header: Header) -> bool:
-        return header.dtype == self.dtype and tuple(header.shape[1:]) == tuple(self.shape[1:])
-
-    def describe(self) -> str:
-        return f"[{', '.join(['*', *map(str, self.shape[1:])])}] {str(self.dtype).replace('torch.', '')}"
-
-    def num_bytes(self, rows: int) -> int:
-        """Payload bytes of ``rows`` samples of this spec."""
-        return rows * math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
-
-
 class Transport:
     """This stage's links to its neighbours: ``send``/``recv`` towards ``prev`` and ``next``."""
 
@@ -294,7 +276,7 @@ class Transport:
     def recv(self, direction: str, kind: Kind, step: int, microbatch: int,
              expect: Optional[TensorSpec] = None) -> torch.Tensor:
         header, tensor = self.inboxes[direction].take(kind, step, microbatch, self.timeout)
-        if expect is not None and not expect.matches(header):
+        if expect is not None and not expect.matches(header.shape, header.dtype):
             peer = self.inboxes[direction].peer
             raise TransportError(
                 f"{self.who} expected {_what(kind, step, microbatch)} from stage {peer} as {expect.describe()} "
@@ -304,6 +286,12 @@ class Transport:
 
     def recv_ready(self, direction: str, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
         return self.inboxes[direction].take_ready(kind)
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum ``tensor`` in place over every stage (the default group): a barrier of the whole
+        pipe, so schedules call it only as an explicit action (``ALL_REDUCE``)."""
+        dist.all_reduce(tensor)
+        return tensor
 
     @property
     def send_wait_sec(self) -> float:
@@ -334,3 +322,30 @@ class Transport:
         leftover = [f"{m} from stage {i.peer}" for i in self.inboxes.values() for m in i.pending()]
         if leftover:
             raise TransportError(f"{self.who} closed with {len(leftover)} unconsumed message(s): {', '.join(leftover[:5])}")
+
+
+class NullTransport:
+    """The links of a stage that has no neighbours (one process): nothing to send or receive,
+    an all-reduce over one stage is the identity, and every counter stays at zero."""
+
+    stage_index, num_stages, who = 0, 1, "stage 0/1"
+    send_wait_sec, bytes_sent, peak_queued = 0.0, 0, 0
+
+    def send(self, direction: str, kind: Kind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
+        raise TransportError(f"{self.who} has no '{direction}' neighbour to send {_what(kind, step, microbatch)} to")
+
+    def recv(self, direction: str, kind: Kind, step: int, microbatch: int,
+             expect: Optional[TensorSpec] = None) -> torch.Tensor:
+        raise TransportError(f"{self.who} has no '{direction}' neighbour to receive {_what(kind, step, microbatch)} from")
+
+    def recv_ready(self, direction: str, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
+        return []
+
+    def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor
+
+    def counts(self) -> dict[str, int]:
+        return {}
+
+    def close(self) -> None:
+        pass

@@ -10,7 +10,7 @@ from torch import nn
 from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
-from pipedni.memory import ActivationMeter, NullMeter
+from pipedni.metrics.memory import ActivationMeter, NullMeter
 from pipedni.runtime import Runtime
 
 

@@ -92,7 +92,7 @@ def test_locked_schedules_match_single_process_on_a_transformer(tmp_path, num_st
 
 @pytest.mark.parametrize("num_stages,workload", [(2, "mlp"), (4, "mlp"), (2, "transformer")])
 def test_the_peer_matches_single_process(tmp_path, num_stages, workload):
-    """torch.distributed.pipelining's GPipe and 1F1B driving our stages (pipedni.peer) is the
+    """torch.distributed.pipelining's GPipe and 1F1B driving our stages (pipedni.schedules.peer) is the
     benchmark's yardstick, so it must train exactly what the others train. torch averages equal
     microbatches, hence a batch that M divides."""
     extra = ("--data.batch_size=32",)

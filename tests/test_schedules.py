@@ -3,13 +3,14 @@
 import pytest
 
 from pipedni.schedules import (
-    SCHEDULES,
+    LOCKED_PLANS,
     Action,
     DeadlockError,
     format_grid,
     pipeline_actions,
     simulate,
     stage_actions,
+    with_fits,
 )
 
 PIPELINED = ("naive", "gpipe", "1f1b")
@@ -17,7 +18,7 @@ STAGES = range(1, 6)
 MICROBATCHES = range(1, 9)
 GRID_CASES = [(s, n, m) for s in PIPELINED for n in STAGES for m in MICROBATCHES]
 
-# Copied from the pipedni/schedules.py module docstring: the picture the docs promise.
+# Copied from the pipedni/schedules/actions.py module docstring: the picture the docs promise.
 DOCSTRING_GRID = """\
 1f1b, N=3, M=4
 tick     0   1   2   3   4   5   6   7   8   9   10  11
@@ -145,7 +146,7 @@ def test_single_refuses_more_than_one_stage(n):
 def test_unknown_schedule_lists_the_choices():
     with pytest.raises(ValueError, match="unknown schedule 'pipedream'") as info:
         stage_actions("pipedream", 0, 2, 4)
-    for name in SCHEDULES:
+    for name in LOCKED_PLANS:
         assert name in str(info.value)
 
 
@@ -204,6 +205,41 @@ def test_messages_are_not_received_in_the_tick_they_are_sent():
     """Compute takes one tick: stage 1 can run F0 only in the tick after stage 0 ran it."""
     grid = simulate(pipeline_actions("gpipe", 2, 1))
     assert grid == [["F0", ".", ".", "B0"], [".", "F0", "B0", "."]]
+
+
+# --------------------------------------------------------------------------- clipping and fitting as actions
+
+
+@pytest.mark.parametrize("schedule,n,m", [(s, n, m) for s in PIPELINED for n in (1, 2, 4) for m in (1, 3)])
+def test_whole_model_clipping_is_one_all_reduce_before_the_step(schedule, n, m):
+    """The norm all-reduce is an action of every stage's plan, just before STEP, so the
+    simulator sees the barrier it is; the plan without it is the same otherwise."""
+    plans = pipeline_actions(schedule, n, m, reduce_norm=True)
+    for plan, plain in zip(plans, pipeline_actions(schedule, n, m)):
+        assert plan[-2:] == [Action("ALL_REDUCE"), Action("STEP")]
+        assert plan[:-2] == plain[:-1]
+    simulate(plans)
+
+
+def test_an_all_reduce_missing_on_one_stage_deadlocks_the_others():
+    """A collective that one stage never joins leaves every other stage waiting at it."""
+    plans = pipeline_actions("1f1b", 3, 2, reduce_norm=True)
+    plans[1].remove(Action("ALL_REDUCE"))
+    with pytest.raises(DeadlockError, match="stage 0 at ALL_REDUCE"):
+        simulate(plans)
+
+
+def test_fits_follow_each_received_gradient():
+    """DNI's warm-up: every gradient a stage receives is fitted before the backward uses it; the
+    last stage receives none, so fits nothing."""
+    plans = [with_fits(plan) for plan in pipeline_actions("1f1b", 3, 4)]
+    for stage, plan in enumerate(plans):
+        fits = [a.microbatch for a in plan if a.kind == "FIT"]
+        assert fits == ([] if stage == 2 else [0, 1, 2, 3])
+        for mb in fits:
+            assert index_of(plan, "RECV_B", mb) + 1 == index_of(plan, "FIT", mb) < index_of(plan, "B", mb)
+    simulate(plans)
+    assert str(Action("FIT", 2)) == "FIT2" and str(Action("ALL_REDUCE")) == "ALL_REDUCE"
 
 
 # --------------------------------------------------------------------------- format_grid

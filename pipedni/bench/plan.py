@@ -5,7 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from pipedni.errors import ConfigError
+from pipedni.config import Config
+from pipedni.errors import ConfigError, LaunchError
+from pipedni.schedules import registry
 
 # A mode name -> (train.schedule, swept over microbatch counts?)
 MODES = {
@@ -19,6 +21,9 @@ MODES = {
     "cdni": ("dni", True),  # dni conditioned on labels
 }
 DEFAULT_MODES = list(MODES)
+# Locked pipelines (the modes every time to target is compared with): locked and multi-process.
+LOCKED_PIPELINES = tuple(mode for mode, (schedule, _) in MODES.items()
+                         if registry.get(schedule).locked and registry.get(schedule).max_stages is None)
 BASELINE = "single 1 thread"  # the job every speed-up is quoted against
 
 
@@ -64,6 +69,18 @@ def _microbatch_args(mode: str, m: int) -> tuple[str, ...]:
     return (f"--train.microbatches={m}",)
 
 
+def _runs(schedule: str, num_stages: int, m: int, batch_size: int) -> bool:
+    """Whether the schedule's own layout checks accept ``m`` microbatches (torch's need equal
+    microbatches, and Schedule1F1B at least one per stage)."""
+    cfg = Config()
+    cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size = schedule, m, batch_size
+    try:
+        registry.check_layout(cfg, num_stages)
+    except (ConfigError, LaunchError):
+        return False
+    return True
+
+
 def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_size: int) -> list[Job]:
     """Every job of the throughput sweep, in a fixed order. Microbatch counts a schedule cannot
     run (torch's: uneven microbatches, or 1F1B with M < N) are left out, not failed."""
@@ -79,9 +96,7 @@ def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_
             jobs.append(Job(mode, mode, schedule, num_stages, 1, 1, ("--train.microbatches=1",)))
         else:
             for m in microbatches:
-                if m > batch_size or (schedule.startswith("torch") and batch_size % m):
-                    continue
-                if schedule == "torch_1f1b" and m < num_stages:
+                if m > batch_size or not _runs(schedule, num_stages, m, batch_size):
                     continue
                 jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m, _microbatch_args(mode, m)))
     return jobs

@@ -17,8 +17,8 @@ from typing import Optional
 from rich.console import Console
 from rich.table import Table
 
-from pipedni.bench.plan import BASELINE
-from pipedni.bench.runner import UNPIPELINED_OR_DECOUPLED, set_target
+from pipedni.bench.plan import BASELINE, LOCKED_PIPELINES
+from pipedni.bench.runner import set_target
 from pipedni.metrics import write_json_atomic
 
 MIB = 1024 * 1024
@@ -52,7 +52,7 @@ def throughput_rows(results: dict) -> list[list[str]]:
 
 def accuracy_rows(results: dict) -> list[list[str]]:
     times = [e["time_to_target_sec"] for e in results["accuracy"]
-             if e["mode"] not in UNPIPELINED_OR_DECOUPLED and e.get("time_to_target_sec") is not None]
+             if e["mode"] in LOCKED_PIPELINES and e.get("time_to_target_sec") is not None]
     fastest = min(times, default=None)
     out = []
     for entry in results["accuracy"]:

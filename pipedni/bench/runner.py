@@ -16,9 +16,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipedni.bench.plan import Job
-
-UNPIPELINED_OR_DECOUPLED = ("single", "dni", "cdni")
+from pipedni.bench.plan import LOCKED_PIPELINES, Job
 from pipedni.errors import LaunchError
 
 
@@ -108,7 +106,7 @@ def set_target(results: dict, target: Optional[float] = None) -> None:
     """
     curves = [entry for entry in results["accuracy"] if entry["curve"]]
     if target is None and curves:
-        locked = [e["curve"][-1]["accuracy"] for e in curves if e["mode"] not in UNPIPELINED_OR_DECOUPLED]
+        locked = [e["curve"][-1]["accuracy"] for e in curves if e["mode"] in LOCKED_PIPELINES]
         finals = locked or [0.95 * max(e["curve"][-1]["accuracy"] for e in curves)]
         target = math.floor(min(finals) * 1000) / 1000
     results["target_accuracy"] = target

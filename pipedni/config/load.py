@@ -113,6 +113,9 @@ def _check_microbatches(cfg: Config, key: str, m: int) -> None:
 
 def validate(cfg: Config) -> None:
     """Cross-field checks, run once at load."""
+    from pipedni.schedules import registry  # the schedules build on config: import them only now
+
+    registry.get(cfg.train.schedule)
     _require(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}; must be >= 1")
     _require(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}; must be >= 1")
     _require(cfg.data.seq_len >= 1, f"data.seq_len = {cfg.data.seq_len}; must be >= 1")

@@ -75,10 +75,11 @@ class PartitionConfig:
 
 @dataclass
 class TrainConfig:
-    schedule: Literal["single", "naive", "gpipe", "1f1b", "dni", "torch_gpipe", "torch_1f1b"] = _f(
+    schedule: str = _f(
         "1f1b",
-        "single (one process, reference), naive, gpipe, 1f1b, dni (synthetic gradients), or "
-        "torch_gpipe / torch_1f1b (torch.distributed.pipelining's schedules on the same stages: the peer).",
+        "A schedule of pipedni.schedules.registry: single (one process, reference), naive, gpipe, 1f1b, "
+        "dni (synthetic gradients), or torch_gpipe / torch_1f1b (torch.distributed.pipelining's schedules "
+        "on the same stages: the peer).",
     )
     steps: int = _f(0, "Optimizer steps to run (0: use train.epochs).")
     epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")

@@ -1,6 +1,6 @@
 """The DNI schedule: every stage updates at once from a synthetic gradient (backward unlocking).
 
-One step of stage i (see "The DNI step" in the design):
+One step of stage i (see "The DNI step" in docs/design.md):
 
     x_t = batch t's inputs (first stage) or the activation of step t from stage i-1
     h_t = f_i(x_t);  send h_t to stage i+1 (non-blocking)
@@ -12,8 +12,8 @@ One step of stage i (see "The DNI step" in the design):
 Nothing waits for a gradient unless the store of steps awaiting one exceeds
 ``dni.max_staleness``: then the stage blocks on the oldest (back-pressure, bounded memory).
 Each non-last stage receives exactly one gradient per microbatch of every step, so ``finish``
-knows what is owed. The first ``dni.warmup_steps`` steps run locked 1F1B while the predictors
-fit true gradients.
+knows what is owed. The first ``dni.warmup_steps`` steps run locked 1F1B whose plan fits the
+predictor on each true gradient before its backward uses it (a ``FIT`` action).
 
 [Note: DNI microbatches]
 With ``dni.microbatches = M`` a stage runs the forward and the synthetic backward of each
@@ -26,17 +26,19 @@ to N - i of them. Each microbatch also travels on its own, so the next stage sta
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
-from typing import Iterable, Optional
+from typing import Optional
 
 import torch
 
-from pipedni.config import Config
-from pipedni.stage import Stage
+from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.errors import ConfigError
-from pipedni.synthetic import SyntheticGradientTrainer, labels_per_sample
-from pipedni.transport import Kind, TensorSpec, Transport
-from pipedni.worker import EvalResult, StageWorker, StepStats, Timers
+from pipedni.metrics.records import MetricSpec, StepStats
+from pipedni.schedules.executor import LockedExecutor
+from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.worker import Microbatch, Timers, Worker, grad_norm, split_batch
+from pipedni.transport import Kind
 
 
 class _FitLog:
@@ -49,36 +51,30 @@ class _FitLog:
 
     def write(self, stats: StepStats) -> None:
         if self.losses:
-            stats.sg_loss = sum(self.losses) / len(self.losses)
-            stats.sg_cosine = sum(self.cosines) / len(self.cosines)
+            stats.extra["sg_loss"] = sum(self.losses) / len(self.losses)
+            stats.extra["sg_cosine"] = sum(self.cosines) / len(self.cosines)
         if self.staleness:
-            stats.staleness = sum(self.staleness) / len(self.staleness)
+            stats.extra["staleness"] = sum(self.staleness) / len(self.staleness)
 
 
-class DNIWorker:
-    """Same interface as StageWorker (connect, train_step, finish, evaluate) for ``schedule: dni``."""
+class DNIWorker(Worker):
+    """``train.schedule: dni``: every stage updates at once from its synthetic gradient."""
 
-    def __init__(self, stage: Stage, transport: Transport, cfg: Config):
-        self.stage, self.transport, self.cfg = stage, transport, cfg
-        self.dni = cfg.dni.for_boundary(stage.stage_index)
-        self.locked = StageWorker(stage, transport, "1f1b", cfg.train.microbatches)  # the warm-up
-        self.locked.on_gradient = self._fit_true_gradient
+    def __init__(self, ctx: WorkerContext):
+        super().__init__(ctx)
+        stage, cfg = self.stage, ctx.cfg
+        self.dni, self.num_microbatches = cfg.dni.for_boundary(stage.stage_index), cfg.dni.microbatches
+        self.warmup = LockedExecutor(ctx, "1f1b", cfg.train.microbatches, whole_model_norm=False,
+                                     fit=self._fit_true_gradient)
         self.sg: Optional[SyntheticGradientTrainer] = None
+        if not stage.is_last:
+            feature_shape = tuple(self.shapes.output.shape[1:])
+            _check_labels(stage.stage_index, self.shapes.output.describe(), feature_shape, ctx.labels_shape)
+            self.sg = SyntheticGradientTrainer(feature_shape, ctx.num_classes, self.dni, stage.device,
+                                               cfg.data.batch_size, labels_per_sample(feature_shape))
         # step -> {microbatch: (output, labels)} awaiting their gradient, oldest step first
         self.store: OrderedDict[int, dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]]] = OrderedDict()
         self._log = _FitLog()
-
-    @property
-    def num_evals(self) -> int:
-        return self.locked.num_evals
-
-    def connect(self, sample_spec: TensorSpec, num_classes: int) -> None:
-        self.locked.connect(sample_spec, num_classes)
-        if not self.stage.is_last:
-            feature_shape = tuple(self.stage.output_spec.shape[1:])
-            self.labels_per_sample = labels_per_sample(feature_shape)
-            self.sg = SyntheticGradientTrainer(feature_shape, num_classes, self.dni, self.stage.device,
-                                               self.cfg.data.batch_size, self.labels_per_sample)
 
     def _labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return targets if self.dni.condition_on_labels else None
@@ -90,9 +86,9 @@ class DNIWorker:
         self._log.losses.append(loss)
         self._log.cosines.append(cosine)
 
-    def _fit_true_gradient(self, h: torch.Tensor, targets: torch.Tensor, grad: torch.Tensor) -> None:
-        """Warm-up: the locked schedule hands over each exact gradient before using it."""
-        self._fit(h, self._labels(targets), grad)
+    def _fit_true_gradient(self, h: torch.Tensor, piece: Microbatch, grad: torch.Tensor) -> None:
+        """Warm-up's FIT action: the exact gradient of ``h``, before the backward uses it."""
+        self._fit(h, self._labels(piece.targets), grad)
         self._log.staleness.append(0)
 
     def _fit_arrived(self, step: int, microbatch: int, grad: torch.Tensor) -> None:
@@ -109,62 +105,51 @@ class DNIWorker:
     def _wait_oldest(self) -> tuple[int, int, torch.Tensor]:
         step, pending = next(iter(self.store.items()))
         microbatch = next(iter(pending))
-        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.stage.output_spec)
+        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.shapes.output)
 
     # ------------------------------------------------------------------ training
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
         self._step, self._log = step, _FitLog()
-        if self.sg is not None and targets[0].numel() != self.labels_per_sample:
-            raise ConfigError(
-                f"dni: stage {self.stage.stage_index}'s output {self.stage.output_spec.describe()} is a "
-                f"{'sequence' if self.labels_per_sample > 1 else 'per-sample'} boundary expecting "
-                f"{self.labels_per_sample} label(s) per sample, but the data has {targets[0].numel()}; "
-                "synthetic gradients on [B, T, C] need one label per position (a language model)"
-            )
         if step < self.dni.warmup_steps:
-            stats = self.locked.train_step(step, inputs, targets)
+            stats = self.warmup.run(step, inputs, targets)
         else:
             stats = self._decoupled_step(step, inputs, targets)
         self._log.write(stats)
-        stats.store_size = len(self.store) if not self.stage.is_last else None
+        if not self.stage.is_last:
+            stats.extra["store_size"] = len(self.store)
         return stats
 
     def _decoupled_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
-        stage, timers, m = self.stage, Timers(self.transport), self.cfg.dni.microbatches
-        targets = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
-        inputs = list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m)) if stage.is_first else None
+        stage, timers = self.stage, Timers(self.transport)
         pending: dict[int, tuple] = {}
-        for mb in range(m):  # see [Note: DNI microbatches]
-            entry = self._microbatch(step, mb, inputs[mb] if stage.is_first else None, targets, timers)
+        for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches)):
+            entry = self._microbatch(step, mb, piece, timers)  # see [Note: DNI microbatches]
             if entry is not None:
                 pending[mb] = entry
-        grad_norm = timers.run("compute", stage.step)
+        norm = timers.run("compute", grad_norm, stage)  # this stage's own: no barrier across stages
+        timers.run("compute", stage.step, norm)
         if not stage.is_last:
             self.store[step] = pending
             timers.run("compute", self._fit_ready)
             while len(self.store) > self.dni.max_staleness:  # back-pressure: wait for the oldest
                 timers.run("compute", self._fit_arrived, *timers.run("wait_grad", self._wait_oldest))
-        stats = timers.stats(step)
-        stats.grad_norm = grad_norm
-        if stage.is_last:
-            stats.loss = stage.take_loss()
-        return stats
+        return timers.stats(step, stage, norm)
 
-    def _microbatch(self, step: int, mb: int, x: Optional[torch.Tensor], targets: list[torch.Tensor],
+    def _microbatch(self, step: int, mb: int, piece: Microbatch,
                     timers: Timers) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
         """Forward and backward of one microbatch; returns what fitting its gradient will need."""
         stage, transport = self.stage, self.transport
+        x = piece.inputs
         if not stage.is_first:
-            x = timers.run("wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, stage.input_spec)
-        weight = targets[mb].shape[0] / sum(t.shape[0] for t in targets)  # the last stage's loss share
-        h = timers.run("compute", stage.forward, mb, x, targets[mb] if stage.is_last else None, weight)
+            x = timers.run("wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
+        h = timers.run("compute", stage.forward, mb, x, piece.targets if stage.is_last else None, piece.weight)
         entry = None
         if stage.is_last:
             grad_in = timers.run("compute", stage.backward, mb)
         else:
             transport.send("next", Kind.ACTIVATION, step, mb, h)
-            labels = self._labels(targets[mb])
+            labels = self._labels(piece.targets)
             grad_in = timers.run("compute", stage.backward, mb, timers.run("compute", self.sg.predict, h, labels))
             entry = (h, labels)
         if not stage.is_first:
@@ -184,5 +169,26 @@ class DNIWorker:
     def extra_state(self) -> dict:
         return {} if self.sg is None else {"synthetic_gradient": self.sg.state_dict()}
 
-    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
-        return self.locked.evaluate(batches)
+
+def _check_labels(stage_index: int, boundary: str, feature_shape: tuple[int, ...],
+                  labels_shape: tuple[int, ...]) -> None:
+    """A sequence boundary [B, T, C] needs one label per position: fail at start-up otherwise."""
+    expected, actual = labels_per_sample(feature_shape), math.prod(labels_shape)
+    if expected != actual:
+        raise ConfigError(
+            f"dni: stage {stage_index}'s output {boundary} is a "
+            f"{'sequence' if expected > 1 else 'per-sample'} boundary expecting "
+            f"{expected} label(s) per sample, but the data has {actual}; "
+            "synthetic gradients on [B, T, C] need one label per position (a language model)"
+        )
+
+
+METRICS = (
+    MetricSpec("sg_loss", "sg_loss", "ema", "sg loss", ".2g"),
+    MetricSpec("sg_cosine", "sg_cosine", "ema", "sg cos", ".2f"),
+    MetricSpec("staleness", "mean_staleness", "ema", "stale", ".1f"),
+    MetricSpec("store_size", "max_store_size", "max", "store", "d"),
+)
+SPEC = ScheduleSpec("dni", "DNI: every stage updates at once from a synthetic gradient (dni.* settings)",
+                    build=DNIWorker, min_stages=2, locked=False, metrics=METRICS,
+                    wait_grad_header="backpressure s")

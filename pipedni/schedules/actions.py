@@ -1,8 +1,11 @@
 """Locked pipeline schedules as data: per-stage action lists from pure functions.
 
 An action is ``F3`` (forward microbatch 3), ``B3`` (backward), ``RECV_F3`` / ``SEND_F3``
-(activation in / out), ``RECV_B3`` / ``SEND_B3`` (gradient in / out) or ``STEP`` (optimizer).
-One executor (``pipedni.worker``) runs any list; ``simulate`` checks a set of lists for
+(activation in / out), ``RECV_B3`` / ``SEND_B3`` (gradient in / out), ``FIT3`` (fit a
+synthetic-gradient predictor on microbatch 3's arrived gradient: DNI's warm-up),
+``ALL_REDUCE`` (sum the gradients' squared norm over every stage, for clipping by the whole
+model's norm: a barrier of the whole pipe) or ``STEP`` (optimizer). One executor
+(``pipedni.schedules.executor``) runs any list; ``simulate`` checks a set of lists for
 completeness and deadlock without processes and ``format_grid`` prints the tick x stage grid:
 
     1f1b, N=3, M=4
@@ -16,15 +19,15 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-SCHEDULES = ("single", "naive", "gpipe", "1f1b")
+LOCKED_PLANS = ("single", "naive", "gpipe", "1f1b")
 
 
 class Action(NamedTuple):
-    kind: str  # RECV_F, F, SEND_F, RECV_B, B, SEND_B, STEP
-    microbatch: int = -1
+    kind: str  # RECV_F, F, SEND_F, RECV_B, FIT, B, SEND_B, ALL_REDUCE, STEP
+    microbatch: int = -1  # -1: the whole batch (ALL_REDUCE, STEP)
 
     def __str__(self) -> str:
-        return self.kind if self.kind == "STEP" else f"{self.kind}{self.microbatch}"
+        return self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
 
 
 def _forward(stage: int, num_stages: int, m: int) -> list[Action]:
@@ -39,8 +42,10 @@ def _backward(stage: int, num_stages: int, m: int) -> list[Action]:
     return acts if stage == 0 else acts + [Action("SEND_B", m)]
 
 
-def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int) -> list[Action]:
-    """The ordered actions of ``stage`` for one training step (one batch) under ``schedule``."""
+def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
+                  reduce_norm: bool = False) -> list[Action]:
+    """The ordered actions of ``stage`` for one training step (one batch) under ``schedule``;
+    with ``reduce_norm`` an ``ALL_REDUCE`` of the gradient norm precedes the ``STEP``."""
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} out of range for {num_stages} stages")
     n, m = num_stages, num_microbatches
@@ -66,12 +71,23 @@ def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: 
         for mb in range(m - warmup, m):
             acts += _backward(stage, n, mb)
     else:
-        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
-    return acts + [Action("STEP")]
+        raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(LOCKED_PLANS)}")
+    return acts + [Action("ALL_REDUCE")] * reduce_norm + [Action("STEP")]
 
 
-def pipeline_actions(schedule: str, num_stages: int, num_microbatches: int) -> list[list[Action]]:
-    return [stage_actions(schedule, s, num_stages, num_microbatches) for s in range(num_stages)]
+def with_fits(plan: list[Action]) -> list[Action]:
+    """``plan`` with a ``FIT`` after each gradient it receives, before the backward uses it."""
+    out: list[Action] = []
+    for action in plan:
+        out.append(action)
+        if action.kind == "RECV_B":
+            out.append(Action("FIT", action.microbatch))
+    return out
+
+
+def pipeline_actions(schedule: str, num_stages: int, num_microbatches: int,
+                     reduce_norm: bool = False) -> list[list[Action]]:
+    return [stage_actions(schedule, s, num_stages, num_microbatches, reduce_norm) for s in range(num_stages)]
 
 
 class DeadlockError(RuntimeError):
@@ -88,6 +104,7 @@ def simulate(plans: list[list[Action]]) -> list[list[str]]:
     pos = [0] * n
     sent: dict[tuple[str, int, int], int] = {}  # (kind, dst, mb) -> tick it becomes available
     received: set[tuple[str, int, int]] = set()
+    reduced = [0] * n  # ALL_REDUCEs each stage has passed
     grid: list[list[str]] = [[] for _ in range(n)]
     tick = 0
     while any(pos[s] < len(plans[s]) for s in range(n)):
@@ -101,8 +118,12 @@ def simulate(plans: list[list[Action]]) -> list[list[str]]:
                         break
                     did_compute = True
                     grid[s].append(str(act))
-                elif act.kind == "STEP":
+                elif act.kind in ("STEP", "FIT"):
                     pass
+                elif act.kind == "ALL_REDUCE":  # a collective: every stage must have reached its own
+                    if not _all_reached(plans, pos, reduced, reduced[s]):
+                        break
+                    reduced[s] += 1
                 elif act.kind.startswith("SEND"):
                     dst = s + 1 if act.kind == "SEND_F" else s - 1
                     key = (act.kind[-1], dst, act.microbatch)
@@ -130,6 +151,12 @@ def simulate(plans: list[list[Action]]) -> list[list[str]]:
     return [(row + ["."] * width)[:width] for row in grid]
 
 
+def _all_reached(plans: list[list[Action]], pos: list[int], reduced: list[int], index: int) -> bool:
+    """Whether every stage has passed, or stands at, its ``index``-th ALL_REDUCE."""
+    return all(reduced[t] > index or (reduced[t] == index and pos[t] < len(plan) and plan[pos[t]].kind == "ALL_REDUCE")
+               for t, plan in enumerate(plans))
+
+
 def format_grid(schedule: str, num_stages: int, num_microbatches: int) -> str:
     """The step x stage timeline of ``schedule`` as text (unit-time compute, instant messages)."""
     grid = simulate(pipeline_actions(schedule, num_stages, num_microbatches))
@@ -139,17 +166,3 @@ def format_grid(schedule: str, num_stages: int, num_microbatches: int) -> str:
     for s, row in enumerate(grid):
         lines.append(f"stage {s}".ljust(9) + "".join(f"{a:<4s}" for a in row).rstrip())
     return "\n".join(lines)
-
-
-if __name__ == "__main__":
-    import sys
-
-    name = sys.argv[1] if len(sys.argv) > 1 else "1f1b"
-    try:
-        stages = int(sys.argv[2]) if len(sys.argv) > 2 else 4
-        micro = int(sys.argv[3]) if len(sys.argv) > 3 else 4
-        print(format_grid(name, stages, micro))
-    except ValueError as err:
-        hint = " (dni is not a locked schedule: it has no fixed action list; see docs/design.md)" if name == "dni" else ""
-        print(f"error: {err}{hint}; usage: python -m pipedni.schedules {{{'|'.join(SCHEDULES)}}} N M", file=sys.stderr)
-        sys.exit(2)

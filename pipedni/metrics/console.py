@@ -9,6 +9,8 @@ from rich.console import Console as RichConsole
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from pipedni.metrics.records import MetricSpec
+
 
 class NullConsole:
     """Other ranks: every call does nothing."""
@@ -29,12 +31,13 @@ class NullConsole:
 class Console(NullConsole):
     """A rich progress bar on a terminal; one plain line per ``log_every`` steps otherwise (CI logs)."""
 
-    def __init__(self, log_every: int):
+    def __init__(self, log_every: int, metrics: tuple[MetricSpec, ...] = (), wait_grad_header: str = "wait grad s"):
         self.rich = RichConsole(stderr=False)
         self.live = self.rich.is_terminal
         if not self.live:  # logs and pipes: wide enough for the summary table on one line per stage
             self.rich = RichConsole(stderr=False, width=120)
         self.log_every = log_every
+        self.metrics, self.wait_grad_header = metrics, wait_grad_header  # the schedule's own columns
         self.progress: Optional[Progress] = None
         self.accuracy = "-"
 
@@ -69,21 +72,14 @@ class Console(NullConsole):
             self.progress.stop()
         table = Table(title=f"{summary['schedule']} on {summary['num_stages']} stage(s): "
                       f"{summary['samples_per_sec']:,.0f} samples/s, {summary['wall_time_sec']:.1f}s")
-        dni = summary["schedule"] == "dni"
-        columns = ["stage", "params", "busy", "wait in s", "backpressure s" if dni else "wait grad s",
-                   "send s", "peak MiB"]
-        if dni:
-            columns += ["sg cos", "sg loss", "stale", "store"]
-        for column in columns:
+        columns = ["stage", "params", "busy", "wait in s", self.wait_grad_header, "send s", "peak MiB"]
+        for column in columns + [spec.header for spec in self.metrics]:
             table.add_column(column, justify="right")
         for s in summary["stages"]:
             row = [str(s["stage_index"]), f"{s['num_params']:,}", f"{s['busy_fraction']:.0%}",
                    f"{s['wait_input_sec']:.2f}", f"{s['wait_grad_sec']:.2f}", f"{s['send_wait_sec']:.2f}",
                    f"{s['peak_memory_bytes'] / 2**20:,.0f}"]
-            if dni:
-                row += [_fmt(s.get("sg_cosine"), ".2f"), _fmt(s.get("sg_loss"), ".2g"),
-                        _fmt(s.get("mean_staleness"), ".1f"), _fmt(s.get("max_store_size"), "d")]
-            table.add_row(*row)
+            table.add_row(*row, *[_fmt(s.get(spec.summary_key), spec.fmt) for spec in self.metrics])
         self.rich.print(table)
         if summary["test_accuracy"] is not None:
             self.rich.print(f"test accuracy {summary['test_accuracy']:.2%}, test loss {summary['test_loss']:.4f}")
@@ -94,5 +90,7 @@ def _fmt(value, spec: str) -> str:
     return "-" if value is None else format(value, spec)
 
 
-def make_console(is_logging_rank: bool, log_every: int) -> NullConsole:
-    return Console(log_every) if is_logging_rank else NullConsole()
+def make_console(is_logging_rank: bool, log_every: int, metrics: tuple[MetricSpec, ...] = (),
+                 wait_grad_header: str = "wait grad s") -> NullConsole:
+    """The console of the logging rank, with the schedule's own columns; a null object elsewhere."""
+    return Console(log_every, metrics, wait_grad_header) if is_logging_rank else NullConsole()

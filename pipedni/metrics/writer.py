@@ -1,0 +1,64 @@
+"""Where metrics go: per-step lines (``metrics/stage<i>.jsonl``) and the run's ``summary.json``."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from pipedni.metrics.records import StepStats
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak allocated CUDA memory on a GPU stage; peak resident set size of the process on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+class MetricsWriter:
+    """Appends one JSON object per line to ``metrics/stage<i>.jsonl``."""
+
+    def __init__(self, run_dir: Path, stage_index: int):
+        path = run_dir / "metrics" / f"stage{stage_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = path.open("w", buffering=1)  # line-buffered: a crashed stage keeps its last steps
+
+    def log(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+
+    def step(self, stats: StepStats, batch_size: int, lr: float, time_sec: float) -> None:
+        record = stats.record()
+        record["samples_per_sec"] = batch_size / stats.step_sec if stats.step_sec > 0 else 0.0
+        record["lr"] = lr
+        record["time_sec"] = time_sec
+        self.log(record)
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def build_summary(cfg_schedule: str, num_stages: int, steps: int, batch_size: int, wall_time_sec: float,
+                  train_sec: float, timed_steps: int, test: Optional[dict], stages: list[dict]) -> dict:
+    """The stable ``summary.json`` contract (see docs/outputs.md)."""
+    return {
+        "schedule": cfg_schedule,
+        "num_stages": num_stages,
+        "steps": steps,
+        "batch_size": batch_size,
+        "samples_per_sec": batch_size * timed_steps / train_sec if train_sec > 0 else 0.0,
+        "wall_time_sec": wall_time_sec,
+        "test_accuracy": None if test is None else test["accuracy"],
+        "test_loss": None if test is None else test["loss"],
+        "stages": stages,
+    }

@@ -1,0 +1,98 @@
+"""The contract every schedule's worker keeps, and the pieces every worker shares: one
+microbatch split, one step timer, one way to measure the gradient norm for clipping.
+
+The trainer drives any worker alike: ``train_step`` once per batch (every stage with the same
+step), ``finish`` when training ends (take what is still owed), ``evaluate`` (forward-only,
+through the whole pipe), ``held_bytes`` (tensors kept between steps outside autograd) and
+``extra_state`` (what a checkpoint adds to the stage's own state).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from pipedni.metrics.records import StepStats
+from pipedni.schedules.passes import EvalResult, evaluate
+from pipedni.schedules.spec import WorkerContext
+from pipedni.stage import Stage
+
+
+class Worker:
+    """Base of every schedule's worker; a schedule overrides ``train_step`` and what it owes."""
+
+    def __init__(self, ctx: WorkerContext):
+        self.stage, self.transport, self.shapes = ctx.stage, ctx.transport, ctx.shapes
+        self.num_evals = 0
+
+    def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
+        raise NotImplementedError
+
+    def finish(self) -> None:
+        """Nothing is owed after a locked step: every gradient was consumed within it."""
+
+    def held_bytes(self) -> int:
+        """Bytes of activations kept between steps outside autograd: none, a locked step ends clean."""
+        return 0
+
+    def extra_state(self) -> dict:
+        return {}
+
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
+        eval_id, self.num_evals = self.num_evals, self.num_evals + 1
+        return evaluate(self.stage, self.transport, self.shapes, eval_id, batches)
+
+
+@dataclass
+class Microbatch:
+    inputs: Optional[torch.Tensor]  # the first stage's; None elsewhere (they arrive)
+    targets: torch.Tensor
+    weight: float  # its share of the batch: the last stage weights its loss by it
+
+
+def split_batch(stage: Stage, inputs: Optional[torch.Tensor], targets: torch.Tensor, m: int) -> list[Microbatch]:
+    """The batch in ``m`` microbatches on the stage's device, each with its loss weight, so that
+    accumulated gradients equal those of one full-batch step."""
+    pieces = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
+    xs = (list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m)) if stage.is_first
+          else [None] * len(pieces))
+    return [Microbatch(x, t, t.shape[0] / targets.shape[0]) for x, t in zip(xs, pieces)]
+
+
+def grad_norm(stage: Stage, transport=None) -> Optional[float]:
+    """The gradient norm ``Stage.step`` clips by: None when clipping is off; this stage's alone,
+    or the whole model's when given the transport (an all-reduce over every stage)."""
+    if not stage.clips:
+        return None
+    sq = stage.grad_sq_norm()
+    if transport is not None:
+        transport.all_reduce(sq)
+    return float(sq.sqrt())
+
+
+class Timers:
+    """Seconds spent per bucket (compute, wait_input, wait_grad) during one step."""
+
+    def __init__(self, transport):
+        self.seconds = {"compute": 0.0, "wait_input": 0.0, "wait_grad": 0.0}
+        self.transport = transport
+        self.send_wait_before, self.bytes_before = transport.send_wait_sec, transport.bytes_sent
+        self.start = time.perf_counter()
+
+    def run(self, bucket: str, fn: Callable, *args):
+        start = time.perf_counter()
+        result = fn(*args)
+        self.seconds[bucket] += time.perf_counter() - start
+        return result
+
+    def stats(self, step: int, stage: Stage, grad_norm: Optional[float]) -> StepStats:
+        """The step's record: its timers, the transport's counters since it began, and on the
+        last stage the batch's loss."""
+        return StepStats(step, loss=stage.take_loss() if stage.is_last else None,
+                         step_sec=time.perf_counter() - self.start, compute_sec=self.seconds["compute"],
+                         wait_input_sec=self.seconds["wait_input"], wait_grad_sec=self.seconds["wait_grad"],
+                         send_wait_sec=self.transport.send_wait_sec - self.send_wait_before,
+                         bytes_sent=self.transport.bytes_sent - self.bytes_before, grad_norm=grad_norm)
