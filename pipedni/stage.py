@@ -28,9 +28,11 @@ def num_correct(scores: torch.Tensor, targets: torch.Tensor) -> int:
 class Stage:
     """A slice of the model with its optimizer, holding the autograd state of microbatches in flight.
 
-    ``forward``/``backward`` are called once per microbatch in schedule order; the last stage
-    also computes the loss, weighted by the microbatch's share of the batch so that accumulated
-    gradients equal those of one full-batch step.
+    ``forward``/``backward`` are called once per microbatch in schedule order (a key: the
+    microbatch, or the step for a backward that comes steps later); the last stage also computes
+    the loss, weighted by the microbatch's share of the batch so that accumulated gradients
+    equal those of one full-batch step. A forward may run on stashed parameters (``stash``): its
+    backward then uses the weights the forward used, whatever updates came in between.
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
@@ -43,19 +45,34 @@ class Stage:
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
+        self.stashes: dict[int, dict[str, torch.Tensor]] = {}  # key -> the parameters its forward ran on
         self.batch_loss = 0.0  # weighted sum of microbatch losses (last stage)
 
     @property
     def num_params(self) -> int:
         return num_params(self.module)
 
+    @property
+    def in_flight(self) -> int:
+        """Forwards still awaiting their backward."""
+        return len(self.outputs)
+
+    def stash(self) -> dict[str, torch.Tensor]:
+        """A copy of the parameters for a forward whose backward comes after later updates."""
+        return {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
+
     def forward(self, mb: int, x: torch.Tensor, target: Optional[torch.Tensor] = None,
-                weight: float = 1.0) -> torch.Tensor:
-        """Run microbatch ``mb``; returns the detached output (non-last) or the loss value (last)."""
+                weight: float = 1.0, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """Run microbatch ``mb`` (on ``params``, from ``stash``, when given); returns the detached
+        output (non-last) or the loss value (last)."""
         if not self.is_first:
             x = x.detach().requires_grad_(True)
         self.inputs[mb] = x
-        out = self.module(x)
+        if params is None:
+            out = self.module(x)
+        else:
+            out = torch.func.functional_call(self.module, params, (x,))
+            self.stashes[mb] = params
         if self.is_last:
             out = loss_fn(out, target) * weight
             self.batch_loss += float(out.detach())
@@ -67,6 +84,12 @@ class Stage:
         returns the gradient of its input (None on the first stage)."""
         out, x = self.outputs.pop(mb), self.inputs.pop(mb)
         out.backward(grad)
+        stash = self.stashes.pop(mb, None)
+        if stash is not None:  # the gradients landed on the stashed copy: accumulate them on the weights
+            for name, p in self.module.named_parameters():
+                g = stash[name].grad
+                if g is not None:
+                    p.grad = g if p.grad is None else p.grad + g
         return None if self.is_first else x.grad
 
     @property
@@ -95,7 +118,6 @@ class Stage:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        assert not self.inputs and not self.outputs, "a schedule left microbatches without backward"
 
     def take_loss(self) -> float:
         loss, self.batch_loss = self.batch_loss, 0.0

@@ -19,6 +19,7 @@ MODES = {
     "torch_1f1b": ("torch_1f1b", True),
     "dni": ("dni", True),  # swept over dni.microbatches: see [Note: DNI microbatches]
     "cdni": ("dni", True),  # dni conditioned on labels
+    "async": ("async", False),  # delayed true gradients; whole batches
 }
 DEFAULT_MODES = list(MODES)
 # Locked pipelines (the modes every time to target is compared with): locked and multi-process.

@@ -149,6 +149,13 @@ def validate(cfg: Config) -> None:
     _require(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}; must be >= 0")
     _require(cfg.run.log_every >= 1, f"run.log_every = {cfg.run.log_every}; must be >= 1")
     _validate_dni(cfg)
+    delay = cfg.delayed.delay
+    _require(delay >= 1, f"delayed.delay = {delay}; must be >= 1 (a stage never waits for its own step's gradient)")
+    _require(
+        delay + 2 <= cfg.dist.queue_size,
+        f"delayed.delay = {delay} lets a stage run {delay} steps ahead, more than dist.queue_size = "
+        f"{cfg.dist.queue_size} messages can hold; raise dist.queue_size to at least {delay + 2}",
+    )
     balance = cfg.partition.balance
     if balance is not None:
         _require(

@@ -148,6 +148,18 @@ DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_wid
 
 
 @dataclass
+class DelayedConfig:
+    delay: int = _f(
+        1, "async: steps of delay each later stage adds; stage i of N updates at step t with the true gradient "
+           "of step t - delay x (N-1-i) (the last stage is exact).",
+    )
+    weight_stashing: bool = _f(
+        True, "async: a delayed backward uses the weights its forward used (one copy per step in flight); "
+              "false: recompute that forward with the current weights, keeping only its input.",
+    )
+
+
+@dataclass
 class DistConfig:
     backend: Literal["auto", "gloo", "nccl"] = _f(
         "auto", "auto: nccl when every rank has its own GPU, else gloo."
@@ -171,6 +183,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     dni: DNIConfig = field(default_factory=DNIConfig)
+    delayed: DelayedConfig = field(default_factory=DelayedConfig)
     dist: DistConfig = field(default_factory=DistConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 

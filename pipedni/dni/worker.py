@@ -129,6 +129,7 @@ class DNIWorker(Worker):
                 pending[mb] = entry
         norm = timers.run("compute", grad_norm, stage)  # this stage's own: no barrier across stages
         timers.run("compute", stage.step, norm)
+        assert not stage.in_flight, "a DNI step left microbatches without backward"
         if not stage.is_last:
             self.store[step] = pending
             timers.run("compute", self._fit_ready)

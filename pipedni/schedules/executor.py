@@ -86,3 +86,4 @@ class LockedExecutor:
         if not self.whole_model_norm:
             self._norm = self._timed("compute", grad_norm, self.stage)
         self._timed("compute", self.stage.step, self._norm)
+        assert not self.stage.in_flight, "a locked plan left microbatches without backward"
