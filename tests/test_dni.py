@@ -95,7 +95,7 @@ def test_predictor_learns_the_true_gradient(tmp_path):
     the first step already move it) and must rise far above the ~0 of an uninformed guess."""
     args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_size=4096", "--data.batch_size=64",
             "--train.steps=300", "--model.depth=2", "--model.width=64", "--partition.balance=[2,1]",
-            "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true"]
+            "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true", "--dni.kind=mlp"]
     run_distributed(_train, 2, str(tmp_path), args)
     steps = [r for r in read_steps(tmp_path, 0) if "sg_cosine" in r]
     late = [r["sg_cosine"] for r in steps[-50:]]
@@ -170,7 +170,7 @@ def test_dni_and_cdni_train_a_transformer_with_per_position_predictors(tmp_path,
     args = ["--train.schedule=dni", "--model.name=transformer", "--model.depth=4", "--model.width=32",
             "--model.heads=2", "--data.name=kjv", f"--data.root={tmp_path}", "--data.seq_len=16",
             "--data.batch_size=16", "--train.steps=40", "--partition.balance=[3,3]", "--optim.name=adam",
-            "--optim.lr=3e-3", "--dni.hidden_width=64", f"--dni.condition_on_labels={str(conditioned).lower()}"]
+            "--optim.lr=3e-3", "--dni.kind=mlp", "--dni.hidden_width=64", f"--dni.condition_on_labels={str(conditioned).lower()}"]
     results = run_distributed(_train_language_model, 2, str(tmp_path / "run"), args, timeout=120)
     vocab_size = len(set(text))
     assert results[0][2] == 32 + (vocab_size if conditioned else 0) and results[1][2] is None

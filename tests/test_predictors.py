@@ -25,7 +25,7 @@ def test_prediction_starts_at_zero_and_has_the_activation_shape(kind, shape, con
 
 
 def test_label_conditioning_adds_one_input_per_class():
-    plain = SyntheticGradient((32,), 10, DNIConfig(kind="linear"))
+    plain = SyntheticGradient((32,), 10, DNIConfig(condition_on_labels=False, kind="linear"))
     conditioned = SyntheticGradient((32,), 10, DNIConfig(kind="linear", condition_on_labels=True))
     assert plain.net[0].in_features == 32 and conditioned.net[0].in_features == 42
     conv = SyntheticGradient((4, 6, 6), 10, DNIConfig(kind="conv", condition_on_labels=True, hidden_layers=0))
@@ -34,14 +34,14 @@ def test_label_conditioning_adds_one_input_per_class():
 
 def test_conv_predictor_rejects_flat_activations():
     with pytest.raises(ConfigError, match="dni.kind = 'conv' needs 4-D activations"):
-        SyntheticGradient((32,), 10, DNIConfig(kind="conv"))
+        SyntheticGradient((32,), 10, DNIConfig(condition_on_labels=False, kind="conv"))
 
 
 @pytest.mark.parametrize("kind", ["linear", "lowrank", "mlp"])
 def test_predictor_learns_a_linear_gradient_field(kind):
     """The regression must actually fit: targets g = A h, as the gradient of a quadratic loss."""
     torch.manual_seed(0)
-    cfg = DNIConfig(kind=kind, hidden_width=64, rank=16, lr=3e-3, normalize_target=False)
+    cfg = DNIConfig(condition_on_labels=False, kind=kind, hidden_width=64, rank=16, lr=3e-3, normalize_target=False)
     sg = SyntheticGradientTrainer((16,), 10, cfg, CPU, batch_size=64)
     a = torch.randn(16, 16) / 4
     fits = [sg.fit(h, None, h @ a.T) for h in (torch.randn(64, 16) for _ in range(400))]
@@ -57,20 +57,20 @@ def test_normalised_targets_are_scaled_by_the_batch_size_not_the_rows():
     """With normalize_target the model regresses on batch_size x gradient; predictions are divided
     back. Regression: the scale was h's row count, so a warm-up microbatch of B/M rows (whose
     gradients are still O(1/B)) trained the predictor M times too small for the decoupled steps."""
-    cfg = DNIConfig(kind="linear", normalize_target=True)
+    cfg = DNIConfig(condition_on_labels=False, kind="linear", normalize_target=True)
     sg = SyntheticGradientTrainer((8,), 10, cfg, CPU, batch_size=16)
     with torch.no_grad():
         sg.model.net[0].bias.fill_(2.0)
     for rows in (4, 16):  # a microbatch and a whole batch get the same scale
         assert torch.allclose(sg.predict(torch.zeros(rows, 8), None), torch.full((rows, 8), 0.125))
-    plain = SyntheticGradientTrainer((8,), 10, DNIConfig(kind="linear", normalize_target=False), CPU, batch_size=16)
+    plain = SyntheticGradientTrainer((8,), 10, DNIConfig(condition_on_labels=False, kind="linear", normalize_target=False), CPU, batch_size=16)
     with torch.no_grad():
         plain.model.net[0].bias.fill_(2.0)
     assert torch.allclose(plain.predict(torch.zeros(4, 8), None), torch.full((4, 8), 2.0))
 
 
 def test_clip_bounds_each_sample_and_output_scale_multiplies():
-    cfg = DNIConfig(kind="linear", normalize_target=False, clip=1.0, output_scale=0.5)
+    cfg = DNIConfig(condition_on_labels=False, kind="linear", normalize_target=False, clip=1.0, output_scale=0.5)
     sg = SyntheticGradientTrainer((8,), 10, cfg, CPU, batch_size=4)
     with torch.no_grad():
         sg.model.net[0].bias.fill_(3.0)  # per-sample norm 3 * sqrt(8), clipped to 1, then halved
@@ -107,7 +107,7 @@ def test_sequence_predictors_act_per_position_on_the_last_dim(kind, conditioned)
 
 def test_sequence_targets_are_scaled_by_the_labels_per_batch():
     """A mean loss over B*T labels has O(1 / (B*T)) gradients: normalize_target scales by B*T."""
-    cfg = DNIConfig(kind="linear", normalize_target=True)
+    cfg = DNIConfig(condition_on_labels=False, kind="linear", normalize_target=True)
     sg = SyntheticGradientTrainer((5, 8), 10, cfg, CPU, batch_size=4, labels_per_sample=5)
     with torch.no_grad():
         sg.model.net[0].bias.fill_(2.0)
@@ -116,8 +116,8 @@ def test_sequence_targets_are_scaled_by_the_labels_per_batch():
 
 def test_four_d_activations_keep_the_flattening_predictor():
     """Only [B, T, C] goes per position: [B, C, H, W] under mlp still flattens each sample."""
-    assert not SyntheticGradient((4, 3, 3), 10, DNIConfig(kind="mlp")).per_position
-    assert SyntheticGradient((4, 3, 3), 10, DNIConfig(kind="mlp", hidden_layers=0)).net[0].in_features == 36
+    assert not SyntheticGradient((4, 3, 3), 10, DNIConfig(condition_on_labels=False, kind="mlp")).per_position
+    assert SyntheticGradient((4, 3, 3), 10, DNIConfig(condition_on_labels=False, kind="mlp", hidden_layers=0)).net[0].in_features == 36
 
 
 def test_per_position_cdni_needs_a_label_per_position():

@@ -33,7 +33,9 @@ from pipedni.errors import USER_ERRORS
 from pipedni.models import build_model
 from pipedni.partition import partition
 from pipedni.runtime import choose_device
+from pipedni.boundary import StageShapes, TensorSpec
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
+from pipedni.dni.sizing import choose
 from pipedni.schedules.worker import grad_norm
 from pipedni.stage import Stage
 
@@ -67,10 +69,16 @@ class _Timed:
             self.outs = [module(x) for x in self.xs]
         self.grads = [torch.randn_like(out) / out.shape[0] for out in self.outs]
         self.sg: Optional[SyntheticGradientTrainer] = None
-        if not self.stage.is_last:
-            shape = tuple(self.outs[0].shape[1:])
-            self.sg = SyntheticGradientTrainer(shape, num_classes, cfg.dni.for_boundary(index), self.stage.device,
-                                               cfg.data.batch_size, labels_per_sample(shape))
+        if not self.stage.is_last:  # the predictor a dni run would build here (see dni/sizing.py)
+            shape, dni = tuple(self.outs[0].shape[1:]), cfg.dni.for_boundary(index)
+            if dni.kind == "auto":
+                shapes = StageShapes(TensorSpec(tuple(self.xs[0].shape), self.xs[0].dtype),
+                                     TensorSpec(tuple(self.outs[0].shape), self.outs[0].dtype))
+                self.sg, _ = choose(self.stage, shapes, dni, num_classes, cfg.data.batch_size,
+                                    cfg.dni.microbatches, tuple(self.ys[0].shape[1:]))
+            else:
+                self.sg = SyntheticGradientTrainer(shape, num_classes, dni, self.stage.device,
+                                                   cfg.data.batch_size, labels_per_sample(shape))
 
     def _forward_backward(self, i: int) -> None:
         k, stage = i % len(self.xs), self.stage
@@ -117,6 +125,7 @@ def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[
         if only is None:
             result["optimizer_sec"] = max(0.0, _median_time(timed.step, iters) - fwd_bwd)
             result["predictor_sec"] = _median_time(timed.predictor, iters) if timed.sg else 0.0
+            result["predictor"] = timed.sg.cfg.kind if timed.sg else None
         results.append(result)
     return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size,
             "stages": results}

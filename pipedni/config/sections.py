@@ -109,11 +109,12 @@ class OptimConfig:
 
 @dataclass
 class DNIConfig:
-    kind: Literal["linear", "lowrank", "mlp", "conv"] = _f(
-        "mlp", "Synthetic-gradient model: linear, lowrank, mlp (per position on [B, T, C]), or conv (4-D)."
+    kind: Literal["auto", "linear", "lowrank", "mlp", "conv"] = _f(
+        "auto", "Synthetic-gradient model: auto (the richest whose cost fits the stage: see dni/sizing.py), "
+                "linear, lowrank, mlp (per position on [B, T, C]), or conv (4-D).",
     )
     condition_on_labels: bool = _f(
-        False, "cDNI: give the predictor the one-hot label (of each position, on sequences) as extra input."
+        True, "cDNI: give the predictor the one-hot label (of each position, on sequences) as extra input."
     )
     hidden_layers: int = _f(2, "mlp / conv: hidden layers of the predictor.")
     hidden_width: int = _f(1024, "mlp: units per hidden layer; conv: channels per hidden layer.")
@@ -126,7 +127,7 @@ class DNIConfig:
     normalize_target: bool = _f(
         True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
     )
-    max_staleness: int = _f(8, "Most steps a stage may run ahead of the gradients it has received.")
+    max_staleness: int = _f(2, "Most steps a stage may run ahead of the gradients it has received.")
     microbatches: int = _f(
         1, "Pieces each batch runs in, freed one by one (activation memory / M); one update per batch."
     )

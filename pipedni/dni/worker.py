@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
+from pipedni.dni.sizing import choose
 from pipedni.errors import ConfigError
 from pipedni.metrics.records import MetricSpec, StepStats
 from pipedni.schedules.executor import LockedExecutor
@@ -70,8 +71,13 @@ class DNIWorker(Worker):
         if not stage.is_last:
             feature_shape = tuple(self.shapes.output.shape[1:])
             _check_labels(stage.stage_index, self.shapes.output.describe(), feature_shape, ctx.labels_shape)
-            self.sg = SyntheticGradientTrainer(feature_shape, ctx.num_classes, self.dni, stage.device,
-                                               cfg.data.batch_size, labels_per_sample(feature_shape))
+            if self.dni.kind == "auto":  # see [Note: predictor budget]
+                self.sg, choice = choose(stage, self.shapes, self.dni, ctx.num_classes, cfg.data.batch_size,
+                                         self.num_microbatches, ctx.labels_shape)
+                print(choice, flush=True)
+            else:
+                self.sg = SyntheticGradientTrainer(feature_shape, ctx.num_classes, self.dni, stage.device,
+                                                   cfg.data.batch_size, labels_per_sample(feature_shape))
         # step -> {microbatch: (output, labels)} awaiting their gradient, oldest step first
         self.store: OrderedDict[int, dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]]] = OrderedDict()
         self._log = _FitLog()
