@@ -67,20 +67,23 @@ class DNIWorker(Worker):
         self.dni, self.num_microbatches = cfg.dni.for_boundary(stage.stage_index), cfg.dni.microbatches
         self.warmup = LockedExecutor(ctx, "1f1b", cfg.train.microbatches, whole_model_norm=False,
                                      fit=self._fit_true_gradient)
-        self.sg: Optional[SyntheticGradientTrainer] = None
-        if not stage.is_last:
-            feature_shape = tuple(self.shapes.output.shape[1:])
-            _check_labels(stage.stage_index, self.shapes.output.describe(), feature_shape, ctx.labels_shape)
-            if self.dni.kind == "auto":  # see [Note: predictor budget]
-                self.sg, choice = choose(stage, self.shapes, self.dni, ctx.num_classes, cfg.data.batch_size,
-                                         self.num_microbatches, ctx.labels_shape)
-                print(choice, flush=True)
-            else:
-                self.sg = SyntheticGradientTrainer(feature_shape, ctx.num_classes, self.dni, stage.device,
-                                                   cfg.data.batch_size, labels_per_sample(feature_shape))
+        self.sg = None if stage.is_last else self._predictor(ctx)
         # step -> {microbatch: (output, labels)} awaiting their gradient, oldest step first
         self.store: OrderedDict[int, dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]]] = OrderedDict()
         self._log = _FitLog()
+
+    def _predictor(self, ctx: WorkerContext) -> SyntheticGradientTrainer:
+        """This stage's predictor: the configured kind, or the one ``auto`` picks by cost."""
+        stage, batch_size = self.stage, ctx.cfg.data.batch_size
+        feature_shape = tuple(self.shapes.output.shape[1:])
+        _check_labels(stage.stage_index, self.shapes.output.describe(), feature_shape, ctx.labels_shape)
+        if self.dni.kind != "auto":
+            return SyntheticGradientTrainer(feature_shape, ctx.num_classes, self.dni, stage.device, batch_size,
+                                            labels_per_sample(feature_shape))
+        sg, choice = choose(stage, self.shapes, self.dni, ctx.num_classes, batch_size, self.num_microbatches,
+                            ctx.labels_shape)  # see [Note: predictor budget]
+        print(choice, flush=True)
+        return sg
 
     def _labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return targets if self.dni.condition_on_labels else None
