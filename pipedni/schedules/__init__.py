@@ -1,5 +1,6 @@
 """Schedules: locked plans as data (actions), their executor, the worker contract every schedule
-keeps, the peer (torch's own schedules) and the registry of them all (``registry.SCHEDULES``)."""
+keeps, the async schedule (delayed), the peer (torch's own schedules) and the registry of them
+all (``registry.SCHEDULES``)."""
 
 from pipedni.schedules.actions import (
     LOCKED_PLANS,
