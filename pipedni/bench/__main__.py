@@ -44,7 +44,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--stages", type=int, default=2, help="pipeline stages (processes), default 2")
     p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all")
     p.add_argument("--out", help="output directory (default: bench/<config name>)")
-    p.add_argument("--quick", action="store_true", help="about 7 minutes on 2 CPU cores (job start-up "
+    p.add_argument("--quick", action="store_true", help="about 12 minutes on 2 CPU cores (job start-up "
                    "dominates): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--microbatches", default="1,2,4,8", help="microbatch counts swept, default 1,2,4,8")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats, default 5")
