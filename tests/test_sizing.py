@@ -20,16 +20,17 @@ def _shapes(width_in: int) -> StageShapes:
 
 
 def test_a_cheaper_stage_gets_a_cheaper_predictor():
-    """The same 256-wide boundary: behind one small layer the default mlp predictor (two 1024-wide
-    hidden layers) would cost many times the stage, so auto falls to the cheapest measured (lowrank
-    or linear: at this size their costs are close); behind two 4096-wide layers it is a few
-    percent of the stage, so auto keeps the richest."""
-    cfg = DNIConfig(kind="auto", condition_on_labels=True)
+    """The same 256-wide boundary and the same candidates: behind one small layer even a small
+    mlp predictor costs more than the stage (per-call overheads dominate), so auto falls to the
+    cheapest measured (lowrank or linear: at this size their costs are close); behind three
+    4096-wide layers the mlp is a few percent of the stage, so auto keeps the richest."""
+    cfg = DNIConfig(kind="auto", condition_on_labels=True, hidden_width=64)
     small = _stage(nn.Linear(WIDTH, WIDTH))
-    large = _stage(nn.Linear(WIDTH, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, WIDTH))
-    cheap, line = choose(small, _shapes(WIDTH), cfg, 10, 64, 1, ())
-    rich, _ = choose(large, _shapes(WIDTH), cfg, 10, 64, 1, ())
-    assert cheap.cfg.kind in ("lowrank", "linear") and rich.cfg.kind == "mlp", line
+    large = _stage(nn.Linear(WIDTH, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096),
+                   nn.ReLU(), nn.Linear(4096, WIDTH))
+    cheap, line = choose(small, _shapes(WIDTH), cfg, 10, 128, 1, ())
+    rich, rich_line = choose(large, _shapes(WIDTH), cfg, 10, 128, 1, ())
+    assert cheap.cfg.kind in ("lowrank", "linear") and rich.cfg.kind == "mlp", (line, rich_line)
     assert f"dni.kind auto -> {cheap.cfg.kind}, the cheapest" in line and "mlp" in line  # says what it tried
     assert all(not p.detach().any() for p in cheap.model.net[-1].parameters())  # a fresh, zero-output one
 
