@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 
@@ -35,27 +34,11 @@ from pipedni.partition import partition
 from pipedni.runtime import choose_device
 from pipedni.boundary import StageShapes, TensorSpec
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
-from pipedni.dni.sizing import choose
+from pipedni.dni.sizing import choose, median_sec
 from pipedni.schedules.worker import grad_norm
 from pipedni.stage import Stage
 
 NUM_BATCHES = 4  # distinct batches cycled through, so caches hold no more than in training
-
-
-def _median_time(fn: Callable[[int], None], iters: int, seconds: float = 0.0) -> float:
-    """Median seconds of ``fn(i)``: 2 warm-up calls, then ``iters`` calls or ``seconds`` of them
-    (on a GPU each call is timed to the end of its kernels)."""
-    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
-    for i in range(2):
-        fn(i)
-    samples, end = [], time.perf_counter() + seconds
-    while len(samples) < iters or time.perf_counter() < end:
-        sync()
-        start = time.perf_counter()
-        fn(len(samples))
-        sync()
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples)
 
 
 class _Timed:
@@ -120,11 +103,11 @@ def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[
         if only is not None and index != only:
             continue
         time.sleep(max(0.0, start_at - time.time()))
-        fwd_bwd = _median_time(timed.fwd_bwd, iters, seconds)
+        fwd_bwd = median_sec(timed.fwd_bwd, iters, warmup=2, seconds=seconds)
         result = {"stage_index": index, "num_params": timed.stage.num_params, "fwd_bwd_sec": fwd_bwd}
         if only is None:
-            result["optimizer_sec"] = max(0.0, _median_time(timed.step, iters) - fwd_bwd)
-            result["predictor_sec"] = _median_time(timed.predictor, iters) if timed.sg else 0.0
+            result["optimizer_sec"] = max(0.0, median_sec(timed.step, iters, warmup=2) - fwd_bwd)
+            result["predictor_sec"] = median_sec(timed.predictor, iters, warmup=2) if timed.sg else 0.0
             result["predictor"] = timed.sg.cfg.kind if timed.sg else None
         results.append(result)
     return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size,

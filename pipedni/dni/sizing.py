@@ -35,14 +35,18 @@ def candidates(feature_shape: tuple[int, ...], cfg: DNIConfig) -> list[DNIConfig
     return [dataclasses.replace(cfg, kind=kind) for kind in kinds]
 
 
-def _median_sec(fn: Callable[[], None], device: torch.device, repeats: int = 3) -> float:
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    fn()  # warm-up: allocations, kernel selection
-    samples = []
-    for _ in range(repeats):
+def median_sec(fn: Callable[[int], None], iters: int, warmup: int = 1, seconds: float = 0.0) -> float:
+    """Median seconds of ``fn(i)``: ``warmup`` untimed calls (allocations, kernel selection), then
+    ``iters`` calls or ``seconds`` of them; on a GPU each call is timed to the end of its kernels.
+    The benchmark's profile times with it too."""
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)
+    for i in range(warmup):
+        fn(i)
+    samples, end = [], time.perf_counter() + seconds
+    while len(samples) < iters or time.perf_counter() < end:
         sync()
         start = time.perf_counter()
-        fn()
+        fn(len(samples))
         sync()
         samples.append(time.perf_counter() - start)
     return statistics.median(samples)
@@ -55,11 +59,11 @@ def stage_sec(stage: Stage, shapes: StageShapes, rows: int) -> float:
     grad = torch.ones((rows, *shapes.output.shape[1:]), dtype=shapes.output.dtype, device=stage.device)
     buffers = {name: b.clone() for name, b in stage.module.named_buffers()}
 
-    def run() -> None:
+    def run(_: int) -> None:
         stage.forward(-1, x)
         stage.backward(-1, grad)
 
-    seconds = _median_sec(run, stage.device)
+    seconds = median_sec(run, iters=3)
     stage.optimizer.zero_grad(set_to_none=True)
     with torch.no_grad():
         for name, b in stage.module.named_buffers():
@@ -75,11 +79,11 @@ def predictor_sec(trainer: SyntheticGradientTrainer, shapes: StageShapes, rows: 
     labels = (torch.zeros((rows, *labels_shape), dtype=torch.int64, device=device)
               if trainer.cfg.condition_on_labels else None)
 
-    def run() -> None:
+    def run(_: int) -> None:
         trainer.predict(h, labels)
         trainer.fit(h, labels, grad)
 
-    return _median_sec(run, device)
+    return median_sec(run, iters=3)
 
 
 def choose(stage: Stage, shapes: StageShapes, cfg: DNIConfig, num_classes: int, batch_size: int,
