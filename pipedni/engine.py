@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 import uuid
-from typing import Optional
+from typing import Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -15,13 +16,14 @@ from pipedni import data as datasets
 from pipedni.boundary import TensorSpec
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
-from pipedni.errors import LaunchError, same_on_every_rank
+from pipedni.errors import LaunchError, PipeDNIError, same_on_every_rank
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.metrics.console import make_console
 from pipedni.metrics.memory import make_meter
 from pipedni.metrics.telemetry import make_telemetry
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
+from pipedni.partition_cost import time_balance
 from pipedni.runtime import Runtime
 from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
@@ -80,6 +82,57 @@ def run_token(runtime: Runtime) -> str:
     return token[0]
 
 
+T = TypeVar("T")
+
+
+def from_rank_zero(runtime: Runtime, compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone and broadcast; its error, if any, is raised on every rank."""
+    box: list = [None]
+    error: Optional[Exception] = None
+    if runtime.rank == 0:
+        try:
+            box[0] = compute()
+        except Exception as err:  # the other ranks wait in the broadcast: they must learn of it
+            error = err
+            box[0] = err if isinstance(err, PipeDNIError) else RuntimeError(f"stage 0 failed: {err!r}")
+    if runtime.distributed:
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def partition_method(cfg: Config, num_stages: int) -> str:
+    """``partition.method`` with ``auto`` resolved: ``time`` for a decoupled schedule on several
+    stages (its stages pay what a parameter count cannot see: predictors, weight copies), else
+    ``parameters`` (a split that does not depend on timing)."""
+    if cfg.partition.method != "auto":
+        return cfg.partition.method
+    return "time" if num_stages > 1 and not registry.get(cfg.train.schedule).locked else "parameters"
+
+
+def cut_model(cfg: Config, runtime: Runtime, model: nn.Sequential,
+              train_set: datasets.Dataset) -> tuple[list[nn.Sequential], str]:
+    """This run's stages, cut alike on every rank, and the line rank 0 prints about a timed split
+    (see [Note: partition by time] in partition_cost.py)."""
+    n = runtime.num_stages
+    balance = cfg.partition.balance if n > 1 else None
+    method, note = partition_method(cfg, n), ""
+    if balance is None and method == "time" and isinstance(model, nn.Sequential) and 1 < n <= len(model):
+        balance, note = from_rank_zero(runtime, lambda: time_balance(cfg, model, train_set, runtime.device, n))
+    return partition(model, n, balance, method), note
+
+
+def with_balance(cfg: Config, stages: list[nn.Sequential]) -> Config:
+    """``cfg`` recording the balance the stages were cut by, so that a rerun from the saved
+    config cuts alike without measuring (a balance the user gave is kept as given)."""
+    if len(stages) == 1 or cfg.partition.balance is not None:
+        return cfg
+    return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=[len(s) for s in stages]))
+
+
 class Trainer:
     """Runs training, evaluation, checkpointing and the summary for one rank."""
 
@@ -93,14 +146,16 @@ class Trainer:
             sample_shape = tuple(self.train_set.inputs.shape[1:])
             if model is None:
                 model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
-            balance = cfg.partition.balance if runtime.num_stages > 1 else None
-            stages = partition(model, runtime.num_stages, balance, cfg.partition.method)
+            stages, note = cut_model(cfg, runtime, model, self.train_set)
+        self.cfg = cfg = with_balance(cfg, stages)
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
         self.worker = build_worker(cfg, runtime, self.spec, stages[runtime.stage_index], self.steps, self.train_set)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if runtime.is_first:
             save_config(cfg, self.run_dir / "config.yaml")
             print(describe(stages), flush=True)
+            if note:
+                print(note, flush=True)
         self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params,
                                   metrics=self.spec.metrics)

@@ -87,7 +87,7 @@ class Stage:
         stash = self.stashes.pop(mb, None)
         if stash is not None:  # the gradients landed on the stashed copy: accumulate them on the weights
             for name, p in self.module.named_parameters():
-                g = stash[name].grad
+                g, stash[name].grad = stash[name].grad, None  # one copy may serve several microbatches
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
         return None if self.is_first else x.grad

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipedni.bench.plan import BASELINE, parse_counts, parse_modes, plan_jobs
+from pipedni.bench.plan import BASELINE, DEFAULT_MODES, parse_boundaries, parse_counts, parse_modes, plan_jobs
 from pipedni.bench.report import update_docs
 from pipedni.errors import ConfigError
 
@@ -38,6 +38,18 @@ def test_plan_sweeps_microbatches_and_leaves_out_what_torch_cannot_run():
     gpipe = jobs[labels.index("gpipe M=3")]
     assert "--train.microbatches=3" in gpipe.args() and gpipe.nproc == 4
     assert all(job.threads == 1 for job in jobs if job.mode != "single")
+
+
+def test_mixed_runs_its_boundaries_and_only_when_asked():
+    boundaries = parse_boundaries("locked, dni,locked", ["1f1b", "mixed"], 4)
+    jobs = plan_jobs(["mixed"], 4, [2], batch_size=12, boundaries=tuple(boundaries))
+    assert [job.label for job in jobs] == ["mixed M=2"]
+    assert {"--train.schedule=mixed", "--train.boundaries=[locked,dni,locked]", "--train.microbatches=2"} <= set(jobs[0].args())
+    assert "mixed" not in DEFAULT_MODES  # nothing to mix without --boundaries
+    with pytest.raises(ConfigError, match="needs 3 of locked, dni, async for --stages 4"):
+        parse_boundaries("locked,dni", ["mixed"], 4)
+    with pytest.raises(ConfigError, match="read only by the mixed mode"):
+        parse_boundaries("dni", ["1f1b"], 2)
 
 
 def test_plan_inputs_are_checked():

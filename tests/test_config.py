@@ -160,7 +160,7 @@ def test_unknown_key_lists_the_valid_keys_of_its_section():
         load_config(None, ["--train.schedul=gpipe"])
     msg = str(info.value)
     assert "unknown key 'train.schedul'" in msg
-    assert "valid keys of 'train': epochs, eval_every, microbatches, schedule, steps" in msg
+    assert "valid keys of 'train': boundaries, epochs, eval_every, microbatches, schedule, steps" in msg
 
 
 def test_unknown_key_in_file(tmp_path):
@@ -246,7 +246,7 @@ def test_section_must_be_a_mapping(tmp_path):
         (["--dni.max_staleness=8", "--dni.microbatches=8"], "= 64 must be below dist.queue_size = 64"),
         (["--dni.microbatches=0"], "dni.microbatches = 0; must be >= 1"),
         (["--dni.microbatches=200"], "dni.microbatches = 200 exceeds data.batch_size = 128"),
-        (["--dni.boundaries=[{warmup_steps: 3}]"], r"dni.boundaries\[0\] sets 'warmup_steps'"),
+        (["--dni.boundaries=[{max_staleness: 3}]"], r"dni.boundaries\[0\] sets 'max_staleness'"),
         (["--data.seq_len=0"], "data.seq_len = 0; must be >= 1"),
         (["--model.name=transformer", "--model.width=30", "--model.heads=4"],
          r"model.width = 30 does not divide into model.heads = 4 heads; use a width that is a multiple of 4 \(e.g. 32\)"),

@@ -1,32 +1,27 @@
 """The async schedule (delayed true gradients) equals one process applying the same delays.
 
-The reference below is written apart from the engine: plain modules, a deep copy of a stage
-for each forward whose backward comes later (weight stashing) or a recomputation on the current
-weights (features replay), and every stage's update of step s at "time" s + d_i. A pipelined
-run over real gloo processes must match it parameter by parameter, send every message exactly
-once and end with nothing in flight.
+The reference is tests/test_mixed.py's, written apart from the engine: plain modules, a deep
+copy of a stage for each forward whose backward comes later (weight stashing) or a
+recomputation on the current weights (features replay), and every stage's update of step s at
+"time" s + d_i. A pipelined run over real gloo processes must match it parameter by parameter,
+send every message exactly once and end with nothing in flight.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 
 import pytest
 import torch
 
 from dist_utils import run_distributed
-from pipedni import data as datasets
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.errors import ConfigError
 from pipedni.export import merge_checkpoints
-from pipedni.models import build_model
-from pipedni.optim import build_optimizer, build_scheduler
-from pipedni.partition import partition
 from pipedni.runtime import Runtime
-from pipedni.stage import loss_fn
 from test_dni import assert_every_message_received, read_steps
+from test_mixed import mixed_reference
 
 STEPS = 6
 
@@ -41,52 +36,9 @@ def make_config(run_dir: Path, *extra: str):
 
 
 def delayed_reference(cfg, num_stages: int) -> dict:
-    """One process: stage i updates at time t with the gradient of step t - delay x (N-1-i)."""
-    train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
-    model = build_model(cfg.model, tuple(train_set.inputs.shape[1:]), train_set.num_classes, cfg.run.seed)
-    stages = partition(model, num_stages, None, cfg.partition.method)
-    optims = [build_optimizer(s.parameters(), cfg.optim) for s in stages]
-    scheds = [build_scheduler(o, cfg.optim, STEPS) for o in optims]
-    delays = [cfg.delayed.delay * (num_stages - 1 - i) for i in range(num_stages)]
-    batches = list(datasets.train_batches(train_set, cfg.data.batch_size, cfg.run.seed, STEPS))
-    kept: list[dict] = [{} for _ in stages]  # stage -> step -> (input, output, module) or the input
-    grads: list[dict] = [{} for _ in stages]  # stage -> step -> gradient of its input
-    for t in range(STEPS + max(delays)):
-        if t < STEPS:
-            x = batches[t][1]
-            for i, stage in enumerate(stages):
-                x_in = x.detach().requires_grad_(i > 0)
-                if cfg.delayed.weight_stashing or i == num_stages - 1:
-                    copy_ = copy.deepcopy(stage)
-                    out = copy_(x_in)
-                    kept[i][t] = (x_in, out, copy_)
-                    x = out
-                else:
-                    with torch.no_grad():
-                        x = stage(x_in)
-                    kept[i][t] = x_in
-        for i in reversed(range(num_stages)):
-            s = t - delays[i]
-            if not 0 <= s < STEPS:
-                continue
-            entry = kept[i].pop(s)
-            if isinstance(entry, tuple):
-                x_in, out, ran = entry
-            else:
-                x_in, ran = entry, stages[i]
-                out = ran(x_in)
-            if i == num_stages - 1:
-                loss_fn(out, batches[s][2]).backward()
-            else:
-                out.backward(grads[i + 1].pop(s))
-            for p, q in zip(stages[i].parameters(), ran.parameters()):
-                if q is not p:
-                    p.grad = q.grad
-            grads[i][s] = x_in.grad
-            optims[i].step()
-            optims[i].zero_grad(set_to_none=True)
-            scheds[i].step()
-    return {k: v for k, v in model.state_dict().items()}
+    """One process: stage i updates at time t with the gradient of step t - delay x (N-1-i), the
+    mixed reference with every boundary async and whole batches."""
+    return mixed_reference(cfg, num_stages, ["async"] * (num_stages - 1), 1, STEPS)[0]
 
 
 CASES = [("stash", ()), ("replay", ("--delayed.weight_stashing=false",)), ("delay2", ("--delayed.delay=2",))]

@@ -16,6 +16,7 @@ from pipedni.partition import (
     describe,
     min_max_balance,
     num_params,
+    part_costs,
     partition,
     resolve_balance,
     uniform_balance,
@@ -32,13 +33,16 @@ def part_sums(costs, balance):
     return sums
 
 
-def brute_force_min_max(costs, k):
-    """The smallest largest-part sum over every contiguous split into k non-empty parts."""
+def brute_force_min_max(costs, k, cut_costs=None, scale=1.0):
+    """The smallest largest-part cost over every contiguous split into k non-empty parts; a part
+    ending before layer j < n costs its sum x scale + cut_costs[j]."""
     n = len(costs)
+    cut_costs = cut_costs or [0] * n
     best = None
     for cuts in itertools.combinations(range(1, n), k - 1):
         bounds = (0,) + cuts + (n,)
-        worst = max(sum(costs[a:b]) for a, b in zip(bounds, bounds[1:]))
+        worst = max(sum(costs[a:b]) if b == n else sum(costs[a:b]) * scale + cut_costs[b]
+                    for a, b in zip(bounds, bounds[1:]))
         best = worst if best is None else min(best, worst)
     return best
 
@@ -71,6 +75,37 @@ def test_min_max_balance_is_optimal_against_brute_force():
         assert sum(balance) == n, case
         assert min(balance) >= 1, case
         assert max(part_sums(costs, balance)) == brute_force_min_max(costs, k), case
+
+
+def test_min_max_balance_with_cut_costs_is_optimal_against_brute_force():
+    """partition.method time: a stage also pays for its outgoing boundary (a DNI predictor on the
+    cut layer's output, or a share of its own cost), the last stage for none."""
+    rng = random.Random(99)
+    for _ in range(400):
+        n = rng.randint(1, 8)
+        k = rng.randint(1, n)
+        costs = [rng.randint(0, 30) for _ in range(n)]
+        cut_costs = [rng.randint(0, 40) for _ in range(n)]
+        scale = rng.choice([1.0, 1.12, 2.0])
+        balance = min_max_balance(costs, k, cut_costs, scale)
+        case = f"costs={costs} cut_costs={cut_costs} scale={scale} k={k} -> {balance}"
+        assert len(balance) == k and sum(balance) == n and min(balance) >= 1, case
+        best = brute_force_min_max(costs, k, cut_costs, scale)
+        assert max(part_costs(costs, balance, cut_costs, scale)) == best, case
+
+
+def test_a_costly_cut_moves_the_boundary():
+    """Cuts before layers 1 and 2 are dearer than the layers themselves: the split moves off them."""
+    assert min_max_balance([1, 1, 1, 1], 2) == [2, 2]
+    assert min_max_balance([1, 1, 1, 1], 2, cut_costs=[0, 50, 50, 0]) == [3, 1]
+
+
+def test_impossible_cuts_are_avoided_and_an_all_impossible_split_is_still_a_split():
+    """An infinite cut cost marks a boundary no stage may end at (a predictor that cannot serve it)."""
+    inf = float("inf")
+    assert min_max_balance([5, 1, 1, 5], 2, cut_costs=[0, inf, inf, 0]) == [3, 1]
+    balance = min_max_balance([1, 1, 1], 3, cut_costs=[0, inf, inf])
+    assert balance == [1, 1, 1] and max(part_costs([1, 1, 1], balance, [0, inf, inf])) == inf
 
 
 def test_min_max_balance_isolates_a_heavy_layer():
@@ -134,8 +169,21 @@ def test_zero_stages():
 
 
 def test_unknown_method_names_the_choices():
-    with pytest.raises(PartitionError, match="partition.method = 'flops' is unknown; use 'uniform' or 'parameters'"):
+    with pytest.raises(PartitionError, match="partition.method = 'flops' is unknown; "
+                                             "use 'uniform', 'parameters', 'time' or 'auto'"):
         resolve_balance(toy(4), 2, method="flops")
+
+
+def test_time_without_a_sample_says_what_to_pass():
+    with pytest.raises(PartitionError, match=r"pass sample=\(inputs, targets\)") as info:
+        partition(toy(4), 2, method="time")
+    assert "method='parameters'" in str(info.value)
+
+
+def test_auto_without_a_sample_splits_by_parameters_and_one_stage_needs_no_timing():
+    model = toy(4)
+    assert resolve_balance(model, 2, method="auto") == resolve_balance(model, 2, method="parameters")
+    assert resolve_balance(model, 1, method="time") == [4]  # nothing to balance: no sample needed
 
 
 def test_non_sequential_model_is_refused_with_the_wrapping_hint():

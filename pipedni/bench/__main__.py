@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipedni.bench import report
-from pipedni.bench.plan import DEFAULT_MODES, Job, parse_counts, parse_modes, plan_jobs
+from pipedni.bench.plan import DEFAULT_MODES, Job, parse_boundaries, parse_counts, parse_modes, plan_jobs
 from pipedni.bench.profile import limits
 from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, set_target, spread
 from pipedni.config import Config, load_config
@@ -42,10 +42,12 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="Other --section.key=value arguments override the config for every job.")
     p.add_argument("config", help="YAML config: model, data, batch, optimizer, dni settings")
     p.add_argument("--stages", type=int, default=2, help="pipeline stages (processes), default 2")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all but mixed")
     p.add_argument("--out", help="output directory (default: bench/<config name>)")
     p.add_argument("--quick", action="store_true", help="about 12 minutes on 2 CPU cores (job start-up "
                    "dominates): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--boundaries", default="", help="the mixed mode's boundary modes, one per boundary, "
+                   "e.g. locked,dni,locked for 4 stages (mixed runs only when given in --modes)")
     p.add_argument("--microbatches", default="1,2,4,8", help="microbatch counts swept, default 1,2,4,8")
     p.add_argument("--repeats", type=int, default=5, help="interleaved repeats, default 5")
     p.add_argument("--steps", type=int, default=60, help="steps per throughput run, default 60")
@@ -68,6 +70,7 @@ def check(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, list[
     """Everything a job could fail on at once, before any job starts."""
     cfg = load_config(args.config, overrides)
     modes = parse_modes(args.modes)
+    args.boundaries = parse_boundaries(args.boundaries, modes, args.stages)
     counts = parse_counts(args.microbatches, "--microbatches")
     for name, low in (("stages", 2), ("repeats", 1), ("steps", 3), ("warmup", 1)):
         if getattr(args, name) < low:
@@ -200,7 +203,7 @@ def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float, i
 
 def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
     cfg, modes, counts = check(args, overrides)
-    jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size)
+    jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size, tuple(args.boundaries))
     print(f"{len(jobs)} jobs x {args.repeats} repeats, {args.steps} steps each ({args.warmup} untimed)", flush=True)
     runs, profiled = throughput_phase(args, overrides, jobs, out, cfg.data.batch_size)
     rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"],

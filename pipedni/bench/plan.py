@@ -20,8 +20,9 @@ MODES = {
     "dni": ("dni", True),  # swept over dni.microbatches: see [Note: DNI microbatches]
     "cdni": ("dni", True),  # dni conditioned on labels
     "async": ("async", False),  # delayed true gradients; whole batches
+    "mixed": ("mixed", True),  # each boundary its own mode: needs --boundaries
 }
-DEFAULT_MODES = list(MODES)
+DEFAULT_MODES = [mode for mode in MODES if mode != "mixed"]
 # Locked pipelines (the modes every time to target is compared with): locked and multi-process.
 LOCKED_PIPELINES = tuple(mode for mode, (schedule, _) in MODES.items()
                          if registry.get(schedule).locked and registry.get(schedule).max_stages is None)
@@ -64,6 +65,22 @@ def parse_counts(text: str, what: str) -> list[int]:
     return counts
 
 
+def parse_boundaries(text: str, modes: list[str], num_stages: int) -> list[str]:
+    """``--boundaries locked,dni,...``: one mode per boundary, required by (and only by) ``mixed``."""
+    from pipedni.schedules.boundaries import MODES as BOUNDARY_MODES
+
+    boundaries = [b.strip() for b in text.split(",") if b.strip()]
+    if "mixed" not in modes:
+        if boundaries:
+            raise ConfigError(f"--boundaries {text!r} is read only by the mixed mode; add mixed to --modes")
+        return []
+    if len(boundaries) != num_stages - 1 or any(b not in BOUNDARY_MODES for b in boundaries):
+        raise ConfigError(f"--boundaries {text!r}: the mixed mode needs {num_stages - 1} of "
+                          f"{', '.join(BOUNDARY_MODES)} for --stages {num_stages}, e.g. "
+                          f"{','.join((['locked', 'dni'] * num_stages)[:num_stages - 1])}")
+    return boundaries
+
+
 def _microbatch_args(mode: str, m: int) -> tuple[str, ...]:
     if mode in ("dni", "cdni"):
         return (f"--dni.microbatches={m}", f"--dni.condition_on_labels={'true' if mode == 'cdni' else 'false'}")
@@ -75,6 +92,8 @@ def _runs(schedule: str, num_stages: int, m: int, batch_size: int) -> bool:
     microbatches, and Schedule1F1B at least one per stage)."""
     cfg = Config()
     cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size = schedule, m, batch_size
+    if schedule == "mixed":
+        cfg.train.boundaries = ["locked"] * (num_stages - 1)  # the count is what the layout checks
     try:
         registry.check_layout(cfg, num_stages)
     except (ConfigError, LaunchError):
@@ -82,9 +101,11 @@ def _runs(schedule: str, num_stages: int, m: int, batch_size: int) -> bool:
     return True
 
 
-def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_size: int) -> list[Job]:
+def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_size: int,
+              boundaries: tuple[str, ...] = ()) -> list[Job]:
     """Every job of the throughput sweep, in a fixed order. Microbatch counts a schedule cannot
-    run (torch's: uneven microbatches, or 1F1B with M < N) are left out, not failed."""
+    run (torch's: uneven microbatches, or 1F1B with M < N) are left out, not failed. ``mixed``
+    runs with ``boundaries`` (see ``parse_boundaries``)."""
     cores = os.cpu_count() or 1
     jobs: list[Job] = []
     for mode in modes:
@@ -99,5 +120,6 @@ def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_
             for m in microbatches:
                 if m > batch_size or not _runs(schedule, num_stages, m, batch_size):
                     continue
-                jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m, _microbatch_args(mode, m)))
+                extra = (f"--train.boundaries=[{','.join(boundaries)}]",) if mode == "mixed" else ()
+                jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m, _microbatch_args(mode, m) + extra))
     return jobs

@@ -125,6 +125,7 @@ def validate(cfg: Config) -> None:
         cfg.train.steps > 0 or cfg.train.epochs > 0,
         "train.steps and train.epochs are both 0; set one of them",
     )
+    _validate_boundaries(cfg)
     _require(cfg.train.eval_every >= 0, f"train.eval_every = {cfg.train.eval_every}; must be >= 0")
     limit = cfg.train.time_limit_sec
     _require(limit >= 0, f"train.time_limit_sec = {limit}; must be >= 0 (0: off)")
@@ -162,6 +163,21 @@ def validate(cfg: Config) -> None:
             len(balance) >= 1 and min(balance) >= 1,
             f"partition.balance = {balance}; every stage needs at least one layer",
         )
+
+
+def _validate_boundaries(cfg: Config) -> None:
+    """Boundary modes name real modes and are read only by ``mixed`` (their count is checked
+    against the stages at launch)."""
+    from pipedni.schedules.boundaries import MODES, MIXED
+
+    modes = cfg.train.boundaries
+    for i, mode in enumerate(modes):
+        _require(mode in MODES, f"train.boundaries[{i}] = {mode!r} is not a boundary mode; use one of {', '.join(MODES)}")
+    _require(
+        not modes or cfg.train.schedule == MIXED.name,
+        f"train.boundaries = {modes} is read only by train.schedule: {MIXED.name} (it is {cfg.train.schedule!r}); "
+        f"set --train.schedule={MIXED.name} or remove train.boundaries",
+    )
 
 
 def _validate_transformer(m: ModelConfig) -> None:
@@ -212,6 +228,7 @@ def _validate_dni(cfg: Config) -> None:
         _require(b.hidden_layers >= 0, f"{where}.hidden_layers = {b.hidden_layers}; must be >= 0")
         _require(b.hidden_width >= 1 and b.rank >= 1, f"{where}: hidden_width and rank must be >= 1")
         _require(b.clip >= 0, f"{where}.clip = {b.clip}; must be >= 0 (0: off)")
+        _require(b.warmup_steps >= 0, f"{where}.warmup_steps = {b.warmup_steps}; must be >= 0")
 
 
 def save_config(cfg: Config, path: Path) -> None:

@@ -68,8 +68,11 @@ class DataConfig:
 @dataclass
 class PartitionConfig:
     balance: Optional[list[int]] = _f(None, "Layers per stage, e.g. [2, 2]; overrides method.")
-    method: Literal["uniform", "parameters"] = _f(
-        "parameters", "uniform: equal layer counts; parameters: exact min-max parameter split."
+    method: Literal["auto", "uniform", "parameters", "time"] = _f(
+        "auto",
+        "uniform: equal layer counts; parameters: exact min-max parameter split; time: exact min-max split of "
+        "measured forward+backward+optimizer time (rank 0 times one microbatch; the balance is saved in "
+        "config.yaml); auto: time for decoupled schedules (dni, async, mixed) on several stages, else parameters.",
     )
 
 
@@ -78,12 +81,16 @@ class TrainConfig:
     schedule: str = _f(
         "1f1b",
         "A schedule of pipedni.schedules.registry: single (one process, reference), naive, gpipe, 1f1b, "
-        "dni (synthetic gradients), or torch_gpipe / torch_1f1b (torch.distributed.pipelining's schedules "
-        "on the same stages: the peer).",
+        "dni (synthetic gradients), async (delayed true gradients), mixed (train.boundaries), or torch_gpipe / "
+        "torch_1f1b (torch.distributed.pipelining's schedules on the same stages: the peer).",
+    )
+    boundaries: list[str] = _f(
+        [], "mixed: how each stage i learns from stage i+1, one entry per boundary: locked (true gradient, same "
+            "step), dni (synthetic gradient) or async (true gradient, delayed.delay steps later); e.g. [locked, dni, locked].",
     )
     steps: int = _f(0, "Optimizer steps to run (0: use train.epochs).")
     epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")
-    microbatches: int = _f(4, "Microbatches per batch for naive / gpipe / 1f1b and dni's warm-up (M).")
+    microbatches: int = _f(4, "Microbatches per batch for naive / gpipe / 1f1b / mixed and dni's warm-up (M).")
     eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
     time_limit_sec: float = _f(
         0.0, "Stop at the first evaluation after this many seconds of training, evaluation excluded (0: off)."
@@ -131,7 +138,9 @@ class DNIConfig:
     microbatches: int = _f(
         1, "Pieces each batch runs in, freed one by one (activation memory / M); one update per batch."
     )
-    warmup_steps: int = _f(0, "Train locked (1F1B) this many steps first; predictors fit true gradients.")
+    warmup_steps: int = _f(
+        0, "Train locked (1F1B) this many steps first; predictors fit true gradients (per boundary under mixed)."
+    )
     boundaries: list[dict] = _f(
         [], "Per-boundary overrides: entry i (stage i -> i+1) maps predictor keys above to values."
     )
@@ -145,7 +154,7 @@ class DNIConfig:
 
 # Keys a per-boundary entry may set (the predictor's own settings, not the schedule's).
 DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank", "batchnorm",
-                     "optimizer", "lr", "output_scale", "clip", "normalize_target")
+                     "optimizer", "lr", "output_scale", "clip", "normalize_target", "warmup_steps")
 
 
 @dataclass

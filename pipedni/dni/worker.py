@@ -26,36 +26,18 @@ to N - i of them. Each microbatch also travels on its own, so the next stage sta
 
 from __future__ import annotations
 
-import math
-from collections import OrderedDict
 from typing import Optional
 
 import torch
 
-from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
-from pipedni.dni.sizing import choose
-from pipedni.errors import ConfigError
-from pipedni.metrics.records import MetricSpec, StepStats
+from pipedni.config import Config
+from pipedni.dni.link import METRICS, SyntheticLink
+from pipedni.errors import LaunchError
+from pipedni.metrics.records import StepStats
 from pipedni.schedules.executor import LockedExecutor
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Microbatch, Timers, Worker, grad_norm, split_batch
 from pipedni.transport import Kind
-
-
-class _FitLog:
-    """Regression loss, cosine and staleness of the fits done during one step."""
-
-    def __init__(self):
-        self.losses: list[float] = []
-        self.cosines: list[float] = []
-        self.staleness: list[int] = []
-
-    def write(self, stats: StepStats) -> None:
-        if self.losses:
-            stats.extra["sg_loss"] = sum(self.losses) / len(self.losses)
-            stats.extra["sg_cosine"] = sum(self.cosines) / len(self.cosines)
-        if self.staleness:
-            stats.extra["staleness"] = sum(self.staleness) / len(self.staleness)
 
 
 class DNIWorker(Worker):
@@ -67,83 +49,37 @@ class DNIWorker(Worker):
         self.dni, self.num_microbatches = cfg.dni.for_boundary(stage.stage_index), cfg.dni.microbatches
         self.warmup = LockedExecutor(ctx, "1f1b", cfg.train.microbatches, whole_model_norm=False,
                                      fit=self._fit_true_gradient)
-        self.sg = None if stage.is_last else self._predictor(ctx)
-        # step -> {microbatch: (output, labels)} awaiting their gradient, oldest step first
-        self.store: OrderedDict[int, dict[int, tuple[torch.Tensor, Optional[torch.Tensor]]]] = OrderedDict()
-        self._log = _FitLog()
-
-    def _predictor(self, ctx: WorkerContext) -> SyntheticGradientTrainer:
-        """This stage's predictor: the configured kind, or the one ``auto`` picks by cost."""
-        stage, batch_size = self.stage, ctx.cfg.data.batch_size
-        feature_shape = tuple(self.shapes.output.shape[1:])
-        _check_labels(stage.stage_index, self.shapes.output.describe(), feature_shape, ctx.labels_shape)
-        if self.dni.kind != "auto":
-            return SyntheticGradientTrainer(feature_shape, ctx.num_classes, self.dni, stage.device, batch_size,
-                                            labels_per_sample(feature_shape))
-        sg, choice = choose(stage, self.shapes, self.dni, ctx.num_classes, batch_size, self.num_microbatches,
-                            ctx.labels_shape)  # see [Note: predictor budget]
-        print(choice, flush=True)
-        return sg
-
-    def _labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
-        return targets if self.dni.condition_on_labels else None
-
-    # ------------------------------------------------------------------ fitting
-
-    def _fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> None:
-        loss, cosine = self.sg.fit(h, labels, grad)
-        self._log.losses.append(loss)
-        self._log.cosines.append(cosine)
+        self.link = None if stage.is_last else SyntheticLink(ctx, self.dni, self.num_microbatches)
 
     def _fit_true_gradient(self, h: torch.Tensor, piece: Microbatch, grad: torch.Tensor) -> None:
         """Warm-up's FIT action: the exact gradient of ``h``, before the backward uses it."""
-        self._fit(h, self._labels(piece.targets), grad)
-        self._log.staleness.append(0)
-
-    def _fit_arrived(self, step: int, microbatch: int, grad: torch.Tensor) -> None:
-        pending = self.store[step]
-        self._fit(*pending.pop(microbatch), grad)
-        if not pending:
-            del self.store[step]
-        self._log.staleness.append(self._step - step)
-
-    def _fit_ready(self) -> None:
-        for header, grad in self.transport.recv_ready("next", Kind.GRADIENT):
-            self._fit_arrived(header.step, header.microbatch, grad)
-
-    def _wait_oldest(self) -> tuple[int, int, torch.Tensor]:
-        step, pending = next(iter(self.store.items()))
-        microbatch = next(iter(pending))
-        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.shapes.output)
-
-    # ------------------------------------------------------------------ training
+        self.link.fit(h, self.link.labels(piece.targets), grad, staleness=0)
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
-        self._step, self._log = step, _FitLog()
+        if self.link is not None:
+            self.link.begin(step)
         if step < self.dni.warmup_steps:
             stats = self.warmup.run(step, inputs, targets)
         else:
             stats = self._decoupled_step(step, inputs, targets)
-        self._log.write(stats)
-        if not self.stage.is_last:
-            stats.extra["store_size"] = len(self.store)
+        if self.link is not None:
+            self.link.write(stats)
         return stats
 
     def _decoupled_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
         stage, timers = self.stage, Timers(self.transport)
-        pending: dict[int, tuple] = {}
+        kept = {}
         for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches)):
             entry = self._microbatch(step, mb, piece, timers)  # see [Note: DNI microbatches]
             if entry is not None:
-                pending[mb] = entry
+                kept[mb] = entry
         norm = timers.run("compute", grad_norm, stage)  # this stage's own: no barrier across stages
         timers.run("compute", stage.step, norm)
         assert not stage.in_flight, "a DNI step left microbatches without backward"
-        if not stage.is_last:
-            self.store[step] = pending
-            timers.run("compute", self._fit_ready)
-            while len(self.store) > self.dni.max_staleness:  # back-pressure: wait for the oldest
-                timers.run("compute", self._fit_arrived, *timers.run("wait_grad", self._wait_oldest))
+        if self.link is not None:
+            self.link.keep(step, kept)
+            timers.run("compute", self.link.fit_ready)
+            self.link.back_pressure(timers)
         return timers.stats(step, stage, norm)
 
     def _microbatch(self, step: int, mb: int, piece: Microbatch,
@@ -159,46 +95,39 @@ class DNIWorker(Worker):
             grad_in = timers.run("compute", stage.backward, mb)
         else:
             transport.send("next", Kind.ACTIVATION, step, mb, h)
-            labels = self._labels(piece.targets)
-            grad_in = timers.run("compute", stage.backward, mb, timers.run("compute", self.sg.predict, h, labels))
+            labels = self.link.labels(piece.targets)
+            grad_in = timers.run("compute", stage.backward, mb, timers.run("compute", self.link.predict, h, labels))
             entry = (h, labels)
         if not stage.is_first:
             transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
         return entry
 
     def finish(self) -> None:
-        """Take and fit every gradient still owed, so nothing is left in flight."""
-        while self.store:
-            self._fit_arrived(*self._wait_oldest())
+        if self.link is not None:
+            self.link.drain()
 
     def held_bytes(self) -> int:
-        """The store: outputs (and labels, for cDNI) of the microbatches awaiting their gradient."""
-        return sum(t.nbytes for pending in self.store.values() for entry in pending.values()
-                   for t in entry if t is not None)
+        return 0 if self.link is None else self.link.held_bytes()
 
     def extra_state(self) -> dict:
-        return {} if self.sg is None else {"synthetic_gradient": self.sg.state_dict()}
+        return {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
 
 
-def _check_labels(stage_index: int, boundary: str, feature_shape: tuple[int, ...],
-                  labels_shape: tuple[int, ...]) -> None:
-    """A sequence boundary [B, T, C] needs one label per position: fail at start-up otherwise."""
-    expected, actual = labels_per_sample(feature_shape), math.prod(labels_shape)
-    if expected != actual:
-        raise ConfigError(
-            f"dni: stage {stage_index}'s output {boundary} is a "
-            f"{'sequence' if expected > 1 else 'per-sample'} boundary expecting "
-            f"{expected} label(s) per sample, but the data has {actual}; "
-            "synthetic gradients on [B, T, C] need one label per position (a language model)"
-        )
+def check_warmup(cfg: Config, num_stages: int) -> None:
+    """The whole pipe warms up together under ``dni``: one warm-up length for every boundary."""
+    for i in range(num_stages - 1):
+        steps = cfg.dni.for_boundary(i).warmup_steps
+        if steps != cfg.dni.warmup_steps:
+            raise LaunchError(f"dni.boundaries[{i}].warmup_steps = {steps} differs from dni.warmup_steps = "
+                              f"{cfg.dni.warmup_steps}, but train.schedule: dni warms the whole pipe up together; "
+                              "use train.schedule: mixed with train.boundaries for a warm-up per boundary")
 
 
-METRICS = (
-    MetricSpec("sg_loss", "sg_loss", "ema", "sg loss", ".2g"),
-    MetricSpec("sg_cosine", "sg_cosine", "ema", "sg cos", ".2f"),
-    MetricSpec("staleness", "mean_staleness", "ema", "stale", ".1f"),
-    MetricSpec("store_size", "max_store_size", "max", "store", "d"),
-)
+def every_boundary(cfg: Config, num_stages: int) -> tuple[int, ...]:
+    return tuple(range(num_stages - 1))
+
+
 SPEC = ScheduleSpec("dni", "DNI: every stage updates at once from a synthetic gradient (dni.* settings)",
-                    build=DNIWorker, min_stages=2, locked=False, metrics=METRICS,
+                    build=DNIWorker, min_stages=2, locked=False, check=check_warmup, metrics=METRICS,
+                    predictor_boundaries=every_boundary,
                     wait_grad_header="backpressure s")

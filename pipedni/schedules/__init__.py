@@ -1,5 +1,5 @@
 """Schedules: locked plans as data (actions), their executor, the worker contract every schedule
-keeps, the async schedule (delayed), the peer (torch's own schedules) and the registry of them
+keeps, the boundary-mode schedules async and mixed (boundaries), the peer (torch's own schedules) and the registry of them
 all (``registry.SCHEDULES``)."""
 
 from pipedni.schedules.actions import (

@@ -31,6 +31,16 @@ def no_checks(cfg: Config, num_stages: int) -> None:
     """A schedule that runs on every layout its stage count allows."""
 
 
+def no_predictors(cfg: Config, num_stages: int) -> tuple[int, ...]:
+    """A schedule without synthetic-gradient predictors."""
+    return ()
+
+
+def no_weight_copies(cfg: Config) -> bool:
+    """A schedule whose stages never copy their weights."""
+    return False
+
+
 @dataclass(frozen=True)
 class ScheduleSpec:
     """One schedule. Adding a schedule is a module defining one of these plus a registry line."""
@@ -43,4 +53,8 @@ class ScheduleSpec:
     locked: bool = True  # equals `single` parameter by parameter; on one stage it runs as `single`
     check: Callable[[Config, int], None] = no_checks  # layout checks: raise LaunchError with the fix
     metrics: tuple[MetricSpec, ...] = ()  # its own per-step figures (StepStats.extra)
+    # What its stages pay beyond their layers (partition.method: time counts it): the boundaries
+    # with a synthetic-gradient predictor, and whether stages copy their weights every step.
+    predictor_boundaries: Callable[[Config, int], tuple[int, ...]] = no_predictors
+    copies_weights: Callable[[Config], bool] = no_weight_copies
     wait_grad_header: str = "wait grad s"  # what wait_grad_sec means under it, in the console

@@ -1,0 +1,151 @@
+"""A stage's end of a dni boundary: its predictor, and the outputs awaiting their true gradient.
+
+Every schedule with a synthetic-gradient boundary (``dni``, and ``mixed`` where a boundary is
+dni) keeps one ``SyntheticLink`` per such boundary. The stage backpropagates ``predict``'s
+gradient at once and hands the link what fitting will need (``keep``); the true gradient of
+each microbatch arrives later from the next stage, tagged with its step, and is fitted then
+(``fit_ready``). A stage that runs more than ``max_staleness`` steps ahead of the gradients it
+has received waits for the oldest (``back_pressure``): memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+
+from pipedni.boundary import TensorSpec
+from pipedni.config import DNIConfig
+from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
+from pipedni.dni.sizing import choose
+from pipedni.errors import ConfigError
+from pipedni.metrics.records import MetricSpec, StepStats
+from pipedni.schedules.spec import WorkerContext
+from pipedni.schedules.worker import Timers
+from pipedni.transport import Kind
+
+Entry = tuple[torch.Tensor, Optional[torch.Tensor]]  # a microbatch's output and its labels (cDNI)
+
+
+class FitLog:
+    """Regression loss, cosine and staleness of the fits done during one step."""
+
+    def __init__(self):
+        self.losses: list[float] = []
+        self.cosines: list[float] = []
+        self.staleness: list[int] = []
+
+    def write(self, stats: StepStats) -> None:
+        if self.losses:
+            stats.extra["sg_loss"] = sum(self.losses) / len(self.losses)
+            stats.extra["sg_cosine"] = sum(self.cosines) / len(self.cosines)
+        if self.staleness:
+            stats.extra["staleness"] = sum(self.staleness) / len(self.staleness)
+
+
+class SyntheticLink:
+    """The predictor of the boundary after ``ctx.stage`` and the store of steps awaiting their
+    true gradients (oldest first)."""
+
+    def __init__(self, ctx: WorkerContext, cfg: DNIConfig, microbatches: int):
+        self.transport, self.cfg = ctx.transport, cfg
+        self.output: TensorSpec = ctx.shapes.output
+        self.sg = make_predictor(ctx, cfg, microbatches)
+        self.store: OrderedDict[int, dict[int, Entry]] = OrderedDict()  # step -> {microbatch: entry}
+        self.log, self.step = FitLog(), 0
+
+    def begin(self, step: int) -> None:
+        """A new step: fits are logged for it and their staleness counted from it."""
+        self.log, self.step = FitLog(), step
+
+    def labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        return targets if self.cfg.condition_on_labels else None
+
+    def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        return self.sg.predict(h, labels)
+
+    def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor, staleness: int) -> None:
+        loss, cosine = self.sg.fit(h, labels, grad)
+        self.log.losses.append(loss)
+        self.log.cosines.append(cosine)
+        self.log.staleness.append(staleness)
+
+    def keep(self, step: int, entries: dict[int, Entry]) -> None:
+        """What fitting the true gradients of ``step``'s microbatches will need."""
+        if entries:
+            self.store[step] = entries
+
+    def _fit_arrived(self, step: int, microbatch: int, grad: torch.Tensor) -> None:
+        pending = self.store[step]
+        self.fit(*pending.pop(microbatch), grad, self.step - step)
+        if not pending:
+            del self.store[step]
+
+    def _wait_oldest(self) -> tuple[int, int, torch.Tensor]:
+        step, pending = next(iter(self.store.items()))
+        microbatch = next(iter(pending))
+        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.output)
+
+    def fit_ready(self) -> None:
+        """Fit every gradient that has already arrived, without waiting."""
+        for header, grad in self.transport.recv_ready("next", Kind.GRADIENT):
+            self._fit_arrived(header.step, header.microbatch, grad)
+
+    def back_pressure(self, timers: Timers) -> None:
+        """While more than ``max_staleness`` steps await gradients, wait for the oldest."""
+        while len(self.store) > self.cfg.max_staleness:
+            timers.run("compute", self._fit_arrived, *timers.run("wait_grad", self._wait_oldest))
+
+    def drain(self) -> None:
+        """Take and fit every gradient still owed, so nothing is left in flight."""
+        while self.store:
+            self._fit_arrived(*self._wait_oldest())
+
+    def write(self, stats: StepStats) -> None:
+        self.log.write(stats)
+        stats.extra["store_size"] = len(self.store)
+
+    def held_bytes(self) -> int:
+        """The store: outputs (and labels, for cDNI) of the microbatches awaiting their gradient."""
+        return sum(t.nbytes for pending in self.store.values() for entry in pending.values()
+                   for t in entry if t is not None)
+
+    def state_dict(self) -> dict:
+        return self.sg.state_dict()
+
+
+def make_predictor(ctx: WorkerContext, cfg: DNIConfig, microbatches: int) -> SyntheticGradientTrainer:
+    """The predictor for the stage's output: the configured kind, or the one ``auto`` picks by
+    cost (printed; see [Note: predictor budget])."""
+    stage, batch_size = ctx.stage, ctx.cfg.data.batch_size
+    feature_shape = tuple(ctx.shapes.output.shape[1:])
+    check_labels(stage.stage_index, ctx.shapes.output.describe(), feature_shape, ctx.labels_shape)
+    if cfg.kind != "auto":
+        return SyntheticGradientTrainer(feature_shape, ctx.num_classes, cfg, stage.device, batch_size,
+                                        labels_per_sample(feature_shape))
+    sg, choice = choose(stage, ctx.shapes, cfg, ctx.num_classes, batch_size, microbatches, ctx.labels_shape)
+    print(choice, flush=True)
+    return sg
+
+
+def check_labels(stage_index: int, boundary: str, feature_shape: tuple[int, ...],
+                 labels_shape: tuple[int, ...]) -> None:
+    """A sequence boundary [B, T, C] needs one label per position: fail at start-up otherwise."""
+    expected, actual = labels_per_sample(feature_shape), math.prod(labels_shape)
+    if expected != actual:
+        raise ConfigError(
+            f"dni: stage {stage_index}'s output {boundary} is a "
+            f"{'sequence' if expected > 1 else 'per-sample'} boundary expecting "
+            f"{expected} label(s) per sample, but the data has {actual}; "
+            "synthetic gradients on [B, T, C] need one label per position (a language model)"
+        )
+
+
+METRICS = (
+    MetricSpec("sg_loss", "sg_loss", "ema", "sg loss", ".2g"),
+    MetricSpec("sg_cosine", "sg_cosine", "ema", "sg cos", ".2f"),
+    MetricSpec("staleness", "mean_staleness", "ema", "stale", ".1f"),
+    MetricSpec("store_size", "max_store_size", "max", "store", "d"),
+)

@@ -1,0 +1,245 @@
+"""Pipelines whose boundaries learn differently: ``async`` (every boundary delayed) and ``mixed``
+(each boundary locked, dni or async, from ``train.boundaries``).
+
+How stage i learns from stage i+1 is the boundary's mode:
+
+    locked  the true gradient of the same step; stage i waits for it        d_i = d_{i+1}
+    async   the true gradient of an earlier step (delayed gradients: DDG,    d_i = d_{i+1} + delayed.delay
+            arXiv 1804.10574; PipeDream, SOSP 2019; 2BW, arXiv 2006.09503)
+    dni     at once, from its synthetic gradient; the predictor fits the     d_i = 0
+            true gradient when it arrives (dni.* settings, see dni/link.py)
+
+d_i is stage i's delay (the last stage is exact: d_{N-1} = 0). At step t stage i runs, for each
+of ``train.microbatches`` microbatches (``async``: the whole batch), the forward of step t (and
+across a dni boundary its synthetic backward at once); then the true backward of step
+s = t - d_i (each microbatch's gradient from stage i+1, backpropagated, its input gradient sent
+to stage i-1 tagged s); then one update. Stage i+1 answers for step s at its own step
+s + d_{i+1}, so stage i waits only for what stage i+1 can already have done (no deadlock: by
+induction from the last stage) and runs at most d_i - d_{i+1} steps ahead of it. The delays are
+fixed, not "whatever has arrived", so a run is deterministic and equals one process applying
+the same delays (tests/test_delayed.py, tests/test_mixed.py). The d_i updates still owed when
+training ends are made by ``finish`` (the drain): every stage makes one update per batch, and
+every message sent is received.
+
+A dni boundary stores each step's outputs until their gradients arrive, stage i+1 returning
+them d_{i+1} steps late: ``dni.max_staleness`` must be at least that (checked at start-up). Its
+warm-up (``dni.warmup_steps``, per boundary through ``dni.boundaries``) trains it locked, the
+predictor fitting each true gradient before the backward uses it; that needs d_{i+1} = 0, or
+stage i's delay, and so every delay upstream of it, would change when the warm-up ends.
+
+[Note: weight stashing]
+What a delayed backward (d_i > 0) of step s needs is kept one of two ways
+(``delayed.weight_stashing``):
+- true (default): the autograd graph of step s, built on a copy of the weights its forward used
+  (``Stage.stash``, one copy per step shared by its microbatches), so the gradient is exactly
+  that of the forward that ran (PipeDream's weight stashing). Memory: d_i + 1 graphs and weight
+  copies in flight; no extra compute.
+- false: only the inputs of step s; the forward is recomputed with the current weights just
+  before the backward (features replay, arXiv 1807.04511). Memory: d_i + 1 inputs; one more
+  forward a step.
+Keeping the graph without a copy is not an option: the optimizer updates the weights in place,
+and autograd refuses a backward through tensors modified since they were saved. A locked
+boundary with d_i = 0 keeps its graph on the live weights: nothing changes them before its
+backward.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from pipedni.config import Config
+from pipedni.dni.link import METRICS, SyntheticLink
+from pipedni.errors import LaunchError
+from pipedni.metrics.records import StepStats
+from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.worker import Microbatch, Timers, Worker, grad_norm, split_batch
+from pipedni.transport import Kind
+
+MODES = ("locked", "dni", "async")
+
+
+def delays(boundaries: Sequence[str], delay: int) -> list[int]:
+    """Each stage's delay d_i, in steps, for boundary modes ``boundaries`` (stage i -> i+1)."""
+    d = [0]
+    for mode in reversed(boundaries):
+        d.append({"locked": d[-1], "async": d[-1] + delay, "dni": 0}[mode])
+    return d[::-1]
+
+
+@dataclass
+class _Kept:
+    """What the true backward of one microbatch needs besides its graph."""
+
+    replay: Optional[torch.Tensor] = None  # its input, when the forward is recomputed
+    fit: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # output and labels (dni warm-up)
+
+
+class BoundaryWorker(Worker):
+    """One stage of a pipeline whose boundaries are each locked, dni or async."""
+
+    def __init__(self, ctx: WorkerContext, boundaries: Sequence[str], microbatches: int):
+        super().__init__(ctx)
+        stage, cfg = self.stage, ctx.cfg
+        self.mode = None if stage.is_last else boundaries[stage.stage_index]
+        self.delay = delays(boundaries, cfg.delayed.delay)[stage.stage_index]
+        self.num_microbatches = microbatches
+        self.stashing = self.delay > 0 and cfg.delayed.weight_stashing
+        dni = cfg.dni.for_boundary(stage.stage_index)
+        self.link = SyntheticLink(ctx, dni, microbatches) if self.mode == "dni" else None
+        self.warmup_steps = dni.warmup_steps if self.mode == "dni" else 0
+        self.pending: OrderedDict[int, list[_Kept]] = OrderedDict()  # step -> its true backward's needs
+
+    def _key(self, step: int, mb: int) -> int:
+        return step * self.num_microbatches + mb
+
+    def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
+        stage, timers = self.stage, Timers(self.transport)
+        synthetic = self.link is not None and step >= self.warmup_steps
+        if self.link is not None:
+            self.link.begin(step)
+        params = timers.run("compute", stage.stash) if self.stashing else None
+        kept = [self._forward(step, mb, piece, synthetic, params, timers)
+                for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
+        norm = None
+        if stage.is_last or synthetic:  # backpropagated already: the loss's or the predictor's gradient
+            norm = self._update(timers)
+        else:
+            self.pending[step] = kept
+            if step - self.delay in self.pending:
+                self._backward(step - self.delay, timers)
+                norm = self._update(timers)
+        if synthetic:
+            self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
+            timers.run("compute", self.link.fit_ready)
+            self.link.back_pressure(timers)
+        stats = timers.stats(step, stage, norm)
+        if self.link is not None:
+            self.link.write(stats)
+        elif not stage.is_last:
+            stats.extra.update(staleness=self.delay, store_size=len(self.pending))
+        return stats
+
+    def _forward(self, step: int, mb: int, piece: Microbatch, synthetic: bool,
+                 params: Optional[dict[str, torch.Tensor]], timers: Timers) -> _Kept:
+        """Microbatch ``mb`` of ``step`` forward (and backward, where that happens at once)."""
+        stage, transport, key = self.stage, self.transport, self._key(step, mb)
+        x = piece.inputs if stage.is_first else timers.run(
+            "wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
+        if stage.is_last:  # exact: the loss's gradient at once
+            timers.run("compute", stage.forward, key, x, piece.targets, piece.weight)
+            self._send_input_grad(step, mb, timers.run("compute", stage.backward, key))
+            return _Kept()
+        if self.delay > 0 and not self.stashing:  # features replay: only the input is kept
+            with torch.no_grad():
+                h = timers.run("compute", stage.module, x)
+            transport.send("next", Kind.ACTIVATION, step, mb, h)
+            return _Kept(replay=x)
+        h = timers.run("compute", stage.forward, key, x, None, 1.0, params)
+        transport.send("next", Kind.ACTIVATION, step, mb, h)
+        if self.link is None:
+            return _Kept()
+        labels = self.link.labels(piece.targets)
+        if synthetic:
+            grad = timers.run("compute", self.link.predict, h, labels)
+            self._send_input_grad(step, mb, timers.run("compute", stage.backward, key, grad))
+        return _Kept(fit=(h, labels))
+
+    def _backward(self, step: int, timers: Timers) -> None:
+        """The true backward of every microbatch of ``step``, as its gradient arrives."""
+        stage = self.stage
+        for mb, kept in enumerate(self.pending.pop(step)):
+            key = self._key(step, mb)
+            grad = timers.run("wait_grad", self.transport.recv, "next", Kind.GRADIENT, step, mb, self.shapes.output)
+            if kept.replay is not None:  # features replay: the forward again, on the current weights
+                timers.run("compute", stage.forward, key, kept.replay)
+            if kept.fit is not None:  # dni warm-up: the predictor learns the exact gradient first
+                timers.run("compute", self.link.fit, *kept.fit, grad, 0)
+            self._send_input_grad(step, mb, timers.run("compute", stage.backward, key, grad))
+
+    def _send_input_grad(self, step: int, mb: int, grad_in: Optional[torch.Tensor]) -> None:
+        if not self.stage.is_first:
+            self.transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
+
+    def _update(self, timers: Timers) -> Optional[float]:
+        norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
+        timers.run("compute", self.stage.step, norm)
+        return norm
+
+    def finish(self) -> None:
+        """The updates still owed, in step order, then the fits still owed."""
+        timers = Timers(self.transport)
+        while self.pending:
+            self._backward(next(iter(self.pending)), timers)
+            self._update(timers)
+        if self.link is not None:
+            self.link.drain()
+
+    def held_bytes(self) -> int:
+        """Inputs kept for recomputation and the dni store (graphs are metered by autograd)."""
+        replay = sum(k.replay.nbytes for kept in self.pending.values() for k in kept if k.replay is not None)
+        return replay + (0 if self.link is None else self.link.held_bytes())
+
+    def extra_state(self) -> dict:
+        return {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
+
+
+def _build_async(ctx: WorkerContext) -> BoundaryWorker:
+    return BoundaryWorker(ctx, ["async"] * (ctx.stage.num_stages - 1), microbatches=1)
+
+
+def _build_mixed(ctx: WorkerContext) -> BoundaryWorker:
+    return BoundaryWorker(ctx, ctx.cfg.train.boundaries, ctx.cfg.train.microbatches)
+
+
+def check_mixed(cfg: Config, num_stages: int) -> None:
+    """The boundary list fits the stages, and every dni boundary can wait as long as it must."""
+    modes = cfg.train.boundaries
+    if len(modes) != num_stages - 1:
+        raise LaunchError(
+            f"train.boundaries = {modes} has {len(modes)} entries but {num_stages} stages have {num_stages - 1} "
+            f"boundaries; give one mode (locked, dni or async) per boundary stage i -> i+1")
+    d = delays(modes, cfg.delayed.delay)
+    for i, mode in enumerate(modes):
+        if mode != "dni" or d[i + 1] == 0:
+            continue
+        where = f"train.boundaries[{i}] = dni (stage {i} -> {i + 1})"
+        late = f"stage {i + 1} returns gradients {d[i + 1]} step(s) late (async boundaries after it)"
+        staleness = cfg.dni.max_staleness
+        if staleness < d[i + 1]:
+            raise LaunchError(f"{where}: {late}, but dni.max_staleness = {staleness}; "
+                              f"set --dni.max_staleness={d[i + 1]} or more")
+        if cfg.dni.for_boundary(i).warmup_steps > 0:
+            raise LaunchError(f"{where}: {late}, so it cannot warm up locked (dni.warmup_steps = "
+                              f"{cfg.dni.for_boundary(i).warmup_steps}); set its warmup_steps to 0 or make "
+                              "the boundaries after it locked or dni")
+    in_flight = (max(d[i] - d[i + 1] for i in range(num_stages - 1)) + 1) * cfg.train.microbatches
+    if in_flight + 1 > cfg.dist.queue_size:
+        raise LaunchError(f"train.boundaries = {modes} keeps up to {in_flight} messages in flight per direction, "
+                          f"more than dist.queue_size = {cfg.dist.queue_size} holds; raise dist.queue_size to "
+                          f"at least {in_flight + 1}")
+
+
+def _dni_boundaries(cfg: Config, num_stages: int) -> tuple[int, ...]:
+    return tuple(i for i, mode in enumerate(cfg.train.boundaries) if mode == "dni")
+
+
+def _async_stashes(cfg: Config) -> bool:
+    return cfg.delayed.weight_stashing
+
+
+def _mixed_stashes(cfg: Config) -> bool:
+    return cfg.delayed.weight_stashing and "async" in cfg.train.boundaries
+
+
+ASYNC = ScheduleSpec("async", "delayed true gradients: stage i updates from the gradient of step t - d_i "
+                     "(delayed.* settings)", build=_build_async, min_stages=2, locked=False, metrics=METRICS,
+                     wait_grad_header="backpressure s", copies_weights=_async_stashes)
+MIXED = ScheduleSpec("mixed", "each boundary locked, dni or async (train.boundaries; dni.*, delayed.* settings)",
+                     build=_build_mixed, min_stages=2, locked=False, check=check_mixed, metrics=METRICS,
+                     wait_grad_header="wait grad s", predictor_boundaries=_dni_boundaries,
+                     copies_weights=_mixed_stashes)
+SPECS = (ASYNC, MIXED)
