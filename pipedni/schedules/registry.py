@@ -12,8 +12,9 @@ from pipedni.errors import ConfigError, LaunchError
 from pipedni.schedules import boundaries, locked, peer
 from pipedni.schedules.spec import ScheduleSpec
 
-SCHEDULES: dict[str, ScheduleSpec] = {spec.name: spec for spec in (*locked.SPECS, dni.SPEC, *boundaries.SPECS,
-                                                                      *peer.SPECS)}
+SCHEDULES: dict[str, ScheduleSpec] = {
+    spec.name: spec for spec in (*locked.SPECS, dni.SPEC, *boundaries.SPECS, *peer.SPECS)
+}
 REFERENCE = locked.SINGLE.name  # the whole model in one process: what runs without torchrun
 
 
