@@ -31,86 +31,38 @@ from typing import Optional
 import torch
 
 from pipedni.config import Config
-from pipedni.dni.link import METRICS, SyntheticLink
+from pipedni.dni.link import METRICS
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
+from pipedni.schedules.boundaries import BoundaryWorker
 from pipedni.schedules.executor import LockedExecutor
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
-from pipedni.schedules.worker import Microbatch, Timers, Worker, grad_norm, split_batch
-from pipedni.transport import Kind
+from pipedni.schedules.worker import Microbatch
 
 
-class DNIWorker(Worker):
-    """``train.schedule: dni``: every stage updates at once from its synthetic gradient."""
+class DNIWorker(BoundaryWorker):
+    """``train.schedule: dni``: every boundary dni, in ``dni.microbatches`` pieces (the decoupled
+    step is ``BoundaryWorker``'s); the warm-up runs the whole pipe as locked 1F1B."""
 
     def __init__(self, ctx: WorkerContext):
-        super().__init__(ctx)
-        stage, cfg = self.stage, ctx.cfg
-        self.dni, self.num_microbatches = cfg.dni.for_boundary(stage.stage_index), cfg.dni.microbatches
-        self.warmup = LockedExecutor(ctx, "1f1b", cfg.train.microbatches, whole_model_norm=False,
+        super().__init__(ctx, ["dni"] * (ctx.stage.num_stages - 1), ctx.cfg.dni.microbatches)
+        self.warmup = LockedExecutor(ctx, "1f1b", ctx.cfg.train.microbatches, whole_model_norm=False,
                                      fit=self._fit_true_gradient)
-        self.link = None if stage.is_last else SyntheticLink(ctx, self.dni, self.num_microbatches)
+        self.warmup_steps = ctx.cfg.dni.warmup_steps  # every stage's, the last included (check_warmup)
 
     def _fit_true_gradient(self, h: torch.Tensor, piece: Microbatch, grad: torch.Tensor) -> None:
         """Warm-up's FIT action: the exact gradient of ``h``, before the backward uses it."""
         self.link.fit(h, self.link.labels(piece.targets), grad, staleness=0)
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
+        if step >= self.warmup_steps:
+            return super().train_step(step, inputs, targets)
         if self.link is not None:
             self.link.begin(step)
-        if step < self.dni.warmup_steps:
-            stats = self.warmup.run(step, inputs, targets)
-        else:
-            stats = self._decoupled_step(step, inputs, targets)
+        stats = self.warmup.run(step, inputs, targets)
         if self.link is not None:
             self.link.write(stats)
         return stats
-
-    def _decoupled_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
-        stage, timers = self.stage, Timers(self.transport)
-        kept = {}
-        for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches)):
-            entry = self._microbatch(step, mb, piece, timers)  # see [Note: DNI microbatches]
-            if entry is not None:
-                kept[mb] = entry
-        norm = timers.run("compute", grad_norm, stage)  # this stage's own: no barrier across stages
-        timers.run("compute", stage.step, norm)
-        assert not stage.in_flight, "a DNI step left microbatches without backward"
-        if self.link is not None:
-            self.link.keep(step, kept)
-            timers.run("compute", self.link.fit_ready)
-            self.link.back_pressure(timers)
-        return timers.stats(step, stage, norm)
-
-    def _microbatch(self, step: int, mb: int, piece: Microbatch,
-                    timers: Timers) -> Optional[tuple[torch.Tensor, Optional[torch.Tensor]]]:
-        """Forward and backward of one microbatch; returns what fitting its gradient will need."""
-        stage, transport = self.stage, self.transport
-        x = piece.inputs
-        if not stage.is_first:
-            x = timers.run("wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
-        h = timers.run("compute", stage.forward, mb, x, piece.targets if stage.is_last else None, piece.weight)
-        entry = None
-        if stage.is_last:
-            grad_in = timers.run("compute", stage.backward, mb)
-        else:
-            transport.send("next", Kind.ACTIVATION, step, mb, h)
-            labels = self.link.labels(piece.targets)
-            grad_in = timers.run("compute", stage.backward, mb, timers.run("compute", self.link.predict, h, labels))
-            entry = (h, labels)
-        if not stage.is_first:
-            transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
-        return entry
-
-    def finish(self) -> None:
-        if self.link is not None:
-            self.link.drain()
-
-    def held_bytes(self) -> int:
-        return 0 if self.link is None else self.link.held_bytes()
-
-    def extra_state(self) -> dict:
-        return {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
 
 
 def check_warmup(cfg: Config, num_stages: int) -> None:
