@@ -6,7 +6,7 @@ long sequence or a parameter-free layer costs far more per parameter than a wide
 runs one microbatch of the real data through deep copies of the layers one by one on the
 stage's device (torchgpipe's ``balance_by_time``) and times each layer's forward+backward, plus
 its share of an optimizer step (one step per ``train.microbatches`` microbatches; with the
-parameter copy ``async`` makes every step under ``delayed.weight_stashing``). A ``dni`` stage
+parameter copies ``async`` makes every step: see boundaries._async_copies). A ``dni`` stage
 also predicts and fits a synthetic gradient for its output: with an explicit ``dni.kind`` the
 cut before layer j costs that predictor on layer j-1's output, timed; ``dni.kind: auto`` sizes
 each predictor to at most ``sizing.BUDGET`` of its stage, so every stage but the last counts
@@ -90,11 +90,11 @@ def _ms(seconds: float) -> str:
 
 
 def layer_costs(model: nn.Sequential, sample: Sample, optim: Optional[OptimConfig] = None,
-                num_microbatches: int = 1, stash: bool = False) -> LayerCosts:
+                num_microbatches: int = 1, copies: int = 0) -> LayerCosts:
     """Each layer's forward+backward on ``sample`` (on its device) plus its share of an ``optim``
     step; the model, its gradients and the global RNG are left as they were."""
     with _own_rng(sample[0].device):
-        seconds, _ = _timed_layers(model, sample, optim or OptimConfig(), num_microbatches, stash)
+        seconds, _ = _timed_layers(model, sample, optim or OptimConfig(), num_microbatches, copies)
     return LayerCosts(tuple(name for name, _ in model.named_children()), tuple(seconds),
                       (0.0,) * len(model), len(sample[0]))
 
@@ -106,10 +106,10 @@ def run_costs(cfg: Config, model: nn.Sequential, train_set: Dataset, device: tor
     rows = max(1, cfg.data.batch_size // m)
     sample = (train_set.inputs[:rows].to(device), train_set.targets[:rows].to(device))
     spec = registry.get(cfg.train.schedule)  # what its stages pay beyond their layers
-    stash = spec.copies_weights(cfg)
+    copies = spec.copies_weights(cfg)
     predictors = spec.predictor_boundaries(cfg, num_stages)
     with _own_rng(device):
-        seconds, outputs = _timed_layers(model, sample, cfg.optim, m, stash)
+        seconds, outputs = _timed_layers(model, sample, cfg.optim, m, copies)
         costs = LayerCosts(tuple(name for name, _ in model.named_children()), tuple(seconds),
                            (0.0,) * len(model), len(sample[0]))
         if predictors:
@@ -143,27 +143,27 @@ def time_balance(cfg: Config, model: nn.Sequential, train_set: Dataset, device: 
 
 
 def _timed_layers(model: nn.Sequential, sample: Sample, optim: OptimConfig, num_microbatches: int,
-                  stash: bool) -> tuple[list[float], list[TensorSpec]]:
+                  copies: int) -> tuple[list[float], list[TensorSpec]]:
     """Per layer: seconds of forward+backward plus a ``1 / num_microbatches`` share of its
-    optimizer step (and stash), and the spec of its output.
+    optimizer step (and weight copies), and the spec of its output.
 
     The least of ``ROUNDS`` passes over all the layers counts: on a shared machine a burst of
     other work can stretch every call of one short measurement, but rarely the same layer in
     every pass.
     """
-    passes = [_one_pass(model, sample, optim, num_microbatches, stash) for _ in range(ROUNDS)]
+    passes = [_one_pass(model, sample, optim, num_microbatches, copies) for _ in range(ROUNDS)]
     return [min(times) for times in zip(*(seconds for seconds, _ in passes))], passes[0][1]
 
 
 def _one_pass(model: nn.Sequential, sample: Sample, optim: OptimConfig, num_microbatches: int,
-              stash: bool) -> tuple[list[float], list[TensorSpec]]:
+              copies: int) -> tuple[list[float], list[TensorSpec]]:
     x, targets = sample
     seconds, outputs = [], []
     for index, original in enumerate(model):
         layer = copy.deepcopy(original).to(x.device)  # its buffers and gradients change, not the model's
         x = x.detach().requires_grad_(index > 0 and x.is_floating_point())
         is_last = index == len(model) - 1
-        step = _step_sec(layer, optim, stash) / num_microbatches
+        step = _step_sec(layer, optim, copies) / num_microbatches
         seconds.append(_forward_backward_sec(layer, x, targets if is_last else None) + step)
         with torch.no_grad():
             x = layer(x)
@@ -193,7 +193,7 @@ def _forward_backward_sec(layer: nn.Module, x: torch.Tensor, targets: Optional[t
     return median_sec(run, iters=ITERS)
 
 
-def _step_sec(layer: nn.Module, optim: OptimConfig, stash: bool) -> float:
+def _step_sec(layer: nn.Module, optim: OptimConfig, copies: int) -> float:
     params = [p for p in layer.parameters() if p.requires_grad]
     if not params:
         return 0.0
@@ -203,7 +203,7 @@ def _step_sec(layer: nn.Module, optim: OptimConfig, stash: bool) -> float:
 
     def run(_: int) -> None:
         optimizer.step()
-        if stash:
+        for _ in range(copies):
             for p in params:
                 p.detach().clone()
 

@@ -32,7 +32,8 @@ class Stage:
     microbatch, or the step for a backward that comes steps later); the last stage also computes
     the loss, weighted by the microbatch's share of the batch so that accumulated gradients
     equal those of one full-batch step. A forward may run on stashed parameters (``stash``): its
-    backward then uses the weights the forward used, whatever updates came in between.
+    backward then uses the weights the forward used, whatever updates came in between. After
+    ``track_updates`` a stash may also be extrapolated along the last update (weight prediction).
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
@@ -46,6 +47,7 @@ class Stage:
         self.inputs: dict[int, torch.Tensor] = {}
         self.outputs: dict[int, torch.Tensor] = {}
         self.stashes: dict[int, dict[str, torch.Tensor]] = {}  # key -> the parameters its forward ran on
+        self.before: Optional[dict[str, torch.Tensor]] = None  # the weights before the last update
         self.batch_loss = 0.0  # weighted sum of microbatch losses (last stage)
 
     @property
@@ -57,9 +59,20 @@ class Stage:
         """Forwards still awaiting their backward."""
         return len(self.outputs)
 
-    def stash(self) -> dict[str, torch.Tensor]:
-        """A copy of the parameters for a forward whose backward comes after later updates."""
-        return {n: p.detach().clone().requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
+    def track_updates(self) -> None:
+        """Keep the weights as they were before each update (one more copy), for ``stash(ahead)``."""
+        self.before = {n: p.detach().clone() for n, p in self.module.named_parameters()}
+
+    @torch.no_grad()
+    def stash(self, ahead: int = 0) -> dict[str, torch.Tensor]:
+        """A copy of the parameters for a forward whose backward comes after later updates; with
+        ``ahead`` (after ``track_updates``), w + ahead x (the last update): the weights that many
+        updates on, were each like the last (weight prediction, see schedules/boundaries.py)."""
+        def copy(name: str, p: torch.Tensor) -> torch.Tensor:
+            if ahead and self.before is not None:
+                return torch.lerp(self.before[name], p, 1.0 + ahead)
+            return p.clone()
+        return {n: copy(n, p).requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
 
     def forward(self, mb: int, x: torch.Tensor, target: Optional[torch.Tensor] = None,
                 weight: float = 1.0, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
@@ -115,6 +128,10 @@ class Stage:
             for p in self.module.parameters():
                 if p.grad is not None:
                     p.grad.mul_(scale)
+        if self.before is not None:
+            with torch.no_grad():
+                for name, p in self.module.named_parameters():
+                    self.before[name].copy_(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()

@@ -15,11 +15,12 @@ import pytest
 import torch
 
 from dist_utils import run_distributed
-from pipedni.config import load_config
+from pipedni.config import OptimConfig, load_config
 from pipedni.engine import Trainer
 from pipedni.errors import ConfigError
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
+from pipedni.stage import Stage
 from test_dni import assert_every_message_received, read_steps
 from test_mixed import mixed_reference
 
@@ -41,7 +42,8 @@ def delayed_reference(cfg, num_stages: int) -> dict:
     return mixed_reference(cfg, num_stages, ["async"] * (num_stages - 1), 1, STEPS)[0]
 
 
-CASES = [("stash", ()), ("replay", ("--delayed.weight_stashing=false",)), ("delay2", ("--delayed.delay=2",))]
+CASES = [("stash", ()), ("replay", ("--delayed.weight_stashing=false",)), ("delay2", ("--delayed.delay=2",)),
+         ("unpredicted", ("--delayed.weight_prediction=false",))]
 
 
 def _train_cases(rank: int, world_size: int, root: str) -> list:
@@ -57,7 +59,7 @@ def _train_cases(rank: int, world_size: int, root: str) -> list:
 
 def test_async_equals_a_single_process_applying_the_same_delays(tmp_path):
     """Three stages (delays 2, 1, 0 steps; 4, 2, 0 with delay 2), with and without weight
-    stashing: every parameter equals the delayed reference, every stage made one update per
+    stashing, with and without weight prediction: every parameter equals the delayed reference, every stage made one update per
     batch (the drain included), and the store held exactly d_i steps between steps."""
     num_stages = 3
     results = run_distributed(_train_cases, num_stages, str(tmp_path), timeout=240)
@@ -86,6 +88,28 @@ def test_the_reference_is_not_plain_backprop(tmp_path):
     cfg.delayed.delay = 0  # the reference with no delay is one process's backprop
     exact = delayed_reference(cfg, 3)
     assert any(not torch.allclose(delayed[k], exact[k]) for k in exact)
+    cfg.delayed.delay = 1
+    cfg.delayed.weight_prediction = False
+    unpredicted = delayed_reference(cfg, 3)
+    assert any(not torch.allclose(delayed[k], unpredicted[k]) for k in exact)
+
+
+def test_weight_prediction_extrapolates_the_last_update():
+    """A stash ``ahead`` updates on is w + ahead x (w - w before the last update), and only then."""
+    torch.manual_seed(0)
+    stage = Stage(torch.nn.Linear(3, 2), 0, 2, torch.device("cpu"), OptimConfig(name="sgd", lr=0.5), 10)
+    first = {n: p.detach().clone() for n, p in stage.module.named_parameters()}
+    assert all(torch.equal(stage.stash(ahead=2)[n], first[n]) for n in first)  # nothing to extrapolate yet
+    stage.track_updates()
+    assert all(torch.equal(stage.stash(ahead=2)[n], first[n]) for n in first)  # no update yet
+    stage.module(torch.randn(4, 3)).sum().backward()
+    stage.step()
+    for name, p in stage.module.named_parameters():
+        moved = p.detach() - first[name]
+        assert moved.abs().sum() > 0
+        torch.testing.assert_close(stage.stash(ahead=2)[name], p.detach() + 2 * moved)
+        torch.testing.assert_close(stage.stash()[name], p.detach())
+        assert stage.stash(ahead=1)[name].requires_grad
 
 
 @pytest.mark.parametrize("override,message", [

@@ -2,7 +2,8 @@
 
 The reference below is written apart from the engine: plain modules and optimizers, stage i's
 true backward of step s at "time" s + d_i (a deep copy of the stage for each delayed forward
-under weight stashing, a recomputation under features replay), and for a dni boundary a
+under weight stashing, a recomputation under features replay; with weight prediction the
+delayed forward runs on the weights extrapolated d_i updates along the last one), and for a dni boundary a
 predictor of the same kind (zero-initialised, so equal at the start) predicting at each forward
 and fitting each true gradient once stage i+1 has sent it. A pipelined run over real gloo
 processes must match it parameter by parameter, predictors included, send every message
@@ -69,6 +70,7 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
     kept: list[dict] = [{} for _ in stages]  # stage -> step -> per microbatch (input, output, module, labels)
     grads: list[dict] = [{} for _ in stages]  # stage -> (step, microbatch) -> gradient of its input
     store: list[dict] = [{} for _ in stages]  # dni stage -> step -> per microbatch (output, labels)
+    before = [[p.detach().clone() for p in s.parameters()] for s in stages]  # weights before the last update
 
     def synthetic(i: int, t: int) -> bool:
         return i < last and modes[i] == "dni" and t >= cfg.dni.for_boundary(i).warmup_steps
@@ -79,7 +81,16 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
                                               torch.device("cpu"), cfg.data.batch_size)
         return sgs[i]
 
+    def predicted(i: int) -> torch.nn.Module:
+        """Stage i as it would be d_i updates on, were each like its last (weight prediction)."""
+        ahead = copy.deepcopy(stages[i])
+        with torch.no_grad():
+            for q, b in zip(ahead.parameters(), before[i]):
+                q.copy_(torch.lerp(b, q, 1.0 + d[i]))
+        return ahead
+
     def update(i: int) -> None:
+        before[i] = [p.detach().clone() for p in stages[i].parameters()]
         optims[i].step()
         optims[i].zero_grad(set_to_none=True)
         scheds[i].step()
@@ -87,13 +98,15 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
     for t in range(steps + max(d)):
         acts = list(batches[t][0]) if t < steps else []
         for i, stage in enumerate(stages):  # forwards of step t, in pipeline order
-            stash = copy.deepcopy(stage) if d[i] > 0 and cfg.delayed.weight_stashing else None
+            moved = predicted(i) if d[i] > 0 and cfg.delayed.weight_prediction else stage
+            stash = (copy.deepcopy(stage) if moved is stage else moved) if d[i] > 0 and cfg.delayed.weight_stashing \
+                else None
             entries = []
             for mb, x in enumerate(acts):
                 x_in, labels = x.detach().requires_grad_(i > 0), batches[t][1][mb]
                 if d[i] > 0 and stash is None:  # features replay
                     with torch.no_grad():
-                        acts[mb] = stage(x_in)
+                        acts[mb] = moved(x_in)
                     entries.append((x_in, None, None, labels))
                     continue
                 ran = stash if stash is not None else stage

@@ -167,6 +167,10 @@ class DelayedConfig:
         True, "async: a delayed backward uses the weights its forward used (one copy per step in flight); "
               "false: recompute that forward with the current weights, keeping only its input.",
     )
+    weight_prediction: bool = _f(
+        True, "async: a delayed forward runs on the weights it will update, predicted as the current ones plus "
+              "its delay x the last update (one more weight copy per stage); false: on the current weights.",
+    )
 
 
 @dataclass

@@ -41,6 +41,18 @@ Keeping the graph without a copy is not an option: the optimizer updates the wei
 and autograd refuses a backward through tensors modified since they were saved. A locked
 boundary with d_i = 0 keeps its graph on the live weights: nothing changes them before its
 backward.
+
+[Note: weight prediction]
+The gradient of step s is applied d_i updates after its forward ran, to weights that have moved
+on. With ``delayed.weight_prediction`` (default) the forward of a delayed step runs on the
+weights it will update, predicted by extrapolating the last update: w + d_i (w - w_before)
+(``Stage.stash(ahead=d_i)``; SpecTrain, arXiv 1809.02839, PipeMare, arXiv 1910.05124, and
+PipeOptim, arXiv 2312.00839, predict weights along the optimizer's update the same way). Under Adam or momentum the last update is a smoothed direction, so the
+prediction is close and the gradient is taken nearly where it lands. Measured on
+configs/bench_mlp_fashion.yaml (2 stages, 400 steps, 3 seeds in a one-process simulation): a
+one-step delay cost 1.2-2.0 points of test accuracy, prediction gave back all but 0-0.6 of
+them; docs/results.md has the engine's figures. Cost: one more weight copy per stage (the
+weights before the update) and, under features replay, a predicted copy for the forward.
 """
 
 from __future__ import annotations
@@ -88,6 +100,9 @@ class BoundaryWorker(Worker):
         self.delay = delays(boundaries, cfg.delayed.delay)[stage.stage_index]
         self.num_microbatches = microbatches
         self.stashing = self.delay > 0 and cfg.delayed.weight_stashing
+        self.ahead = self.delay if self.delay > 0 and cfg.delayed.weight_prediction else 0
+        if self.ahead:
+            stage.track_updates()
         dni = cfg.dni.for_boundary(stage.stage_index)
         self.link = SyntheticLink(ctx, dni, microbatches) if self.mode == "dni" else None
         self.warmup_steps = dni.warmup_steps if self.mode == "dni" else 0
@@ -101,7 +116,7 @@ class BoundaryWorker(Worker):
         synthetic = self.link is not None and step >= self.warmup_steps
         if self.link is not None:
             self.link.begin(step)
-        params = timers.run("compute", stage.stash) if self.stashing else None
+        params = timers.run("compute", stage.stash, self.ahead) if self.stashing or self.ahead else None
         kept = [self._forward(step, mb, piece, synthetic, params, timers)
                 for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
         norm = None
@@ -135,7 +150,8 @@ class BoundaryWorker(Worker):
             return _Kept()
         if self.delay > 0 and not self.stashing:  # features replay: only the input is kept
             with torch.no_grad():
-                h = timers.run("compute", stage.module, x)
+                h = timers.run("compute", stage.module, x) if params is None else timers.run(
+                    "compute", torch.func.functional_call, stage.module, params, (x,))
             transport.send("next", Kind.ACTIVATION, step, mb, h)
             return _Kept(replay=x)
         h = timers.run("compute", stage.forward, key, x, None, 1.0, params)
@@ -227,19 +243,22 @@ def _dni_boundaries(cfg: Config, num_stages: int) -> tuple[int, ...]:
     return tuple(i for i, mode in enumerate(cfg.train.boundaries) if mode == "dni")
 
 
-def _async_stashes(cfg: Config) -> bool:
-    return cfg.delayed.weight_stashing
+def _async_copies(cfg: Config) -> int:
+    """Weight copies a delayed stage makes a step: the stash (or the predicted weights a replayed
+    forward runs on), and under weight prediction the weights before the update."""
+    d = cfg.delayed
+    return int(d.weight_stashing or d.weight_prediction) + int(d.weight_prediction)
 
 
-def _mixed_stashes(cfg: Config) -> bool:
-    return cfg.delayed.weight_stashing and "async" in cfg.train.boundaries
+def _mixed_copies(cfg: Config) -> int:
+    return _async_copies(cfg) if "async" in cfg.train.boundaries else 0
 
 
 ASYNC = ScheduleSpec("async", "delayed true gradients: stage i updates from the gradient of step t - d_i "
                      "(delayed.* settings)", build=_build_async, min_stages=2, locked=False, metrics=METRICS,
-                     wait_grad_header="backpressure s", copies_weights=_async_stashes)
+                     wait_grad_header="backpressure s", copies_weights=_async_copies)
 MIXED = ScheduleSpec("mixed", "each boundary locked, dni or async (train.boundaries; dni.*, delayed.* settings)",
                      build=_build_mixed, min_stages=2, locked=False, check=check_mixed, metrics=METRICS,
                      wait_grad_header="wait grad s", predictor_boundaries=_dni_boundaries,
-                     copies_weights=_mixed_stashes)
+                     copies_weights=_mixed_copies)
 SPECS = (ASYNC, MIXED)

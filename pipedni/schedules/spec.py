@@ -36,9 +36,9 @@ def no_predictors(cfg: Config, num_stages: int) -> tuple[int, ...]:
     return ()
 
 
-def no_weight_copies(cfg: Config) -> bool:
+def no_weight_copies(cfg: Config) -> int:
     """A schedule whose stages never copy their weights."""
-    return False
+    return 0
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,7 @@ class ScheduleSpec:
     check: Callable[[Config, int], None] = no_checks  # layout checks: raise LaunchError with the fix
     metrics: tuple[MetricSpec, ...] = ()  # its own per-step figures (StepStats.extra)
     # What its stages pay beyond their layers (partition.method: time counts it): the boundaries
-    # with a synthetic-gradient predictor, and whether stages copy their weights every step.
+    # with a synthetic-gradient predictor, and how many copies of their weights stages make a step.
     predictor_boundaries: Callable[[Config, int], tuple[int, ...]] = no_predictors
-    copies_weights: Callable[[Config], bool] = no_weight_copies
+    copies_weights: Callable[[Config], int] = no_weight_copies
     wait_grad_header: str = "wait grad s"  # what wait_grad_sec means under it, in the console
