@@ -59,8 +59,9 @@ def _train_cases(rank: int, world_size: int, root: str) -> list:
 
 def test_async_equals_a_single_process_applying_the_same_delays(tmp_path):
     """Three stages (delays 2, 1, 0 steps; 4, 2, 0 with delay 2), with and without weight
-    stashing, with and without weight prediction: every parameter equals the delayed reference, every stage made one update per
-    batch (the drain included), and the store held exactly d_i steps between steps."""
+    stashing, with and without weight prediction: every parameter equals the delayed
+    reference, every stage made one update per batch (the drain included), and the store held
+    exactly d_i steps between steps."""
     num_stages = 3
     results = run_distributed(_train_cases, num_stages, str(tmp_path), timeout=240)
     for c, (name, extra) in enumerate(CASES):

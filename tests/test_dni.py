@@ -101,6 +101,9 @@ def test_predictor_learns_the_true_gradient(tmp_path):
     late = [r["sg_cosine"] for r in steps[-50:]]
     assert sum(late) / len(late) > 0.8, late
     assert steps[0]["sg_cosine"] < 0.25, steps[0]
+    # dni.min_cosine (0.5): stage 0 keeps its weights until its predictor agrees, then updates
+    frozen = [r["sg_frozen"] for r in read_steps(tmp_path, 0) if "sg_frozen" in r]
+    assert frozen[0] == 1 and frozen[-50:] == [0] * 50, frozen
 
 
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")

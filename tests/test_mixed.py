@@ -3,9 +3,9 @@
 The reference below is written apart from the engine: plain modules and optimizers, stage i's
 true backward of step s at "time" s + d_i (a deep copy of the stage for each delayed forward
 under weight stashing, a recomputation under features replay; with weight prediction the
-delayed forward runs on the weights extrapolated d_i updates along the last one), and for a dni boundary a
-predictor of the same kind (zero-initialised, so equal at the start) predicting at each forward
-and fitting each true gradient once stage i+1 has sent it. A pipelined run over real gloo
+delayed forward runs on the weights extrapolated d_i updates along the last one), and for a
+dni boundary a predictor of the same kind (zero-initialised, so equal at the start)
+predicting at each forward and fitting each true gradient once stage i+1 has sent it. A pipelined run over real gloo
 processes must match it parameter by parameter, predictors included, send every message
 exactly once and end with nothing in flight. The async schedule is the case "every boundary
 async, one microbatch" (tests/test_delayed.py checks it against this same reference).
@@ -35,7 +35,7 @@ from pipedni.runtime import Runtime
 from pipedni.schedules import registry
 from pipedni.schedules.boundaries import delays
 from pipedni.stage import loss_fn
-from test_dni import assert_every_message_received
+from test_dni import assert_every_message_received, read_steps
 
 STEPS = 6
 NUM_STAGES = 3
@@ -99,8 +99,8 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
         acts = list(batches[t][0]) if t < steps else []
         for i, stage in enumerate(stages):  # forwards of step t, in pipeline order
             moved = predicted(i) if d[i] > 0 and cfg.delayed.weight_prediction else stage
-            stash = (copy.deepcopy(stage) if moved is stage else moved) if d[i] > 0 and cfg.delayed.weight_stashing \
-                else None
+            stashing = d[i] > 0 and cfg.delayed.weight_stashing
+            stash = (copy.deepcopy(stage) if moved is stage else moved) if stashing else None
             entries = []
             for mb, x in enumerate(acts):
                 x_in, labels = x.detach().requires_grad_(i > 0), batches[t][1][mb]
@@ -124,6 +124,8 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
             stage = stages[i]
             if i == last or synthetic(i, t):
                 if t < steps:
+                    if i < last and not sgs[i].trusted:  # the stage waits for its predictor to agree
+                        optims[i].zero_grad(set_to_none=True)
                     update(i)
                     if i < last:
                         store[i][t] = [(o.detach(), y) for _, o, _, y in kept[i].pop(t)]
@@ -157,7 +159,9 @@ CASES = [
     ("locked", ["locked", "locked"], ()),
     ("async_locked", ["async", "locked"], ()),
     ("locked_async_replay", ["locked", "async"], ("--delayed.weight_stashing=false",)),
-    ("dni_async", ["dni", "async"], ("--dni.max_staleness=1", "--dni.condition_on_labels=true")),
+    ("dni_async", ["dni", "async"], ("--dni.max_staleness=1", "--dni.condition_on_labels=true",
+                                     "--dni.min_cosine=0")),
+    ("dni_async_until_trusted", ["dni", "async"], ("--dni.max_staleness=1", "--dni.min_cosine=0.2")),
     ("locked_dni_warmup", ["locked", "dni"], (f"--dni.warmup_steps={STEPS - 1}",)),
 ]
 
@@ -196,6 +200,8 @@ def test_mixed_boundaries_equal_a_single_process_applying_the_same_rules(tmp_pat
                 torch.testing.assert_close(torch.from_numpy(results[i][c][1][key]), value, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"{name} predictor {i} {key}: {m}")
         assert_every_message_received([per_rank[c][0] for per_rank in results])
+    gate = [r["sg_frozen"] for r in read_steps(tmp_path / "dni_async_until_trusted", 0) if "sg_frozen" in r]
+    assert 0 in gate and 1 in gate, gate  # the gate held stage 0 back, then let it update
 
 
 def test_all_locked_mixed_is_plain_backprop_and_the_rules_matter(tmp_path):

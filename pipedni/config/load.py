@@ -228,6 +228,7 @@ def _validate_dni(cfg: Config) -> None:
         _require(b.hidden_layers >= 0, f"{where}.hidden_layers = {b.hidden_layers}; must be >= 0")
         _require(b.hidden_width >= 1 and b.rank >= 1, f"{where}: hidden_width and rank must be >= 1")
         _require(b.clip >= 0, f"{where}.clip = {b.clip}; must be >= 0 (0: off)")
+        _require(b.min_cosine <= 1, f"{where}.min_cosine = {b.min_cosine}; must be <= 1 (0: always update)")
         _require(b.warmup_steps >= 0, f"{where}.warmup_steps = {b.warmup_steps}; must be >= 0")
 
 

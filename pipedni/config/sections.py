@@ -134,6 +134,10 @@ class DNIConfig:
     normalize_target: bool = _f(
         True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
     )
+    min_cosine: float = _f(
+        0.5, "A stage updates from its synthetic gradient only while its predictor's cosine with the "
+             "true gradients (moving average over fits) is at least this; else its weights stay put (0: always).",
+    )
     max_staleness: int = _f(2, "Most steps a stage may run ahead of the gradients it has received.")
     microbatches: int = _f(
         1, "Pieces each batch runs in, freed one by one (activation memory / M); one update per batch."
@@ -154,7 +158,7 @@ class DNIConfig:
 
 # Keys a per-boundary entry may set (the predictor's own settings, not the schedule's).
 DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank", "batchnorm",
-                     "optimizer", "lr", "output_scale", "clip", "normalize_target", "warmup_steps")
+                     "optimizer", "lr", "output_scale", "clip", "normalize_target", "min_cosine", "warmup_steps")
 
 
 @dataclass

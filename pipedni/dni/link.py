@@ -148,4 +148,5 @@ METRICS = (
     MetricSpec("sg_cosine", "sg_cosine", "ema", "sg cos", ".2f"),
     MetricSpec("staleness", "mean_staleness", "ema", "stale", ".1f"),
     MetricSpec("store_size", "max_store_size", "max", "store", "d"),
+    MetricSpec("sg_frozen", "frozen_steps", "sum", "frozen", "d"),
 )

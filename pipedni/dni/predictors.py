@@ -11,6 +11,19 @@ as a Linear over C shared by all positions (not over T*C): they stay small next 
 do not depend on T, and cDNI appends each position's own one-hot label ``[B, T, V]``. The
 gradient of the mean loss over B*T labels is O(1 / (B*T)), so ``dni.normalize_target`` scales
 by the labels per batch, B*T, rather than by B.
+
+[Note: trusting the predictor]
+A zero-initialised predictor soon predicts small gradients that point nowhere in particular,
+and an adaptive optimizer (Adam) turns even tiny gradients into full-size steps: the stage
+then walks its weights in a direction the loss did not ask for, and with several dni
+boundaries the stages after it learn from features that drift (measured: at 4 stages with Adam
+1e-3 the loss stayed at chance for 60 steps, then grew 100-fold). So each predictor keeps
+``agreement``, a moving average (rate ``AGREEMENT_RATE`` per fit) of the cosine between its
+predictions and the true gradients that arrive, starting at 0, and a stage updates from its
+synthetic gradient only while that is at least ``dni.min_cosine``; otherwise its gradients are
+dropped (the optimizer skips its parameters: no step, no state change) and it keeps sending its
+input gradients upstream. A stage thus starts updating once its predictor has learnt, and
+stops again if the predictor loses track. ``dni.min_cosine: 0`` updates always, as the paper.
 """
 
 from __future__ import annotations
@@ -25,6 +38,9 @@ from torch import nn
 from pipedni.config import DNIConfig
 from pipedni.errors import ConfigError
 from pipedni.optim import fused
+
+
+AGREEMENT_RATE = 0.1  # weight of each new fit's cosine in a predictor's agreement
 
 
 def _zero_last(module: nn.Module) -> nn.Module:
@@ -138,6 +154,7 @@ class SyntheticGradientTrainer:
         # batch and for a microbatch of it alike (see Stage.forward's weights), hence the batch's
         # label count, not h's rows. See [Note: per-position predictors] for sequences.
         self.target_scale = float(batch_size * labels_per_sample) if cfg.normalize_target else 1.0
+        self.agreement = 0.0  # moving average of the fits' cosines: see [Note: trusting the predictor]
         self.model = SyntheticGradient(feature_shape, num_classes, cfg).to(device)
         params = list(self.model.parameters())
         self.optimizer = (fused(torch.optim.Adam, params, lr=cfg.lr) if cfg.optimizer == "adam"
@@ -163,8 +180,15 @@ class SyntheticGradientTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        cosine = F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0)
-        return float(loss.detach()), float(cosine)
+        cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
+        self.agreement += AGREEMENT_RATE * (cosine - self.agreement)
+        return float(loss.detach()), cosine
+
+    @property
+    def trusted(self) -> bool:
+        """Whether the stage should update from this predictor's gradients now."""
+        return self.cfg.min_cosine <= 0 or self.agreement >= self.cfg.min_cosine
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "agreement": self.agreement}

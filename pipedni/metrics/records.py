@@ -42,7 +42,7 @@ class MetricSpec:
 
     key: str  # name in StepStats.extra and metrics/stage<i>.jsonl
     summary_key: str  # name in summary.json's per-stage entry
-    reduce: Literal["ema", "max"]  # ema: moving average (weight 0.05 per step); max: the largest
+    reduce: Literal["ema", "max", "sum"]  # ema: moving average (weight 0.05 per step); max: the largest; sum
     header: str  # console column
     fmt: str  # console format spec, e.g. ".2f"
 
@@ -51,6 +51,8 @@ class MetricSpec:
             return total
         if total is None:
             return value
+        if self.reduce == "sum":
+            return total + value
         return max(total, value) if self.reduce == "max" else 0.95 * total + 0.05 * value
 
 

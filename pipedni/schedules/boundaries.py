@@ -46,13 +46,14 @@ backward.
 The gradient of step s is applied d_i updates after its forward ran, to weights that have moved
 on. With ``delayed.weight_prediction`` (default) the forward of a delayed step runs on the
 weights it will update, predicted by extrapolating the last update: w + d_i (w - w_before)
-(``Stage.stash(ahead=d_i)``; SpecTrain, arXiv 1809.02839, PipeMare, arXiv 1910.05124, and
-PipeOptim, arXiv 2312.00839, predict weights along the optimizer's update the same way). Under Adam or momentum the last update is a smoothed direction, so the
-prediction is close and the gradient is taken nearly where it lands. Measured on
-configs/bench_mlp_fashion.yaml (2 stages, 400 steps, 3 seeds in a one-process simulation): a
-one-step delay cost 1.2-2.0 points of test accuracy, prediction gave back all but 0-0.6 of
-them; docs/results.md has the engine's figures. Cost: one more weight copy per stage (the
-weights before the update) and, under features replay, a predicted copy for the forward.
+(``Stage.stash(ahead=d_i)``). SpecTrain (arXiv 1809.02839), PipeMare (arXiv 1910.05124) and
+PipeOptim (arXiv 2312.00839) predict weights along the optimizer's update the same way. Under
+Adam or momentum the last update is a smoothed direction, so the prediction is close and the
+gradient is taken nearly where it lands. On configs/bench_mlp_fashion.yaml (2 stages, 3 seeds,
+scripts/delay_sim.py) a one-step delay cost 1.0-2.1 points of test accuracy at 400 steps and
+prediction gave back all but 0.2-0.5 of them; docs/results.md has the engine's figures. Cost:
+one more weight copy per stage (the weights before the update) and, under features replay, a
+predicted copy for the forward.
 """
 
 from __future__ import annotations
@@ -120,8 +121,9 @@ class BoundaryWorker(Worker):
         kept = [self._forward(step, mb, piece, synthetic, params, timers)
                 for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
         norm = None
+        frozen = synthetic and not self.link.sg.trusted  # see [Note: trusting the predictor]
         if stage.is_last or synthetic:  # backpropagated already: the loss's or the predictor's gradient
-            norm = self._update(timers)
+            norm = self._update(timers, drop=frozen)
         else:
             self.pending[step] = kept
             if step - self.delay in self.pending:
@@ -134,6 +136,8 @@ class BoundaryWorker(Worker):
         stats = timers.stats(step, stage, norm)
         if self.link is not None:
             self.link.write(stats)
+            if synthetic:
+                stats.extra["sg_frozen"] = int(frozen)
         elif not stage.is_last:
             stats.extra.update(staleness=self.delay, store_size=len(self.pending))
         return stats
@@ -180,8 +184,11 @@ class BoundaryWorker(Worker):
         if not self.stage.is_first:
             self.transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
 
-    def _update(self, timers: Timers) -> Optional[float]:
+    def _update(self, timers: Timers, drop: bool = False) -> Optional[float]:
+        """One optimizer step; with ``drop``, on no gradients (the optimizer skips every parameter)."""
         norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
+        if drop:
+            self.stage.optimizer.zero_grad(set_to_none=True)
         timers.run("compute", self.stage.step, norm)
         return norm
 
