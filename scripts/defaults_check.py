@@ -7,6 +7,9 @@ OUT/runs.jsonl (a rerun skips what is done).
 
     python scripts/defaults_check.py --out results/defaults                 # the sweep
     python scripts/defaults_check.py --out results/defaults --report        # the table
+
+``--set=--section.key=value`` (repeatable) adds an override to every run: an ablation, kept in
+its own --out directory.
 """
 
 from __future__ import annotations
@@ -24,9 +27,9 @@ BASE = ["configs/mlp_fashion.yaml", "--optim.name=adam", "--optim.lr=1e-3", "--r
         "--checkpoint.enabled=false"]
 
 
-def run(out: Path, schedule: str, stages: int, epochs: float, seed: int) -> dict:
+def run(out: Path, schedule: str, stages: int, epochs: float, seed: int, extra: list[str]) -> dict:
     run_dir = out / f"{schedule}-n{stages}-s{seed}"
-    cmd = [sys.executable, "-m", "pipedni.launch", f"--nproc_per_node={stages}", *BASE,
+    cmd = [sys.executable, "-m", "pipedni.launch", f"--nproc_per_node={stages}", *BASE, *extra,
            f"--train.schedule={schedule}", f"--train.epochs={epochs}", f"--run.seed={seed}", f"--run.dir={run_dir}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
     if proc.returncode != 0:
@@ -58,6 +61,8 @@ def main() -> int:
     parser.add_argument("--schedules", default="1f1b,dni,async")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--report", action="store_true")
+    parser.add_argument("--set", action="append", default=[], metavar="--SECTION.KEY=VALUE",
+                        help="an override for every run (repeatable)")
     args = parser.parse_args()
     log = args.out / "runs.jsonl"
     records = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
@@ -71,7 +76,7 @@ def main() -> int:
             for schedule in args.schedules.split(","):
                 if (schedule, stages, seed) in done:
                     continue
-                record = run(args.out, schedule, stages, epochs, seed)
+                record = run(args.out, schedule, stages, epochs, seed, args.set)
                 print(json.dumps(record), flush=True)
                 with log.open("a") as f:
                     f.write(json.dumps(record) + "\n")
