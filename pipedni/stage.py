@@ -74,6 +74,10 @@ class Stage:
             return p.clone()
         return {n: copy(n, p).requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
 
+    def run(self, x: torch.Tensor, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+        """The module on ``x``, on its own weights or on ``params`` (from ``stash``); keeps nothing."""
+        return self.module(x) if params is None else torch.func.functional_call(self.module, params, (x,))
+
     def forward(self, mb: int, x: torch.Tensor, target: Optional[torch.Tensor] = None,
                 weight: float = 1.0, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
         """Run microbatch ``mb`` (on ``params``, from ``stash``, when given); returns the detached
@@ -81,10 +85,8 @@ class Stage:
         if not self.is_first:
             x = x.detach().requires_grad_(True)
         self.inputs[mb] = x
-        if params is None:
-            out = self.module(x)
-        else:
-            out = torch.func.functional_call(self.module, params, (x,))
+        out = self.run(x, params)
+        if params is not None:
             self.stashes[mb] = params
         if self.is_last:
             out = loss_fn(out, target) * weight

@@ -66,6 +66,11 @@ class SyntheticLink:
     def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         return self.sg.predict(h, labels)
 
+    @property
+    def trusted(self) -> bool:
+        """Whether the stage updates from the predictor now (see [Note: trusting the predictor])."""
+        return self.sg.trusted
+
     def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor, staleness: int) -> None:
         loss, cosine = self.sg.fit(h, labels, grad)
         self.log.losses.append(loss)

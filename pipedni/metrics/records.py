@@ -42,7 +42,7 @@ class MetricSpec:
 
     key: str  # name in StepStats.extra and metrics/stage<i>.jsonl
     summary_key: str  # name in summary.json's per-stage entry
-    reduce: Literal["ema", "max", "sum"]  # ema: moving average (weight 0.05 per step); max: the largest; sum
+    reduce: Literal["ema", "max", "sum"]  # ema: moving average (weight 0.05 per step); max: the largest; sum: the total
     header: str  # console column
     fmt: str  # console format spec, e.g. ".2f"
 

@@ -121,7 +121,7 @@ class BoundaryWorker(Worker):
         kept = [self._forward(step, mb, piece, synthetic, params, timers)
                 for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
         norm = None
-        frozen = synthetic and not self.link.sg.trusted  # see [Note: trusting the predictor]
+        frozen = synthetic and not self.link.trusted  # see [Note: trusting the predictor]
         if stage.is_last or synthetic:  # backpropagated already: the loss's or the predictor's gradient
             norm = self._update(timers, drop=frozen)
         else:
@@ -154,8 +154,7 @@ class BoundaryWorker(Worker):
             return _Kept()
         if self.delay > 0 and not self.stashing:  # features replay: only the input is kept
             with torch.no_grad():
-                h = timers.run("compute", stage.module, x) if params is None else timers.run(
-                    "compute", torch.func.functional_call, stage.module, params, (x,))
+                h = timers.run("compute", stage.run, x, params)
             transport.send("next", Kind.ACTIVATION, step, mb, h)
             return _Kept(replay=x)
         h = timers.run("compute", stage.forward, key, x, None, 1.0, params)
