@@ -29,7 +29,7 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Optional
+from typing import Container, Optional
 
 import torch
 import torch.distributed as dist
@@ -213,12 +213,13 @@ class Inbox:
             self.cond.notify_all()
         return header, self._to_device(payload, event)
 
-    def take_ready(self, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
-        """Every message of ``kind`` that has already arrived, without waiting (step order)."""
+    def take_ready(self, kind: Kind, steps: Container[int]) -> list[tuple[Header, torch.Tensor]]:
+        """Every message of ``kind`` for one of ``steps`` that has already arrived, without waiting
+        (step order)."""
         with self.cond:
             if self.error is not None:
                 self._check_alive(f"any {kind.name.lower()}")
-            keys = sorted(k for k in self.mailbox if k[0] == int(kind))
+            keys = sorted(k for k in self.mailbox if k[0] == int(kind) and k[1] in steps)
             items = [self.mailbox.pop(k) for k in keys]
             self.cond.notify_all()
         return [(h, self._to_device(p, e)) for h, p, e in items]
@@ -284,8 +285,9 @@ class Transport:
             )
         return tensor
 
-    def recv_ready(self, direction: str, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
-        return self.inboxes[direction].take_ready(kind)
+    def recv_ready(self, direction: str, kind: Kind, steps: Container[int]) -> list[tuple[Header, torch.Tensor]]:
+        """The messages of ``kind`` for ``steps`` that have arrived; the others stay for ``recv``."""
+        return self.inboxes[direction].take_ready(kind, steps)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place over every stage (the default group): a barrier of the whole
@@ -338,7 +340,7 @@ class NullTransport:
              expect: Optional[TensorSpec] = None) -> torch.Tensor:
         raise TransportError(f"{self.who} has no '{direction}' neighbour to receive {_what(kind, step, microbatch)} from")
 
-    def recv_ready(self, direction: str, kind: Kind) -> list[tuple[Header, torch.Tensor]]:
+    def recv_ready(self, direction: str, kind: Kind, steps: Container[int]) -> list[tuple[Header, torch.Tensor]]:
         return []
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:

@@ -64,10 +64,16 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
     scheds = [build_scheduler(o, cfg.optim, steps) for o in optims]
     d = delays(modes, cfg.delayed.delay)
     last = num_stages - 1
+    # a dni stage whose predictor is untrusted updates from the true gradient 1 + d_{i+1} steps late,
+    # where nobody upstream waits for its input gradient of the same step (else it is frozen)
+    fallback = [1 + d[i + 1] if modes[i] == "dni" and cfg.dni.for_boundary(i).fallback == "delayed"
+                and (i == 0 or modes[i - 1] == "dni") else 0 for i in range(last)]
     batches = [(torch.tensor_split(x, microbatches), torch.tensor_split(y, microbatches))
                for _, x, y in datasets.train_batches(train_set, cfg.data.batch_size, cfg.run.seed, steps)]
     sgs: dict[int, SyntheticGradientTrainer] = {}
-    kept: list[dict] = [{} for _ in stages]  # stage -> step -> per microbatch (input, output, module, labels)
+    kept: list[dict] = [{} for _ in stages]  # stage -> step -> per microbatch (input, output, module, labels, sent)
+    due: list[dict] = [{} for _ in stages]  # stage -> step -> when its true backward runs
+    trusted: list[dict] = [{} for _ in stages]  # dni stage -> step -> its predictor trusted at its forward
     grads: list[dict] = [{} for _ in stages]  # stage -> (step, microbatch) -> gradient of its input
     store: list[dict] = [{} for _ in stages]  # dni stage -> step -> per microbatch (output, labels)
     before = [[p.detach().clone() for p in s.parameters()] for s in stages]  # weights before the last update
@@ -81,13 +87,13 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
                                               torch.device("cpu"), cfg.data.batch_size)
         return sgs[i]
 
-    def predicted(i: int) -> torch.nn.Module:
-        """Stage i as it would be d_i updates on, were each like its last (weight prediction)."""
-        ahead = copy.deepcopy(stages[i])
+    def predicted(i: int, ahead: int) -> torch.nn.Module:
+        """Stage i as it would be ``ahead`` updates on, were each like its last (weight prediction)."""
+        moved = copy.deepcopy(stages[i])
         with torch.no_grad():
-            for q, b in zip(ahead.parameters(), before[i]):
-                q.copy_(torch.lerp(b, q, 1.0 + d[i]))
-        return ahead
+            for q, b in zip(moved.parameters(), before[i]):
+                q.copy_(torch.lerp(b, q, 1.0 + ahead))
+        return moved
 
     def update(i: int) -> None:
         before[i] = [p.detach().clone() for p in stages[i].parameters()]
@@ -95,19 +101,42 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
         optims[i].zero_grad(set_to_none=True)
         scheds[i].step()
 
-    for t in range(steps + max(d)):
+    def true_backward(i: int, s: int) -> None:
+        stage = stages[i]
+        for mb, (x_in, out, ran, labels, sent) in enumerate(kept[i].pop(s)):
+            if out is None:  # features replay: the forward again, on the current weights
+                ran, out = stage, stage(x_in)
+            grad = grads[i + 1].pop((s, mb))
+            if modes[i] == "dni":  # warm-up or fallback: the predictor fits every true gradient
+                sg(i, sent).fit(sent, labels, grad)
+            out.backward(grad)
+            if ran is not stage:
+                for p, q in zip(stage.parameters(), ran.parameters()):
+                    p.grad = q.grad if p.grad is None else p.grad + q.grad
+                    q.grad = None
+            grads[i][s, mb] = x_in.grad
+        del due[i][s]
+        update(i)
+
+    for t in range(steps + 1):  # the last: the drain, as each stage's finish
         acts = list(batches[t][0]) if t < steps else []
         for i, stage in enumerate(stages):  # forwards of step t, in pipeline order
-            moved = predicted(i) if d[i] > 0 and cfg.delayed.weight_prediction else stage
-            stashing = d[i] > 0 and cfg.delayed.weight_stashing
+            if t >= steps:
+                break
+            late = d[i] if i < last else 0
+            if synthetic(i, t):
+                trusted[i][t] = sgs[i].trusted if i in sgs else cfg.dni.for_boundary(i).min_cosine <= 0
+                late = 0 if trusted[i][t] else fallback[i]
+            moved = predicted(i, late) if late > 0 and cfg.delayed.weight_prediction else stage
+            stashing = late > 0 and cfg.delayed.weight_stashing
             stash = (copy.deepcopy(stage) if moved is stage else moved) if stashing else None
             entries = []
             for mb, x in enumerate(acts):
                 x_in, labels = x.detach().requires_grad_(i > 0), batches[t][1][mb]
-                if d[i] > 0 and stash is None:  # features replay
+                if late > 0 and stash is None:  # features replay
                     with torch.no_grad():
                         acts[mb] = moved(x_in)
-                    entries.append((x_in, None, None, labels))
+                    entries.append((x_in, None, None, labels, acts[mb]))
                     continue
                 ran = stash if stash is not None else stage
                 out = ran(x_in)
@@ -115,40 +144,26 @@ def mixed_reference(cfg, num_stages: int, modes: list[str], microbatches: int, s
                 if i == last:
                     (loss_fn(out, labels) * labels.shape[0] / cfg.data.batch_size).backward()
                     grads[i][t, mb] = x_in.grad
-                elif synthetic(i, t):
+                elif synthetic(i, t) and late == 0:
                     out.backward(sg(i, out).predict(out.detach(), labels))
                     grads[i][t, mb] = x_in.grad
-                entries.append((x_in, out, ran, labels))
-            kept[i][t] = entries
+                entries.append((x_in, out, ran, labels, acts[mb]))
+            kept[i][t], due[i][t] = entries, t + late
         for i in reversed(range(num_stages)):  # then each stage's backward and update
-            stage = stages[i]
-            if i == last or synthetic(i, t):
-                if t < steps:
-                    if i < last and not sgs[i].trusted:  # the stage waits for its predictor to agree
-                        optims[i].zero_grad(set_to_none=True)
-                    update(i)
-                    if i < last:
-                        store[i][t] = [(o.detach(), y) for _, o, _, y in kept[i].pop(t)]
-                    else:
-                        kept[i].pop(t)
-            elif t - d[i] in kept[i]:
-                s = t - d[i]
-                for mb, (x_in, out, ran, labels) in enumerate(kept[i].pop(s)):
-                    if out is None:  # features replay: the forward again, on the current weights
-                        ran, out = stage, stage(x_in)
-                    grad = grads[i + 1].pop((s, mb))
-                    if modes[i] == "dni":  # warm-up: the predictor fits the exact gradient first
-                        sg(i, out).fit(out.detach(), labels, grad)
-                    out.backward(grad)
-                    if ran is not stage:
-                        for p, q in zip(stage.parameters(), ran.parameters()):
-                            p.grad = q.grad if p.grad is None else p.grad + q.grad
-                            q.grad = None
-                    grads[i][s, mb] = x_in.grad
+            if t < steps and (i == last or (synthetic(i, t) and due[i][t] == t)):  # at once
+                if i < last and not trusted[i][t]:  # frozen while the predictor is untrusted
+                    optims[i].zero_grad(set_to_none=True)
                 update(i)
-            if i < last and modes[i] == "dni":  # fit what stage i+1 has answered by now
+                if i < last:
+                    store[i][t] = [(o.detach(), y) for _, o, _, y, _ in kept[i].pop(t)]
+                else:
+                    kept[i].pop(t)
+                del due[i][t]
+            for s in sorted(s for s in due[i] if due[i][s] <= t or t >= steps):  # true gradients due
+                true_backward(i, s)
+            if i < last and modes[i] == "dni" and not (t >= steps and due[i]):  # fit what stage i+1 has answered
                 for s in sorted(store[i]):
-                    if s <= t - d[i + 1]:
+                    if s <= t - d[i + 1] or t >= steps:
                         for mb, (h, labels) in enumerate(store[i].pop(s)):
                             sg(i, h).fit(h, labels, grads[i + 1].pop((s, mb)))
     return dict(model.state_dict()), {i: p.model.state_dict() for i, p in sgs.items()}
@@ -161,7 +176,11 @@ CASES = [
     ("locked_async_replay", ["locked", "async"], ("--delayed.weight_stashing=false",)),
     ("dni_async", ["dni", "async"], ("--dni.max_staleness=1", "--dni.condition_on_labels=true",
                                      "--dni.min_cosine=0")),
-    ("dni_async_until_trusted", ["dni", "async"], ("--dni.max_staleness=1", "--dni.min_cosine=0.2")),
+    ("dni_async_until_trusted", ["dni", "async"], ("--dni.max_staleness=1", "--dni.min_cosine=0.15")),
+    ("dni_async_until_trusted_replay", ["dni", "async"], ("--dni.max_staleness=1", "--dni.min_cosine=0.15",
+                                                          "--delayed.weight_stashing=false")),
+    ("dni_async_frozen_until_trusted", ["dni", "async"], ("--dni.max_staleness=1", "--dni.min_cosine=0.15",
+                                                          "--dni.fallback=frozen")),
     ("locked_dni_warmup", ["locked", "dni"], (f"--dni.warmup_steps={STEPS - 1}",)),
 ]
 
@@ -200,8 +219,9 @@ def test_mixed_boundaries_equal_a_single_process_applying_the_same_rules(tmp_pat
                 torch.testing.assert_close(torch.from_numpy(results[i][c][1][key]), value, rtol=1e-5, atol=1e-6,
                                            msg=lambda m: f"{name} predictor {i} {key}: {m}")
         assert_every_message_received([per_rank[c][0] for per_rank in results])
-    gate = [r["sg_frozen"] for r in read_steps(tmp_path / "dni_async_until_trusted", 0) if "sg_frozen" in r]
-    assert 0 in gate and 1 in gate, gate  # the gate held stage 0 back, then let it update
+    for name in ("dni_async_until_trusted", "dni_async_frozen_until_trusted"):
+        gate = [r["sg_untrusted"] for r in read_steps(tmp_path / name, 0) if "sg_untrusted" in r]
+        assert 0 in gate and 1 in gate, (name, gate)  # the predictor was untrusted, then trusted
 
 
 def test_all_locked_mixed_is_plain_backprop_and_the_rules_matter(tmp_path):
@@ -244,6 +264,17 @@ def test_impossible_mixes_name_the_boundary(modes, extra, message):
 def test_bad_boundary_lists_are_refused_at_load(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
         load_config(None, overrides)
+
+
+def test_a_fallback_later_than_the_staleness_bound_is_refused():
+    """Stage 1 (after a dni boundary, before an async one) falls back 2 steps late: stage 0 must
+    be allowed to wait that long for its gradients, or the two would wait on each other."""
+    cfg = load_config(None, ["--train.schedule=mixed", "--train.boundaries=[dni,dni,async]", "--dni.max_staleness=1"])
+    with pytest.raises(LaunchError, match=r"train.boundaries\[1\] = dni \(stage 1 -> 2\): while its predictor is "
+                                          r"untrusted stage 1 sends stage 0 its gradients 2 steps late"):
+        registry.check_layout(cfg, 4)
+    registry.check_layout(load_config(None, ["--train.schedule=mixed", "--train.boundaries=[dni,dni,async]",
+                                             "--dni.max_staleness=1", "--dni.boundaries=[{}, {fallback: frozen}]"]), 4)
 
 
 def test_per_boundary_warm_up_needs_mixed():

@@ -70,7 +70,7 @@ def test_the_null_transport_has_no_neighbours():
     t = NullTransport()
     x = torch.ones(3)
     assert t.all_reduce(x) is x and torch.equal(x, torch.ones(3))
-    assert (t.counts(), t.bytes_sent, t.send_wait_sec, t.peak_queued, t.recv_ready("next", Kind.GRADIENT)) == (
+    assert (t.counts(), t.bytes_sent, t.send_wait_sec, t.peak_queued, t.recv_ready("next", Kind.GRADIENT, {0})) == (
         {}, 0, 0.0, 0, [])
     with pytest.raises(TransportError, match="no 'next' neighbour to send activation of step 3 microbatch 1"):
         t.send("next", Kind.ACTIVATION, 3, 1, x)

@@ -136,7 +136,11 @@ class DNIConfig:
     )
     min_cosine: float = _f(
         0.5, "A stage updates from its synthetic gradient only while its predictor's cosine with the "
-             "true gradients (moving average over fits) is at least this; else its weights stay put (0: always).",
+             "true gradients (moving average over fits) is at least this; else see fallback (0: always).",
+    )
+    fallback: Literal["delayed", "frozen"] = _f(
+        "delayed", "While the predictor is below min_cosine: delayed (update from the true gradient when it "
+                   "arrives, as async) or frozen (no update). delayed needs stage i first or boundary i-1 dni.",
     )
     max_staleness: int = _f(2, "Most steps a stage may run ahead of the gradients it has received.")
     microbatches: int = _f(
@@ -158,7 +162,8 @@ class DNIConfig:
 
 # Keys a per-boundary entry may set (the predictor's own settings, not the schedule's).
 DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank", "batchnorm",
-                     "optimizer", "lr", "output_scale", "clip", "normalize_target", "min_cosine", "warmup_steps")
+                     "optimizer", "lr", "output_scale", "clip", "normalize_target", "min_cosine", "fallback",
+                     "warmup_steps")
 
 
 @dataclass

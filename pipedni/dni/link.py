@@ -4,8 +4,10 @@ Every schedule with a synthetic-gradient boundary (``dni``, and ``mixed`` where 
 dni) keeps one ``SyntheticLink`` per such boundary. The stage backpropagates ``predict``'s
 gradient at once and hands the link what fitting will need (``keep``); the true gradient of
 each microbatch arrives later from the next stage, tagged with its step, and is fitted then
-(``fit_ready``). A stage that runs more than ``max_staleness`` steps ahead of the gradients it
-has received waits for the oldest (``back_pressure``): memory stays bounded.
+(``fit_ready``). A stage whose oldest stored step is ``max_staleness`` steps old waits for
+its gradients (``back_pressure``): memory stays bounded. Steps of an untrusted predictor that
+fall back to the true gradient are not stored here: the worker keeps them and fits them as
+their gradients come due (schedules/boundaries.py, [Note: the untrusted fallback]).
 """
 
 from __future__ import annotations
@@ -95,12 +97,12 @@ class SyntheticLink:
 
     def fit_ready(self) -> None:
         """Fit every gradient that has already arrived, without waiting."""
-        for header, grad in self.transport.recv_ready("next", Kind.GRADIENT):
+        for header, grad in self.transport.recv_ready("next", Kind.GRADIENT, set(self.store)):
             self._fit_arrived(header.step, header.microbatch, grad)
 
     def back_pressure(self, timers: Timers) -> None:
-        """While more than ``max_staleness`` steps await gradients, wait for the oldest."""
-        while len(self.store) > self.cfg.max_staleness:
+        """While the oldest step awaiting its gradients is ``max_staleness`` steps old or more, wait for it."""
+        while self.store and self.step - next(iter(self.store)) >= self.cfg.max_staleness:
             timers.run("compute", self._fit_arrived, *timers.run("wait_grad", self._wait_oldest))
 
     def drain(self) -> None:
@@ -153,5 +155,5 @@ METRICS = (
     MetricSpec("sg_cosine", "sg_cosine", "ema", "sg cos", ".2f"),
     MetricSpec("staleness", "mean_staleness", "ema", "stale", ".1f"),
     MetricSpec("store_size", "max_store_size", "max", "store", "d"),
-    MetricSpec("sg_frozen", "frozen_steps", "sum", "frozen", "d"),
+    MetricSpec("sg_untrusted", "untrusted_steps", "sum", "untrusted", "d"),
 )

@@ -20,10 +20,17 @@ boundaries the stages after it learn from features that drift (measured: at 4 st
 1e-3 the loss stayed at chance for 60 steps, then grew 100-fold). So each predictor keeps
 ``agreement``, a moving average (rate ``AGREEMENT_RATE`` per fit) of the cosine between its
 predictions and the true gradients that arrive, starting at 0, and a stage updates from its
-synthetic gradient only while that is at least ``dni.min_cosine``; otherwise its gradients are
-dropped (the optimizer skips its parameters: no step, no state change) and it keeps sending its
-input gradients upstream. A stage thus starts updating once its predictor has learnt, and
-stops again if the predictor loses track. ``dni.min_cosine: 0`` updates always, as the paper.
+synthetic gradient only while that is at least ``dni.min_cosine``. Until then it learns from
+the true gradient instead, one step late, as ``async`` does (``dni.fallback: delayed``, see
+schedules/boundaries.py, [Note: the untrusted fallback]); with ``dni.fallback: frozen`` its
+gradients are dropped (the optimizer skips its parameters: no step, no state change). A stage
+thus uses its predictor once it has learnt, and stops again if the predictor loses track.
+``dni.min_cosine: 0`` always uses it, as the paper.
+
+Why not freeze by default: on the char LM of configs/bench_transformer_kjv.yaml plain DNI's
+predictor never agrees (cosine about 0: a position's gradient is not predictable from its
+features alone), so a frozen stage 0 kept its initial weights for the whole run, and the
+benchmark's "dni" was the last stage training alone.
 """
 
 from __future__ import annotations

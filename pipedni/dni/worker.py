@@ -9,8 +9,10 @@ One step of stage i (see "The DNI step" in docs/design.md):
     optimizer step
     remember (t, h_t, y_t); fit sg_i on every gradient that has already arrived
 
-Nothing waits for a gradient unless the store of steps awaiting one exceeds
-``dni.max_staleness``: then the stage blocks on the oldest (back-pressure, bounded memory).
+Nothing waits for a gradient unless the oldest stored step is ``dni.max_staleness`` steps old:
+then the stage blocks on it (back-pressure, bounded memory). Until its predictor agrees with
+the true gradients (``dni.min_cosine``) a stage learns from them one step late instead, as
+``async`` (schedules/boundaries.py, [Note: the untrusted fallback]).
 Each non-last stage receives exactly one gradient per microbatch of every step, so ``finish``
 knows what is owed. The first ``dni.warmup_steps`` steps run locked 1F1B whose plan fits the
 predictor on each true gradient before its backward uses it (a ``FIT`` action).

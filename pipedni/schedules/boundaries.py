@@ -27,6 +27,20 @@ warm-up (``dni.warmup_steps``, per boundary through ``dni.boundaries``) trains i
 predictor fitting each true gradient before the backward uses it; that needs d_{i+1} = 0, or
 stage i's delay, and so every delay upstream of it, would change when the warm-up ends.
 
+[Note: the untrusted fallback]
+A dni stage whose predictor is not trusted (``dni.min_cosine``, see dni/predictors.py) has no
+gradient it may use at once. With ``dni.fallback: delayed`` (default) it runs that step as an
+async stage would: the forward on a weight stash (predicted, under ``delayed.*``), the graph
+kept, and the true gradient backpropagated and applied when it is due, 1 + d_{i+1} steps later
+(the predictor also fits it then); its input gradient goes upstream at that time too. So an
+untrusted stage trains like ``async`` instead of standing still, and one whose predictor never
+learns (plain DNI on the char LM) still trains. A step trusted after an untrusted one makes
+two updates (its own, then the one due); every batch still makes exactly one. The delay is
+possible only where nobody waits for stage i's input gradient of the same step: stage i first,
+or boundary i-1 dni (whose store waits up to ``dni.max_staleness`` steps, checked at start-up);
+after a locked or async boundary the stage is frozen while untrusted instead, and says so.
+Which steps used the predictor is ``sg_untrusted`` in the metrics.
+
 [Note: weight stashing]
 What a delayed backward (d_i > 0) of step s needs is kept one of two ways
 (``delayed.weight_stashing``):
@@ -83,12 +97,19 @@ def delays(boundaries: Sequence[str], delay: int) -> list[int]:
     return d[::-1]
 
 
+def fallback_delay(boundaries: Sequence[str], i: int, d: Sequence[int], fallback: str) -> int:
+    """Steps after its forward that dni stage ``i`` updates from the true gradient while its
+    predictor is untrusted: 1 + d_{i+1} (0: frozen instead). See [Note: the untrusted fallback]."""
+    possible = i == 0 or boundaries[i - 1] == "dni"
+    return 1 + d[i + 1] if fallback == "delayed" and possible else 0
+
+
 @dataclass
 class _Kept:
     """What the true backward of one microbatch needs besides its graph."""
 
     replay: Optional[torch.Tensor] = None  # its input, when the forward is recomputed
-    fit: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # output and labels (dni warm-up)
+    fit: Optional[tuple[torch.Tensor, Optional[torch.Tensor]]] = None  # output and labels (dni warm-up, fallback)
 
 
 class BoundaryWorker(Worker):
@@ -96,18 +117,24 @@ class BoundaryWorker(Worker):
 
     def __init__(self, ctx: WorkerContext, boundaries: Sequence[str], microbatches: int):
         super().__init__(ctx)
-        stage, cfg = self.stage, ctx.cfg
-        self.mode = None if stage.is_last else boundaries[stage.stage_index]
-        self.delay = delays(boundaries, cfg.delayed.delay)[stage.stage_index]
+        stage, cfg, i = self.stage, ctx.cfg, ctx.stage.stage_index
+        self.mode = None if stage.is_last else boundaries[i]
+        d = delays(boundaries, cfg.delayed.delay)
+        self.delay = d[i]
         self.num_microbatches = microbatches
-        self.stashing = self.delay > 0 and cfg.delayed.weight_stashing
-        self.ahead = self.delay if self.delay > 0 and cfg.delayed.weight_prediction else 0
-        if self.ahead:
-            stage.track_updates()
-        dni = cfg.dni.for_boundary(stage.stage_index)
+        dni = cfg.dni.for_boundary(i)
         self.link = SyntheticLink(ctx, dni, microbatches) if self.mode == "dni" else None
         self.warmup_steps = dni.warmup_steps if self.mode == "dni" else 0
-        self.pending: OrderedDict[int, list[_Kept]] = OrderedDict()  # step -> its true backward's needs
+        self.fallback = fallback_delay(boundaries, i, d, dni.fallback) if self.mode == "dni" else 0
+        if self.mode == "dni" and dni.fallback == "delayed" and not self.fallback:
+            print(f"stage {i}: dni.fallback delayed needs stage {i - 1}'s boundary to be dni too (it is "
+                  f"{boundaries[i - 1]}: stage {i - 1} waits for this stage's input gradient); frozen while "
+                  "the predictor is untrusted", flush=True)
+        self.stashing = cfg.delayed.weight_stashing
+        self.predicting = cfg.delayed.weight_prediction
+        if self.predicting and (self.delay or self.fallback):
+            stage.track_updates()
+        self.pending: OrderedDict[int, tuple[int, list[_Kept]]] = OrderedDict()  # step -> (due step, needs)
 
     def _key(self, step: int, mb: int) -> int:
         return step * self.num_microbatches + mb
@@ -117,34 +144,39 @@ class BoundaryWorker(Worker):
         synthetic = self.link is not None and step >= self.warmup_steps
         if self.link is not None:
             self.link.begin(step)
-        params = timers.run("compute", stage.stash, self.ahead) if self.stashing or self.ahead else None
-        kept = [self._forward(step, mb, piece, synthetic, params, timers)
+        trusted = synthetic and self.link.trusted  # see [Note: trusting the predictor]
+        at_once = stage.is_last or trusted or (synthetic and not self.fallback)  # backpropagated in the forward
+        late = 0 if at_once else self.fallback if synthetic else self.delay  # steps until its true backward
+        params = None
+        if late and (self.stashing or self.predicting):
+            params = timers.run("compute", stage.stash, late if self.predicting else 0)
+        kept = [self._forward(step, mb, piece, at_once, late, params, timers)
                 for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
         norm = None
-        frozen = synthetic and not self.link.trusted  # see [Note: trusting the predictor]
-        if stage.is_last or synthetic:  # backpropagated already: the loss's or the predictor's gradient
-            norm = self._update(timers, drop=frozen)
+        if at_once:  # the loss's gradient, or the predictor's (dropped while it is untrusted)
+            norm = self._update(timers, drop=synthetic and not trusted)
         else:
-            self.pending[step] = kept
-            if step - self.delay in self.pending:
-                self._backward(step - self.delay, timers)
-                norm = self._update(timers)
+            self.pending[step] = (step + late, kept)
+        while self.pending and next(iter(self.pending.values()))[0] <= step:  # true gradients now due
+            self._backward(next(iter(self.pending)), timers)
+            norm = self._update(timers)
         if synthetic:
-            self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
+            if at_once and not stage.is_last:
+                self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
             timers.run("compute", self.link.fit_ready)
             self.link.back_pressure(timers)
         stats = timers.stats(step, stage, norm)
         if self.link is not None:
             self.link.write(stats)
             if synthetic:
-                stats.extra["sg_frozen"] = int(frozen)
+                stats.extra["sg_untrusted"] = int(not trusted)
         elif not stage.is_last:
             stats.extra.update(staleness=self.delay, store_size=len(self.pending))
         return stats
 
-    def _forward(self, step: int, mb: int, piece: Microbatch, synthetic: bool,
+    def _forward(self, step: int, mb: int, piece: Microbatch, at_once: bool, late: int,
                  params: Optional[dict[str, torch.Tensor]], timers: Timers) -> _Kept:
-        """Microbatch ``mb`` of ``step`` forward (and backward, where that happens at once)."""
+        """Microbatch ``mb`` of ``step`` forward (and its backward, where that happens at once)."""
         stage, transport, key = self.stage, self.transport, self._key(step, mb)
         x = piece.inputs if stage.is_first else timers.run(
             "wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
@@ -152,31 +184,31 @@ class BoundaryWorker(Worker):
             timers.run("compute", stage.forward, key, x, piece.targets, piece.weight)
             self._send_input_grad(step, mb, timers.run("compute", stage.backward, key))
             return _Kept()
-        if self.delay > 0 and not self.stashing:  # features replay: only the input is kept
+        replay = late > 0 and not self.stashing  # features replay: only the input is kept
+        if replay:
             with torch.no_grad():
                 h = timers.run("compute", stage.run, x, params)
-            transport.send("next", Kind.ACTIVATION, step, mb, h)
-            return _Kept(replay=x)
-        h = timers.run("compute", stage.forward, key, x, None, 1.0, params)
+        else:
+            h = timers.run("compute", stage.forward, key, x, None, 1.0, params)
         transport.send("next", Kind.ACTIVATION, step, mb, h)
         if self.link is None:
-            return _Kept()
+            return _Kept(replay=x if replay else None)
         labels = self.link.labels(piece.targets)
-        if synthetic:
+        if at_once:
             grad = timers.run("compute", self.link.predict, h, labels)
             self._send_input_grad(step, mb, timers.run("compute", stage.backward, key, grad))
-        return _Kept(fit=(h, labels))
+        return _Kept(replay=x if replay else None, fit=(h, labels))
 
     def _backward(self, step: int, timers: Timers) -> None:
         """The true backward of every microbatch of ``step``, as its gradient arrives."""
         stage = self.stage
-        for mb, kept in enumerate(self.pending.pop(step)):
+        for mb, kept in enumerate(self.pending.pop(step)[1]):
             key = self._key(step, mb)
             grad = timers.run("wait_grad", self.transport.recv, "next", Kind.GRADIENT, step, mb, self.shapes.output)
             if kept.replay is not None:  # features replay: the forward again, on the current weights
                 timers.run("compute", stage.forward, key, kept.replay)
-            if kept.fit is not None:  # dni warm-up: the predictor learns the exact gradient first
-                timers.run("compute", self.link.fit, *kept.fit, grad, 0)
+            if kept.fit is not None:  # dni warm-up or fallback: the predictor learns from every true gradient
+                timers.run("compute", self.link.fit, *kept.fit, grad, self.link.step - step)
             self._send_input_grad(step, mb, timers.run("compute", stage.backward, key, grad))
 
     def _send_input_grad(self, step: int, mb: int, grad_in: Optional[torch.Tensor]) -> None:
@@ -202,7 +234,7 @@ class BoundaryWorker(Worker):
 
     def held_bytes(self) -> int:
         """Inputs kept for recomputation and the dni store (graphs are metered by autograd)."""
-        replay = sum(k.replay.nbytes for kept in self.pending.values() for k in kept if k.replay is not None)
+        replay = sum(k.replay.nbytes for _, kept in self.pending.values() for k in kept if k.replay is not None)
         return replay + (0 if self.link is None else self.link.held_bytes())
 
     def extra_state(self) -> dict:
@@ -226,9 +258,15 @@ def check_mixed(cfg: Config, num_stages: int) -> None:
             f"boundaries; give one mode (locked, dni or async) per boundary stage i -> i+1")
     d = delays(modes, cfg.delayed.delay)
     for i, mode in enumerate(modes):
+        where = f"train.boundaries[{i}] = dni (stage {i} -> {i + 1})"
+        late = fallback_delay(modes, i, d, cfg.dni.for_boundary(i).fallback) if mode == "dni" else 0
+        if i > 0 and late > cfg.dni.max_staleness:
+            raise LaunchError(f"{where}: while its predictor is untrusted stage {i} sends stage {i - 1} its gradients "
+                              f"{late} steps late (dni.fallback: delayed), but dni.max_staleness = "
+                              f"{cfg.dni.max_staleness}; set --dni.max_staleness={late} or more, or "
+                              f"dni.boundaries[{i}].fallback: frozen")
         if mode != "dni" or d[i + 1] == 0:
             continue
-        where = f"train.boundaries[{i}] = dni (stage {i} -> {i + 1})"
         late = f"stage {i + 1} returns gradients {d[i + 1]} step(s) late (async boundaries after it)"
         staleness = cfg.dni.max_staleness
         if staleness < d[i + 1]:
