@@ -36,7 +36,7 @@ from pipedni.config import Config
 from pipedni.dni.link import METRICS
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.boundaries import BoundaryWorker
+from pipedni.schedules.boundaries import BoundaryWorker, dni_copies
 from pipedni.schedules.executor import LockedExecutor
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Microbatch
@@ -83,5 +83,5 @@ def every_boundary(cfg: Config, num_stages: int) -> tuple[int, ...]:
 
 SPEC = ScheduleSpec("dni", "DNI: every stage updates at once from a synthetic gradient (dni.* settings)",
                     build=DNIWorker, min_stages=2, locked=False, check=check_warmup, metrics=METRICS,
-                    predictor_boundaries=every_boundary,
+                    predictor_boundaries=every_boundary, copies_weights=dni_copies,
                     wait_grad_header="backpressure s")

@@ -294,8 +294,16 @@ def _async_copies(cfg: Config) -> int:
     return int(d.weight_stashing or d.weight_prediction) + int(d.weight_prediction)
 
 
+def dni_copies(cfg: Config) -> int:
+    """A dni stage's weight copies a step: an async stage's while its predictor is untrusted
+    (the fallback, charged in full: it is what plain DNI pays when its predictor never learns)."""
+    return _async_copies(cfg) if cfg.dni.fallback == "delayed" else 0
+
+
 def _mixed_copies(cfg: Config) -> int:
-    return _async_copies(cfg) if "async" in cfg.train.boundaries else 0
+    if "async" in cfg.train.boundaries:
+        return _async_copies(cfg)
+    return dni_copies(cfg) if "dni" in cfg.train.boundaries else 0
 
 
 ASYNC = ScheduleSpec("async", "delayed true gradients: stage i updates from the gradient of step t - d_i "
