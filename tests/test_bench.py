@@ -12,6 +12,7 @@ import pytest
 
 from pipedni.bench.plan import BASELINE, DEFAULT_MODES, parse_boundaries, parse_counts, parse_modes, plan_jobs
 from pipedni.bench.report import update_docs
+from pipedni.bench.runner import set_target
 from pipedni.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -79,7 +80,7 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
     docs = tmp_path / "benchmarks.md"
     docs.write_text("# Benchmarks\n\nHand-written analysis stays.\n")
     proc = bench("configs/bench_mlp_fashion.yaml", "--stages=2", "--modes=single,1f1b,torch_1f1b,dni",
-                 "--microbatches=2", "--repeats=2", "--steps=8", "--warmup=2", "--budget=2",
+                 "--microbatches=2", "--repeats=2", "--steps=8", "--warmup=2", "--budget=2", "--budget-repeats=2",
                  f"--out={out}", f"--docs={docs}", *TINY)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = json.loads((out / "results.json").read_text())
@@ -98,8 +99,10 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
     curves = {entry["label"]: entry for entry in results["accuracy"]}
     assert {BASELINE, "1f1b M=2", "torch_1f1b M=2", "dni M=2"} <= curves.keys()
     for entry in curves.values():
-        seconds = [p["train_sec"] for p in entry["curve"]]
-        assert seconds == sorted(seconds) and seconds[-1] >= 2.0
+        assert len(entry["curves"]) == len(entry["time_to_target_runs"]) == 2  # interleaved runs, each its own
+        for curve in entry["curves"]:
+            seconds = [p["train_sec"] for p in curve]
+            assert seconds == sorted(seconds) and seconds[-1] >= 2.0
     assert results["target_accuracy"] is not None
     assert (out / "throughput.csv").read_text().startswith("job,samples/s")
     assert (out / "accuracy.csv").read_text().count("\n") > 4
@@ -107,3 +110,22 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
     assert "Hand-written analysis stays." in text and "bench_mlp_fashion: 2 stages, batch 32" in text
     update_docs(docs, [results])  # regenerating replaces the section instead of adding one
     assert docs.read_text().count("<!-- bench:bench_mlp_fashion:begin -->") == 1
+
+
+def test_time_to_target_is_the_median_over_runs():
+    """A run that never gets there counts as the slowest; the default target is the lowest
+    median final accuracy of a locked pipeline; a results.json from before repeats still reads."""
+    def curve(*accuracies: float) -> list[dict]:
+        return [{"train_sec": i + 1.0, "samples": 32 * (i + 1), "accuracy": a} for i, a in enumerate(accuracies)]
+
+    results = {"accuracy": [
+        {"label": "1f1b M=1", "mode": "1f1b", "curves": [curve(.5, .7, .8), curve(.4, .5, .6), curve(.5, .8, .9)]},
+        {"label": "dni M=1", "mode": "dni", "curves": [curve(.8, .9, .9), curve(.1, .2, .3), curve(.1, .2, .3)]},
+        {"label": "async", "mode": "async", "curve": curve(.3, .6, .85)},
+    ]}
+    set_target(results)
+    assert results["target_accuracy"] == 0.8
+    locked, dni, old = results["accuracy"]
+    assert locked["time_to_target_runs"] == [3.0, None, 2.0] and locked["time_to_target_sec"] == 3.0
+    assert dni["time_to_target_runs"] == [1.0, None, None] and dni["time_to_target_sec"] is None
+    assert old["time_to_target_sec"] == 3.0

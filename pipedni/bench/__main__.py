@@ -5,7 +5,8 @@ Two phases, both real torchrun jobs on the same stage modules, data, batch and l
    every job before repeat r+1 starts, in a rotated order) next to a per-stage profile that gives
    the ideal pipeline limit; the first ``--warmup`` steps (at least 1) of each run are not timed;
 2. time to accuracy: one job per mode (swept modes at their fastest microbatch count) trains for
-   the same ``--budget`` seconds of training time, evaluating along the way.
+   the same ``--budget`` seconds of training time, evaluating along the way, ``--budget-repeats``
+   times, interleaved the same way.
 Then a table, ``results.json``, CSV files and plots in DIR; ``--docs`` regenerates a docs page.
 """
 
@@ -31,7 +32,7 @@ from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, set_ta
 from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS, ConfigError
 
-QUICK = {"steps": 20, "warmup": 4, "repeats": 3, "microbatches": "4", "budget": 8.0}
+QUICK = {"steps": 20, "warmup": 4, "repeats": 3, "microbatches": "4", "budget": 8.0, "budget_repeats": 1}
 EVALS_PER_BUDGET = 12
 PROFILE_START_SEC = 8.0  # start-up time given to the per-stage profile processes before they time together
 PROFILE_TOGETHER_SEC = 2.0
@@ -54,6 +55,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--warmup", type=int, default=10, help="untimed first steps of each run, default 10")
     p.add_argument("--budget", type=float, default=60.0, help="training seconds per mode for time to "
                    "accuracy, default 60 (0: skip)")
+    p.add_argument("--budget-repeats", type=int, default=3, help="interleaved runs of each time-to-accuracy job, "
+                   "default 3 (medians are reported)")
     p.add_argument("--target", type=float, help="target test accuracy (default: the lowest any locked pipeline "
                    "reached within the budget)")
     p.add_argument("--docs", help="also regenerate this docs page's section for the config (e.g. docs/benchmarks.md)")
@@ -72,7 +75,7 @@ def check(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, list[
     modes = parse_modes(args.modes)
     args.boundaries = parse_boundaries(args.boundaries, modes, args.stages)
     counts = parse_counts(args.microbatches, "--microbatches")
-    for name, low in (("stages", 2), ("repeats", 1), ("steps", 3), ("warmup", 1)):
+    for name, low in (("stages", 2), ("repeats", 1), ("budget_repeats", 1), ("steps", 3), ("warmup", 1)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} = {getattr(args, name)}; must be >= {low}")
     if args.warmup + 2 > args.steps:
@@ -136,7 +139,7 @@ def throughput_phase(args, overrides, jobs: list[Job], out: Path, batch_size: in
     profiles = []
     for r in range(args.repeats):
         profiles.append(profile(args, overrides))
-        for job in jobs[r % len(jobs):] + jobs[: r % len(jobs)]:  # rotated: no job always runs first
+        for job in rotated(jobs, r):
             run_dir = run_job(job, args.config, out / "runs" / slug(job.label) / f"r{r}", extra, args.job_timeout)
             result = measure(run_dir, job.nproc, batch_size, args.warmup)
             runs[job.label].append(result)
@@ -158,25 +161,35 @@ def combine_profiles(profiles: list[dict], batch_size: int) -> dict:
             "ideal_together_samples_per_sec": spread([x["ideal_samples_per_sec"] for x in together])}
 
 
+def rotated(jobs: list[Job], r: int) -> list[Job]:
+    """Repeat r's order: rotated by r, so no job always runs first."""
+    return jobs[r % len(jobs):] + jobs[: r % len(jobs)]
+
+
 def accuracy_phase(args, overrides, jobs: list[Job], rows: list[dict], out: Path, batch_size: int) -> list[dict]:
-    """Each mode's fastest job trains for ``--budget`` seconds; returns one curve per job."""
+    """Each mode's fastest job trains for ``--budget`` seconds, ``--budget-repeats`` times
+    (interleaved); returns one entry per job holding every run's curve."""
     best: dict[str, Job] = {}
     speed = {row["label"]: row["samples_per_sec"]["median"] for row in rows}
     for job in jobs:
         if job.mode not in best or speed[job.label] > speed[best[job.mode].label]:
             best[job.mode] = job
     chosen = [job for job in jobs if job.mode == "single" or best[job.mode] is job]  # both single baselines
-    curves = []
+    entries = {}
     for job in chosen:
         every = max(1, round(speed[job.label] * args.budget / EVALS_PER_BUDGET / batch_size))
-        extra = [*overrides, "--train.steps=100000000", f"--train.eval_every={every}",
-                 f"--train.time_limit_sec={args.budget}", "--checkpoint.enabled=false", "--run.log_every=100000"]
-        run_dir = run_job(job, args.config, out / "runs" / slug(job.label) / "budget", extra,
-                          args.job_timeout + 3 * args.budget)
-        curve = read_curve(run_dir, job.nproc)
-        curves.append({"label": job.label, "mode": job.mode, "eval_every": every, "curve": curve})
-        print(f"[budget {args.budget:.0f}s] {job.label:<18} final accuracy {curve[-1]['accuracy']:.4f}", flush=True)
-    return curves
+        entries[job.label] = {"label": job.label, "mode": job.mode, "eval_every": every, "curves": []}
+    for r in range(args.budget_repeats):
+        for job in rotated(chosen, r):
+            entry = entries[job.label]
+            extra = [*overrides, "--train.steps=100000000", f"--train.eval_every={entry['eval_every']}",
+                     f"--train.time_limit_sec={args.budget}", "--checkpoint.enabled=false", "--run.log_every=100000"]
+            run_dir = run_job(job, args.config, out / "runs" / slug(job.label) / f"budget{r}", extra,
+                              args.job_timeout + 3 * args.budget)
+            entry["curves"].append(read_curve(run_dir, job.nproc))
+            print(f"[budget {args.budget:.0f}s, repeat {r + 1}/{args.budget_repeats}] {job.label:<18} "
+                  f"final accuracy {entry['curves'][-1][-1]['accuracy']:.4f}", flush=True)
+    return list(entries.values())
 
 
 def slug(label: str) -> str:
@@ -211,7 +224,8 @@ def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> 
     curves = accuracy_phase(args, overrides, jobs, rows, out, cfg.data.batch_size) if args.budget > 0 else []
     results = {"config": args.config, "workload": Path(args.config).stem, "stages": args.stages,
                "batch_size": cfg.data.batch_size, "command": "python -m pipedni.bench " + shlex.join(sys.argv[1:]),
-               "machine": machine(), "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "budget")},
+               "machine": machine(),
+               "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "budget", "budget_repeats")},
                "overrides": overrides, "profile": profiled, "throughput": rows, "accuracy": curves}
     set_target(results, args.target)
     return results

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import sys
 from pathlib import Path
 from typing import Optional
@@ -18,15 +19,15 @@ from rich.console import Console
 from rich.table import Table
 
 from pipedni.bench.plan import BASELINE, LOCKED_PIPELINES
-from pipedni.bench.runner import set_target
+from pipedni.bench.runner import curves_of, set_target
 from pipedni.metrics import write_json_atomic
 
 MIB = 1024 * 1024
 # Per-stage columns read "stage 0 / stage 1 / ...".
 THROUGHPUT_HEADER = ["job", "samples/s", "min-max", "x ideal", "x ideal together", "x single", "busy",
                      "MiB sent/step", "peak act. MiB"]
-ACCURACY_HEADER = ["job", "time to target (s)", "x fastest locked pipeline", "accuracy at budget", "steps",
-                   "evaluations"]
+ACCURACY_HEADER = ["job", "time to target (s)", "min-max", "reached", "x fastest locked pipeline",
+                   "accuracy at budget", "steps", "evaluations"]
 
 
 def _per_stage(stages: list[dict], key: str, fmt) -> str:
@@ -51,17 +52,26 @@ def throughput_rows(results: dict) -> list[list[str]]:
 
 
 def accuracy_rows(results: dict) -> list[list[str]]:
+    """Per job: medians over its runs (time to target, final accuracy, steps, evaluations), the
+    spread of the times of the runs that reached the target, and how many did."""
     times = [e["time_to_target_sec"] for e in results["accuracy"]
              if e["mode"] in LOCKED_PIPELINES and e.get("time_to_target_sec") is not None]
     fastest = min(times, default=None)
     out = []
     for entry in results["accuracy"]:
-        curve, reached = entry["curve"], entry.get("time_to_target_sec")
+        curves, reached = curves_of(entry), entry.get("time_to_target_sec")
+        hits = [t for t in entry.get("time_to_target_runs", []) if t is not None]
         out.append([entry["label"], "not reached" if reached is None else f"{reached:.1f}",
+                    f"{min(hits):.1f}-{max(hits):.1f}" if hits else "-", f"{len(hits)}/{len(curves)}",
                     "-" if reached is None or fastest is None else f"{reached / fastest:.2f}",
-                    f"{curve[-1]['accuracy']:.4f}" if curve else "-",
-                    str(curve[-1]["samples"] // results["batch_size"]) if curve else "0", str(len(curve))])
+                    _median(curves, lambda c: c[-1]["accuracy"], "{:.4f}"),
+                    _median(curves, lambda c: c[-1]["samples"] // results["batch_size"], "{:.0f}"),
+                    _median(curves, len, "{:.0f}")])
     return out
+
+
+def _median(curves: list[list[dict]], value, fmt: str) -> str:
+    return fmt.format(statistics.median(value(c) for c in curves)) if curves else "-"
 
 
 def profile_rows(results: dict) -> list[list[str]]:
@@ -130,9 +140,10 @@ def plot(results: dict, out: Path) -> list[Path]:
     plt.close(fig)
     if results["accuracy"]:
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for entry in results["accuracy"]:
-            ax.plot([p["train_sec"] for p in entry["curve"]], [p["accuracy"] for p in entry["curve"]],
-                    marker=".", label=entry["label"])
+        for n, entry in enumerate(results["accuracy"]):
+            for r, curve in enumerate(curves_of(entry)):  # every run, one colour per job
+                ax.plot([p["train_sec"] for p in curve], [p["accuracy"] for p in curve], marker=".", lw=1,
+                        color=f"C{n % 10}", label=entry["label"] if r == 0 else None)
         if results["target_accuracy"] is not None:
             ax.axhline(results["target_accuracy"], color="grey", ls=":", label="target")
         ax.set_xlabel("training seconds (evaluation excluded)")
@@ -150,8 +161,9 @@ def write(results: dict, out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out / "results.json", results)
     write_csv(out / "throughput.csv", THROUGHPUT_HEADER, throughput_rows(results))
-    write_csv(out / "accuracy.csv", ["job", "train_sec", "samples", "accuracy"],
-              [[e["label"], p["train_sec"], p["samples"], p["accuracy"]] for e in results["accuracy"] for p in e["curve"]])
+    write_csv(out / "accuracy.csv", ["job", "repeat", "train_sec", "samples", "accuracy"],
+              [[e["label"], r, p["train_sec"], p["samples"], p["accuracy"]] for e in results["accuracy"]
+               for r, curve in enumerate(curves_of(e)) for p in curve])
     print_tables(results)
     for path in plot(results, out):
         print(f"wrote {path}")
@@ -189,9 +201,12 @@ def markdown(results: dict) -> str:
         _md_table(THROUGHPUT_HEADER, throughput_rows(results)),
     ]
     if results["accuracy"]:
+        runs = results["settings"].get("budget_repeats", 1)
         parts += [f"Time to {results['target_accuracy']} test accuracy, each job given "
-                  f"{results['settings']['budget']:.0f} s of training (evaluation excluded); x fastest locked "
-                  "pipeline: against the quickest of naive, gpipe, 1f1b and torch_* to get there:",
+                  f"{results['settings']['budget']:.0f} s of training (evaluation excluded), {runs} interleaved "
+                  f"run(s) each: medians (a run that did not get there counts as the slowest), the min-max of the "
+                  "runs that got there, and how many did; x fastest locked pipeline: against the quickest median "
+                  "of naive, gpipe, 1f1b and torch_*:",
                   _md_table(ACCURACY_HEADER, accuracy_rows(results))]
     return "\n\n".join(parts)
 
