@@ -96,13 +96,14 @@ def test_predictor_learns_the_true_gradient(tmp_path):
     the first step already move it) and must rise far above the ~0 of an uninformed guess."""
     args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_size=4096", "--data.batch_size=64",
             "--train.steps=300", "--model.depth=2", "--model.width=64", "--partition.balance=[2,1]",
-            "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true", "--dni.kind=mlp"]
+            "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true", "--dni.kind=mlp",
+            "--dni.min_cosine=0.5"]
     run_distributed(_train, 2, str(tmp_path), args)
     steps = [r for r in read_steps(tmp_path, 0) if "sg_cosine" in r]
     late = [r["sg_cosine"] for r in steps[-50:]]
     assert sum(late) / len(late) > 0.8, late
     assert steps[0]["sg_cosine"] < 0.25, steps[0]
-    # dni.min_cosine (0.5): stage 0 learns from delayed true gradients until its predictor agrees
+    # dni.min_cosine 0.5: stage 0 learns from delayed true gradients until its predictor agrees
     untrusted = [r["sg_untrusted"] for r in read_steps(tmp_path, 0) if "sg_untrusted" in r]
     assert untrusted[0] == 1 and untrusted[-50:] == [0] * 50, untrusted
 
