@@ -233,9 +233,10 @@ class BoundaryWorker(Worker):
             self.link.drain()
 
     def held_bytes(self) -> int:
-        """Inputs kept for recomputation and the dni store (graphs are metered by autograd)."""
-        replay = sum(k.replay.nbytes for _, kept in self.pending.values() for k in kept if k.replay is not None)
-        return replay + (0 if self.link is None else self.link.held_bytes())
+        """Inputs kept for recomputation, outputs and labels kept for a dni fit, and the dni store
+        (graphs are metered by autograd)."""
+        held = [t for _, kept in self.pending.values() for k in kept for t in (k.replay, *(k.fit or ()))]
+        return sum(t.nbytes for t in held if t is not None) + (0 if self.link is None else self.link.held_bytes())
 
     def extra_state(self) -> dict:
         return {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
