@@ -95,9 +95,11 @@ class SyntheticLink:
         microbatch = next(iter(pending))
         return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.output)
 
-    def fit_ready(self) -> None:
-        """Fit every gradient that has already arrived, without waiting."""
-        for header, grad in self.transport.recv_ready("next", Kind.GRADIENT, set(self.store)):
+    def fit_ready(self, before: Optional[int] = None) -> None:
+        """Fit every gradient that has already arrived for a stored step older than ``before``
+        (the oldest step whose fit the worker still owes: fits stay in step order), without waiting."""
+        steps = {s for s in self.store if before is None or s < before}
+        for header, grad in self.transport.recv_ready("next", Kind.GRADIENT, steps):
             self._fit_arrived(header.step, header.microbatch, grad)
 
     def back_pressure(self, timers: Timers) -> None:

@@ -163,7 +163,7 @@ class BoundaryWorker(Worker):
         if synthetic:
             if at_once and not stage.is_last:
                 self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
-            timers.run("compute", self.link.fit_ready)
+            timers.run("compute", self.link.fit_ready, next(iter(self.pending), None))
             self.link.back_pressure(timers)
         stats = timers.stats(step, stage, norm)
         if self.link is not None:
