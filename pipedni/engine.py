@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import os
+import shutil
 import time
 import uuid
+from pathlib import Path
 from typing import Callable, Optional, TypeVar
 
 import torch
@@ -14,9 +18,10 @@ from torch import nn
 
 from pipedni import data as datasets
 from pipedni.boundary import TensorSpec
+from pipedni import checkpoint
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
-from pipedni.errors import LaunchError, PipeDNIError, same_on_every_rank
+from pipedni.errors import ConfigError, DivergenceError, LaunchError, PipeDNIError, same_on_every_rank
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.metrics.console import make_console
 from pipedni.metrics.memory import make_meter
@@ -29,7 +34,7 @@ from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker
-from pipedni.stage import Stage
+from pipedni.stage import NonFinite, Stage
 from pipedni.transport import NullTransport, Transport
 
 
@@ -66,7 +71,8 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, module: nn.M
                  train_set: datasets.Dataset) -> Worker:
     """This rank's stage with its optimizer and transport, its shapes probed end to end, and the
     schedule's worker built around them."""
-    stage = Stage(module, runtime.stage_index, runtime.num_stages, runtime.device, cfg.optim, steps)
+    stage = Stage(module, runtime.stage_index, runtime.num_stages, runtime.device, cfg.optim, steps,
+                  cfg.train.on_nonfinite)
     transport = build_transport(cfg, runtime)
     sample_spec = TensorSpec((1, *train_set.inputs.shape[1:]), train_set.inputs.dtype)
     shapes = probe_shapes(stage, transport, sample_spec, train_set.num_classes)
@@ -133,6 +139,50 @@ def with_balance(cfg: Config, stages: list[nn.Sequential]) -> Config:
     return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=[len(s) for s in stages]))
 
 
+def make_run_dir(cfg: Config) -> None:
+    try:
+        cfg.run_dir.mkdir(parents=True, exist_ok=True)
+        probe = cfg.run_dir / f".writable{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(f"run.dir = {str(cfg.run_dir)!r} cannot be written ({err.strerror or err}); "
+                          "choose a writable directory with --run.dir=PATH") from None
+
+
+def resume_from(cfg: Config, runtime: Runtime) -> str:
+    """What to resume: ``checkpoint.resume``; after a torchrun restart (``--max-restarts``), the
+    latest checkpoint if there is one. A fresh start moves an earlier run's checkpoints in
+    run.dir aside (``checkpoints.previous``) so that they are neither mixed with this run's nor
+    lost."""
+    which = cfg.checkpoint.resume.strip()
+    root = cfg.run_dir / "checkpoints"
+    if which:
+        return which
+    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
+    if restarted and (checkpoint.complete_steps(root) or checkpoint.stage_files(root)):
+        return "latest"
+    if runtime.is_first and root.is_dir() and any(root.iterdir()):
+        aside = root.with_name("checkpoints.previous")
+        if aside.exists():
+            shutil.rmtree(aside)
+        os.replace(root, aside)
+        print(f"{root} held an earlier run's checkpoints: moved to {aside} (pass --resume to continue a run)",
+              flush=True)
+    return ""
+
+
+def with_saved_balance(cfg: Config, folder: Optional[Path], num_stages: int) -> Config:
+    """``cfg`` cutting the model as the checkpoint being resumed was cut, where the stage count
+    is the same and no balance is given: a timed split would otherwise measure anew and may cut
+    elsewhere, and the predictors only carry over to the same split."""
+    meta = checkpoint.read_meta(folder) if folder is not None else {}
+    balance = meta.get("balance")
+    if cfg.partition.balance is not None or num_stages == 1 or meta.get("num_stages") != num_stages or not balance:
+        return cfg
+    return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=list(balance)))
+
+
 class Trainer:
     """Runs training, evaluation, checkpointing and the summary for one rank."""
 
@@ -146,37 +196,59 @@ class Trainer:
             sample_shape = tuple(self.train_set.inputs.shape[1:])
             if model is None:
                 model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
+            make_run_dir(cfg)
+            resume = resume_from(cfg, runtime)
+            folder = checkpoint.find(self.run_dir / "checkpoints", resume) if resume else None
+            cfg = with_saved_balance(cfg, folder, runtime.num_stages)
             stages, note = cut_model(cfg, runtime, model, self.train_set)
         self.cfg = cfg = with_balance(cfg, stages)
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
         self.worker = build_worker(cfg, runtime, self.spec, stages[runtime.stage_index], self.steps, self.train_set)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, runtime.rank, runtime.distributed,
+                                         run_token(runtime))
+        self.start_step = self._resume(folder) if folder is not None else 0
         if runtime.is_first:
             save_config(cfg, self.run_dir / "config.yaml")
             print(describe(stages), flush=True)
             if note:
                 print(note, flush=True)
-        self.metrics = MetricsWriter(self.run_dir, runtime.stage_index)
+        self.metrics = MetricsWriter(self.run_dir, runtime.stage_index, self.start_step if folder else None,
+                                     cfg.run.tensorboard)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params,
                                   metrics=self.spec.metrics)
-        self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint.enabled, run_token(runtime))
         self.telemetry = make_telemetry(runtime.device)
         self.meter = make_meter(cfg.run.activation_memory, self.worker.stage.module.parameters())
         self.last_eval: Optional[dict] = None
         self.start = time.perf_counter()
-        self.eval_sec = 0.0  # time spent evaluating: not training time (see train_sec)
+        self.paused_sec = 0.0  # time spent evaluating and checkpointing: not training time (see train_sec)
+
+    def _resume(self, folder: Path) -> int:
+        """Load checkpoint ``folder`` into this rank's stage; returns its step."""
+        stage = self.worker.stage
+        with same_on_every_rank():
+            step, own = checkpoint.restore(stage, folder, self.runtime.num_stages)
+        if stage.before is not None:  # weight prediction: the update before is the checkpoint's, or none
+            stage.track_updates()
+        if own is not None:
+            self.worker.load_extra_state(own)
+        if self.runtime.is_first:
+            how = "" if own is not None else " (written under another split: predictors and RNG start afresh)"
+            print(f"resuming from {folder} at step {step}{how}", flush=True)
+        self.checkpointer.last_step = step
+        return step
 
     def train_sec(self) -> float:
-        """Seconds of training so far: wall time since fit began, evaluations excluded."""
-        return time.perf_counter() - self.start - self.eval_sec
+        """Seconds of training so far: wall time since fit began, evaluations and checkpoints excluded."""
+        return time.perf_counter() - self.start - self.paused_sec
 
-    def evaluate(self, step: int) -> bool:
-        """Test-set pass after ``step`` steps; True when ``train.time_limit_sec`` has run out.
+    def evaluate(self, step: int) -> float:
+        """Test-set pass after ``step`` steps; returns the training seconds so far, the same on
+        every rank.
 
         Every rank takes part and leaves together: the all-reduce of training seconds (their
-        maximum, so all ranks decide alike) doubles as a barrier. Without it upstream stages
-        would wait for the next step's gradients while later stages evaluate, and count that as
-        training wait time.
+        maximum, so all ranks decide alike on the time limit and time-based checkpoints) doubles
+        as a barrier. Without it upstream stages would wait for the next step's gradients while
+        later stages evaluate, and count that as training wait time.
         """
         eval_start = time.perf_counter()
         train_sec = self.train_sec()
@@ -185,50 +257,82 @@ class Trainer:
             clock = torch.tensor([train_sec], dtype=torch.float64, device=self.runtime.device)
             dist.all_reduce(clock, op=dist.ReduceOp.MAX)
             train_sec = float(clock)
-        self.eval_sec += time.perf_counter() - eval_start
+        self.paused_sec += time.perf_counter() - eval_start
         if result is not None:
             self.last_eval = {"step": step, "accuracy": result.accuracy, "loss": result.loss}
             self.metrics.log({"eval_step": step, "test_accuracy": result.accuracy, "test_loss": result.loss,
                               "train_sec": train_sec, "samples": step * self.cfg.data.batch_size})
             self.console.evaluated(step, result.accuracy, result.loss)
-        limit = self.cfg.train.time_limit_sec
-        return 0 < limit <= train_sec
+        return train_sec
+
+    def save_checkpoint(self, done: int, train_sec: float = 0.0) -> None:
+        """Drain what the schedule owes, then write every stage's part of checkpoint ``done``."""
+        start = time.perf_counter()
+        self.worker.finish()
+        self.checkpointer.save(self.worker.stage, done, self.runtime.num_stages, self.cfg.to_dict(),
+                               self.worker.extra_state(), train_sec)
+        self.paused_sec += time.perf_counter() - start
 
     def fit(self) -> Optional[dict]:
         """Train for ``self.steps`` steps (or until the time limit); returns summary.json's
         content on the last stage."""
-        cfg, self.start, self.eval_sec = self.cfg, time.perf_counter(), 0.0
+        cfg, self.start, self.paused_sec = self.cfg, time.perf_counter(), 0.0
         self.console.start(self.steps)
-        batches = datasets.train_batches(self.train_set, cfg.data.batch_size, cfg.run.seed, self.steps)
-        done, evaluated_at = 0, -1
-        for step, inputs, targets in batches:
-            lr = self.worker.stage.scheduler.get_last_lr()[0]  # the rate this step trains with
-            with self.meter:
-                stats = self.worker.train_step(step, inputs, targets)
-            self.meter.hold(self.worker.held_bytes())
-            done = step + 1
-            self.metrics.step(stats, cfg.data.batch_size, lr, time.perf_counter() - self.start)
-            if step > 0 or self.steps == 1:  # the first step pays one-off costs
-                self.totals.add(stats)
-            self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))
-            if step % cfg.run.log_every == 0:
-                self.telemetry.sample()
-            if cfg.train.eval_every and done % cfg.train.eval_every == 0 and done < self.steps:
-                evaluated_at = done
-                if self.evaluate(done):
+        batches = datasets.train_batches(self.train_set, cfg.data.batch_size, cfg.run.seed, self.steps,
+                                         self.start_step)
+        done, evaluated_at, limit = self.start_step, -1, cfg.train.time_limit_sec
+        with self._divergence(lambda: done):
+            for step, inputs, targets in batches:
+                lr = self.worker.stage.scheduler.get_last_lr()[0]  # the rate this step trains with
+                skipped = self.worker.stage.skipped_updates
+                with self.meter:
+                    stats = self.worker.train_step(step, inputs, targets)
+                if self.worker.stage.skipped_updates > skipped == 0:
+                    print(f"stage {self.runtime.stage_index}: step {step}: a non-finite update was skipped "
+                          "(train.on_nonfinite: skip); skipped_updates in summary.json counts them", flush=True)
+                self.meter.hold(self.worker.held_bytes())
+                done = step + 1
+                self.metrics.step(stats, cfg.data.batch_size, lr, time.perf_counter() - self.start)
+                if step > self.start_step or self.steps == 1:  # the first step pays one-off costs
+                    self.totals.add(stats)
+                self.console.update(step, stats.loss, cfg.data.batch_size / max(stats.step_sec, 1e-9))
+                if step % cfg.run.log_every == 0:
+                    self.telemetry.sample()
+                if done == self.steps:
                     break
-        self.worker.finish()  # the stage weights no longer change: an evaluation at `done` stands
+                if cfg.train.eval_every and done % cfg.train.eval_every == 0:
+                    evaluated_at, train_sec = done, self.evaluate(done)
+                    if 0 < limit <= train_sec:
+                        break
+                    if self.checkpointer.due_by_time(train_sec):
+                        self.save_checkpoint(done, train_sec)
+                if self.checkpointer.due(done):
+                    self.save_checkpoint(done, self.checkpointer.last_train_sec)
+            self.worker.finish()  # the stage weights no longer change: an evaluation at `done` stands
         if evaluated_at != done:
             self.evaluate(done)
         wall = time.perf_counter() - self.start
-        self.checkpointer.save(self.worker.stage, done, self.runtime.num_stages, cfg.to_dict(),
-                               self.worker.extra_state())
+        self.save_checkpoint(done)
         return self._summarize(wall, done)
+
+    @contextlib.contextmanager
+    def _divergence(self, step: Callable[[], int]):
+        """A non-finite loss or gradient becomes one line naming this stage and the step."""
+        try:
+            yield
+        except NonFinite as err:
+            last = self.checkpointer.last_step
+            kept = f"checkpoint of step {last} kept" if last is not None else "no checkpoint was written"
+            raise DivergenceError(
+                f"stage {self.runtime.stage_index}/{self.runtime.num_stages}: training diverged: non-finite {err} "
+                f"at step {step()} ({kept}); lower optim.lr, set optim.grad_clip, or skip such updates with "
+                "--train.on_nonfinite=skip") from None
 
     def _summarize(self, wall: float, steps: int) -> Optional[dict]:
         self.totals.peak_memory_bytes = peak_memory_bytes(self.runtime.device)
         self.totals.peak_activation_bytes = self.meter.peak_bytes
         self.totals.peak_queued_messages = self.worker.transport.peak_queued
+        self.totals.skipped_updates = self.worker.stage.skipped_updates
         stages = [{**self.totals.summary(), **self.telemetry.summary()}]
         if self.runtime.distributed:
             gathered: list = [None] * self.runtime.world_size

@@ -27,8 +27,19 @@ class TransportError(PipeDNIError, RuntimeError):
     """A message did not arrive in time, or arrived with the wrong header."""
 
 
-# Errors the CLI reports as one line: exit code 2 (user mistakes), 1 for TransportError.
-USER_ERRORS = (ConfigError, PartitionError, DataError, LaunchError, TransportError)
+class DivergenceError(PipeDNIError, RuntimeError):
+    """Training produced a non-finite loss or gradient (``train.on_nonfinite: stop``)."""
+
+
+class CheckpointError(PipeDNIError, RuntimeError):
+    """A checkpoint cannot be written, found or loaded into this run."""
+
+
+# Errors the CLI reports as one line: exit code 2 (user mistakes, a checkpoint that cannot be
+# written or read), 1 for a run that failed on its way (RUN_FAILURES: a lost neighbour, divergence).
+USER_ERRORS = (ConfigError, PartitionError, DataError, LaunchError, TransportError, DivergenceError,
+               CheckpointError)
+RUN_FAILURES = (TransportError, DivergenceError)
 
 
 @contextlib.contextmanager

@@ -22,12 +22,14 @@ from pipedni.errors import USER_ERRORS
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m pipedni.launch", description=__doc__.splitlines()[0])
     parser.add_argument("--nproc_per_node", "-n", type=int, required=True, help="number of stages (processes)")
+    parser.add_argument("--max-restarts", type=int, default=0,
+                        help="restart every stage from the latest checkpoint this many times after a failure")
     parser.add_argument("config", help="YAML config file")
     args, overrides = parser.parse_known_args(argv)
     return args, overrides
 
 
-def launch(nproc: int, config: str, overrides: list[str]) -> int:
+def launch(nproc: int, config: str, overrides: list[str], max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
@@ -36,7 +38,7 @@ def launch(nproc: int, config: str, overrides: list[str]) -> int:
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
     launch_config = LaunchConfig(
         min_nodes=1, max_nodes=1, nproc_per_node=nproc, run_id=str(uuid.uuid4()), rdzv_backend="c10d",
-        rdzv_endpoint="127.0.0.1:0", max_restarts=0, monitor_interval=0.1,
+        rdzv_endpoint="127.0.0.1:0", max_restarts=max_restarts, monitor_interval=0.1,
     )
     try:
         elastic_launch(launch_config, sys.executable)("-u", "-m", "pipedni.train", config, *overrides)
@@ -56,7 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.nproc_per_node < 1:
         print(f"error: --nproc_per_node = {args.nproc_per_node}; need at least 1", file=sys.stderr)
         return 2
-    return launch(args.nproc_per_node, args.config, overrides)
+    if args.max_restarts < 0:
+        print(f"error: --max-restarts = {args.max_restarts}; need 0 or more", file=sys.stderr)
+        return 2
+    return launch(args.nproc_per_node, args.config, overrides, args.max_restarts)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from typing import Optional
 from dataclasses import dataclass
 
 import torch
@@ -73,6 +74,23 @@ def choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[
     return device, "gloo" if shared or cfg.dist.backend == "gloo" else "nccl"
 
 
+def restart_store(world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
+    """After a torchrun restart (``--max-restarts``), the agent's store with this attempt's own
+    key prefix; None (torch's default) on the first attempt.
+
+    The ranks of a restarted job meet in the store of the agent that restarted them, which still
+    holds the keys of the attempt before: gloo then reads a killed rank's old address and fails
+    with "Connection refused" (torch issue 167288). A prefix per attempt keeps the attempts apart.
+    """
+    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts a new one
+    if attempt == 0 or not agent_store or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size,
+                          is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"pipedni/attempt{attempt}", store)
+
+
 def init_runtime(cfg: Config) -> Runtime:
     """Pin the device from LOCAL_RANK, then init the default process group (when under torchrun)."""
     under_torchrun = "RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -87,7 +105,8 @@ def init_runtime(cfg: Config) -> Runtime:
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=cfg.dist.timeout_sec)
         try:
-            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout)
+            dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=timeout,
+                                    store=restart_store(world_size, timeout))
         except RuntimeError as err:  # DistNetworkError and friends: the rendezvous never completed
             where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
             raise LaunchError(

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import warnings
 from typing import Optional
 
 import torch
@@ -21,6 +23,15 @@ def loss_fn(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets.reshape(-1), reduction=reduction)
 
 
+class NonFinite(Exception):
+    """``Stage.step`` found a non-finite loss or gradient; the trainer names the step (see
+    ``train.on_nonfinite``)."""
+
+
+# train.on_nonfinite: skip gives up on a stage whose last this-many updates were all skipped.
+MAX_SKIPPED_IN_A_ROW = 10
+
+
 def num_correct(scores: torch.Tensor, targets: torch.Tensor) -> int:
     return int((scores.argmax(dim=-1) == targets).sum())
 
@@ -37,11 +48,12 @@ class Stage:
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
-                 optim: OptimConfig, total_steps: int):
+                 optim: OptimConfig, total_steps: int, on_nonfinite: str = "stop"):
         self.module = module.to(device)
         self.stage_index, self.num_stages, self.device = stage_index, num_stages, device
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
         self.optim_cfg = optim
+        self.on_nonfinite = on_nonfinite  # train.on_nonfinite
         self.optimizer = build_optimizer(self.module.parameters(), optim)
         self.scheduler = build_scheduler(self.optimizer, optim, total_steps)
         self.inputs: dict[int, torch.Tensor] = {}
@@ -49,6 +61,7 @@ class Stage:
         self.stashes: dict[int, dict[str, torch.Tensor]] = {}  # key -> the parameters its forward ran on
         self.before: Optional[dict[str, torch.Tensor]] = None  # the weights before the last update
         self.batch_loss = 0.0  # weighted sum of microbatch losses (last stage)
+        self.skipped_updates, self._skipped_in_a_row = 0, 0  # train.on_nonfinite: skip
 
     @property
     def num_params(self) -> int:
@@ -121,9 +134,24 @@ class Stage:
                 sq += p.grad.detach().double().pow(2).sum()
         return sq
 
-    def step(self, grad_norm: Optional[float] = None) -> None:
+    def step(self, grad_norm: Optional[float] = None, source: str = "gradient") -> bool:
         """Clip to ``optim.grad_clip`` given the gradient norm the schedule measured (the whole
-        model's or this stage's: the schedule decides), update, advance the LR schedule."""
+        model's or this stage's: the schedule decides), update, advance the LR schedule. A
+        non-finite loss or gradient (``source`` says where the gradient came from) raises
+        ``NonFinite``, or under ``on_nonfinite: skip`` drops the update; returns whether the
+        update was made."""
+        problem = self._nonfinite(grad_norm, source)
+        if problem is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            with warnings.catch_warnings():  # torch warns of a schedule step before any optimizer step
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()  # the LR schedule stays keyed to the step count
+            self.skipped_updates, self._skipped_in_a_row = self.skipped_updates + 1, self._skipped_in_a_row + 1
+            if self.on_nonfinite == "stop" or self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
+                more = "" if self.on_nonfinite == "stop" else f" ({MAX_SKIPPED_IN_A_ROW} updates in a row skipped)"
+                raise NonFinite(problem + more)
+            return False
+        self._skipped_in_a_row = 0
         max_norm = self.optim_cfg.grad_clip
         if grad_norm is not None and 0 < max_norm < grad_norm:
             scale = max_norm / (grad_norm + 1e-6)
@@ -137,6 +165,19 @@ class Stage:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
+        return True
+
+    def _nonfinite(self, grad_norm: Optional[float], source: str) -> Optional[str]:
+        """What is not finite about this update, or None. The norm comes from the clipping the
+        schedule already measured, else from one fused pass over the gradients."""
+        if self.is_last and not math.isfinite(self.batch_loss):
+            return f"loss {self.batch_loss}"
+        if grad_norm is None:
+            grads = [p.grad for p in self.module.parameters() if p.grad is not None]
+            if not grads:
+                return None
+            grad_norm = float(torch.nn.utils.get_total_norm(grads))
+        return None if math.isfinite(grad_norm) else f"{source} (norm {grad_norm})"
 
     def take_loss(self) -> float:
         loss, self.batch_loss = self.batch_loss, 0.0
@@ -161,7 +202,3 @@ class Stage:
                 f"stage {self.stage_index} returns {type(out).__name__}; a stage must return one tensor"
             )
         return TensorSpec(tuple(out.shape), out.dtype)
-
-    def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict()}

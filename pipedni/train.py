@@ -5,6 +5,7 @@ Without torchrun, ``python -m pipedni.train cfg.yaml`` trains the whole model in
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -13,14 +14,29 @@ from typing import Optional
 
 from pipedni.config import load_config
 from pipedni.engine import Trainer
-from pipedni.errors import USER_ERRORS, TransportError, same_on_every_rank
+from pipedni.errors import RUN_FAILURES, USER_ERRORS, DivergenceError, same_on_every_rank
 from pipedni.runtime import init_runtime, shutdown
 from pipedni.schedules.registry import REFERENCE
 
 # An error every rank hits alike is printed by rank 0 only; the others wait this long before
 # exiting, since the launcher stops all ranks as soon as one exits.
 _QUIET_RANK_EXIT_DELAY_SEC = 3.0
-USAGE = "usage: torchrun --nproc_per_node=N -m pipedni.train CONFIG.yaml [--section.key=value ...]"
+USAGE = "usage: torchrun --nproc_per_node=N -m pipedni.train CONFIG.yaml [--section.key=value ...] [--resume[=STEP]]"
+
+
+def record_for_torchrun(message: str) -> None:
+    """Put the one-line error where torchrun's failure summary reads a stage's error from (its
+    ``TORCHELASTIC_ERROR_FILE``), instead of its "To enable traceback see ..." placeholder."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    data = {"message": {"message": message, "extraInfo": {"py_callstack": message,
+                                                           "timestamp": str(int(time.time()))}}}
+    try:
+        with open(path, "w") as f:
+            json.dump(data, f)
+    except OSError:
+        pass  # the summary then shows torch's placeholder; the error itself was printed
 
 
 def train(argv: list[str]) -> Optional[dict]:
@@ -54,16 +70,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     except USER_ERRORS as err:
         message = str(err)
         prefix = "" if message.startswith(f"stage {rank}/{world}") else prefix
-        if rank == 0 or not getattr(err, "on_every_rank", False):
+        record_for_torchrun(prefix + message)
+        quiet = getattr(err, "printed_elsewhere", False) or (rank != 0 and getattr(err, "on_every_rank", False))
+        if quiet or (isinstance(err, DivergenceError) and rank != world - 1):
+            # let the rank that prints it go first; a diverged run's cause is reported by the
+            # last stage that saw it (a non-finite gradient flows upstream): the launcher stops
+            # an upstream stage before it repeats the news
+            time.sleep(_QUIET_RANK_EXIT_DELAY_SEC)
+        if not quiet:
             print(f"{prefix}error: {message}", file=sys.stderr, flush=True)
-        else:
-            time.sleep(_QUIET_RANK_EXIT_DELAY_SEC)  # let rank 0 print before the launcher stops it
-        code = 1 if isinstance(err, TransportError) else 2
+        code = 1 if isinstance(err, RUN_FAILURES) else 2
     except KeyboardInterrupt:
         code = 130
-    except Exception:
+    except Exception as err:
         lines = traceback.format_exc().rstrip().splitlines()
         print("\n".join(prefix + line for line in lines), file=sys.stderr, flush=True)
+        record_for_torchrun(f"{prefix}{type(err).__name__}: {err}")
         code = 1
     # A failed stage leaves receiver threads and peers mid-conversation: exit now rather than
     # risk blocking in interpreter or process-group teardown. torchrun then stops the others.

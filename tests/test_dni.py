@@ -80,7 +80,7 @@ def test_warm_up_trains_locked_then_decouples(tmp_path):
     assert_same_parameters(merge_checkpoints(tmp_path / "dni"), expected, "dni warm-up")
     fits = [r for r in read_steps(tmp_path / "dni", 0) if "sg_loss" in r]
     assert len(fits) == 4 and all(r["staleness"] == 0 for r in fits)
-    state = torch.load(tmp_path / "dni/checkpoints/stage0.pt", weights_only=False)
+    state = torch.load(tmp_path / "dni/checkpoints/step_00000004/stage0.pt", weights_only=False)
     assert "synthetic_gradient" in state  # the predictor is checkpointed beside the stage
 
 

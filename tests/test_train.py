@@ -238,4 +238,4 @@ def test_time_limit_stops_every_stage_at_the_same_evaluation(tmp_path):
     assert clocks == sorted(clocks) and clocks[-1] >= 1.5 > clocks[-2]
     assert evals[-1]["samples"] == steps * 32
     for stage in range(3):  # every stage stopped after the same step and saved it
-        assert torch.load(tmp_path / f"checkpoints/stage{stage}.pt", weights_only=False)["step"] == steps
+        assert torch.load(tmp_path / f"checkpoints/step_{steps:08d}/stage{stage}.pt", weights_only=False)["step"] == steps

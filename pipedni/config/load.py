@@ -68,8 +68,21 @@ def parse_override(arg: str) -> tuple[str, str, Any]:
 # --------------------------------------------------------------------------- loading
 
 
+def expand_shorthands(argv: typing.Sequence[str]) -> list[str]:
+    """``--resume`` is ``--checkpoint.resume=latest``; ``--resume=STEP`` (or a folder) names one."""
+    out = []
+    for arg in argv:
+        if arg == "--resume":
+            arg = "--checkpoint.resume=latest"
+        elif arg.startswith("--resume="):
+            arg = "--checkpoint.resume=" + arg.split("=", 1)[1]
+        out.append(arg)
+    return out
+
+
 def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[str] = ()) -> Config:
-    """Defaults, then the YAML file at ``path``, then ``--section.key=value`` overrides; validated."""
+    """Defaults, then the YAML file at ``path``, then ``--section.key=value`` overrides (and the
+    shorthands ``expand_shorthands`` knows); validated."""
     cfg = Config()
     if path is not None:
         path = Path(path)
@@ -80,7 +93,7 @@ def load_config(path: Optional[str | Path] = None, overrides: typing.Sequence[st
         except yaml.YAMLError as err:
             raise ConfigError(f"config file '{path}' is not valid YAML: {str(err).splitlines()[0]}") from None
         _apply_mapping(cfg, data, str(path))
-    for arg in overrides:
+    for arg in expand_shorthands(overrides):
         section, key, value = parse_override(arg)
         _set(getattr(cfg, section), section, key, value, "command line")
     validate(cfg)
@@ -134,6 +147,12 @@ def validate(cfg: Config) -> None:
         f"train.time_limit_sec = {limit} is checked at evaluations but train.eval_every = 0; "
         "set train.eval_every to the steps between checks",
     )
+    _validate_checkpoint(cfg)
+    if cfg.run.tensorboard:
+        from pipedni.metrics import tensorboard
+
+        _require(tensorboard.available(), "run.tensorboard = true needs the tensorboard package; "
+                                          "pip install 'pipedni[tensorboard]' (or tensorboard), or drop the option")
     _require(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr}; must be > 0")
     _require(cfg.optim.grad_clip >= 0, f"optim.grad_clip = {cfg.optim.grad_clip}; must be >= 0 (0: off)")
     _validate_optim(cfg.optim)
@@ -163,6 +182,18 @@ def validate(cfg: Config) -> None:
             len(balance) >= 1 and min(balance) >= 1,
             f"partition.balance = {balance}; every stage needs at least one layer",
         )
+
+
+def _validate_checkpoint(cfg: Config) -> None:
+    c = cfg.checkpoint
+    _require(c.every_steps >= 0, f"checkpoint.every_steps = {c.every_steps}; must be >= 0 (0: off)")
+    _require(c.every_minutes >= 0, f"checkpoint.every_minutes = {c.every_minutes}; must be >= 0 (0: off)")
+    _require(c.keep_last >= 0, f"checkpoint.keep_last = {c.keep_last}; must be >= 0 (0: keep all)")
+    _require(
+        c.every_minutes == 0 or cfg.train.eval_every > 0,
+        f"checkpoint.every_minutes = {c.every_minutes} is checked at evaluations but train.eval_every = 0; "
+        "set train.eval_every to the steps between checks, or use checkpoint.every_steps",
+    )
 
 
 def _validate_boundaries(cfg: Config) -> None:

@@ -31,6 +31,10 @@ class RunConfig:
     activation_memory: bool = _f(
         False, "Count the bytes each stage keeps for backward (summary: peak_activation_bytes); costs a hook per saved tensor."
     )
+    tensorboard: bool = _f(
+        False, "Also write the metrics as TensorBoard scalars to <run.dir>/tensorboard/stage<i> (pip install "
+               "'pipedni[tensorboard]'); the JSONL files are written either way.",
+    )
 
 
 @dataclass
@@ -94,6 +98,11 @@ class TrainConfig:
     eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
     time_limit_sec: float = _f(
         0.0, "Stop at the first evaluation after this many seconds of training, evaluation excluded (0: off)."
+    )
+    on_nonfinite: Literal["stop", "skip"] = _f(
+        "stop", "A non-finite loss or gradient (synthetic ones included): stop the run with an error naming the "
+                "stage and step, the last checkpoint kept; or skip that update (a stage whose last "
+                "10 updates were all skipped stops anyway).",
     )
 
 
@@ -194,7 +203,17 @@ class DistConfig:
 
 @dataclass
 class CheckpointConfig:
-    enabled: bool = _f(True, "Write final per-stage checkpoints to <run.dir>/checkpoints.")
+    enabled: bool = _f(True, "Write checkpoints to <run.dir>/checkpoints/step_<step>: at the end, and as every_* say.")
+    every_steps: int = _f(0, "Also write one every this many steps (0: off).")
+    every_minutes: float = _f(
+        0.0, "Also write one at the first evaluation after this many minutes of training since the last (0: off; "
+             "needs train.eval_every: ranks agree on the time there without an extra barrier).",
+    )
+    keep_last: int = _f(2, "Checkpoints kept: older step folders are deleted after a new one is complete (0: all).")
+    resume: str = _f(
+        "", "Resume from a checkpoint: latest (in run.dir), a step number, or a step folder path; '' : start "
+            "fresh (after a torchrun restart the latest one is resumed). `--resume` is short for latest.",
+    )
 
 
 @dataclass

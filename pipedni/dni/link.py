@@ -124,6 +124,9 @@ class SyntheticLink:
     def state_dict(self) -> dict:
         return self.sg.state_dict()
 
+    def load_state_dict(self, state: dict) -> None:
+        self.sg.load_state_dict(state)
+
 
 def make_predictor(ctx: WorkerContext, cfg: DNIConfig, microbatches: int) -> SyntheticGradientTrainer:
     """The predictor for the stage's output: the configured kind, or the one ``auto`` picks by

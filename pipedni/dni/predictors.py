@@ -184,6 +184,8 @@ class SyntheticGradientTrainer:
         target = grad * self.target_scale
         prediction = self.model(h, labels)
         loss = F.mse_loss(prediction, target)
+        if not torch.isfinite(loss):  # a non-finite gradient arrived: the stage reports it, the predictor keeps clear
+            return float(loss), float("nan")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -199,3 +201,8 @@ class SyntheticGradientTrainer:
     def state_dict(self) -> dict:
         return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "agreement": self.agreement}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.agreement = float(state["agreement"])

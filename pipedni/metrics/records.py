@@ -73,6 +73,7 @@ class StageTotals:
     peak_memory_bytes: int = 0
     peak_activation_bytes: Optional[int] = None  # run.activation_memory: see pipedni.metrics.memory
     peak_queued_messages: int = 0  # most messages waiting in one incoming mailbox at once
+    skipped_updates: int = 0  # non-finite updates dropped under train.on_nonfinite: skip
     metrics: tuple[MetricSpec, ...] = ()  # the schedule's own, folded into ``extra``
     extra: dict[str, Number] = field(default_factory=dict)
 

@@ -21,15 +21,33 @@ def peak_memory_bytes(device: torch.device) -> int:
 
 
 class MetricsWriter:
-    """Appends one JSON object per line to ``metrics/stage<i>.jsonl``."""
+    """Appends one JSON object per line to ``metrics/stage<i>.jsonl`` (and, with
+    ``tensorboard``, the same numbers to TensorBoard: metrics/tensorboard.py)."""
 
-    def __init__(self, run_dir: Path, stage_index: int):
+    def __init__(self, run_dir: Path, stage_index: int, resume_step: Optional[int] = None,
+                 tensorboard: bool = False):
+        """A fresh file; resuming at ``resume_step``, the earlier run's lines up to that step are
+        kept (those it wrote after its checkpoint are dropped, since the steps run again) and
+        new lines are appended."""
         path = run_dir / "metrics" / f"stage{stage_index}.jsonl"
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("w", buffering=1)  # line-buffered: a crashed stage keeps its last steps
+        if resume_step is not None and path.exists():
+            kept = [line for line in path.read_text().splitlines() if _before(line, resume_step)]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line + "\n" for line in kept))
+            os.replace(tmp, path)
+        mode = "a" if resume_step is not None else "w"
+        self.file = path.open(mode, buffering=1)  # line-buffered: a crashed stage keeps its last steps
+        self.board = None
+        if tensorboard:
+            from pipedni.metrics.tensorboard import TensorBoardWriter
+
+            self.board = TensorBoardWriter(run_dir, stage_index, resume_step)
 
     def log(self, record: dict) -> None:
         self.file.write(json.dumps(record) + "\n")
+        if self.board is not None:
+            self.board.log(record)
 
     def step(self, stats: StepStats, batch_size: int, lr: float, time_sec: float) -> None:
         record = stats.record()
@@ -40,6 +58,19 @@ class MetricsWriter:
 
     def close(self) -> None:
         self.file.close()
+        if self.board is not None:
+            self.board.close()
+
+
+def _before(line: str, resume_step: int) -> bool:
+    """Whether a JSONL line belongs to the steps before ``resume_step`` (a torn last line does not)."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError:
+        return False
+    if "eval_step" in record:
+        return record["eval_step"] <= resume_step
+    return record.get("step", resume_step) < resume_step
 
 
 def write_json_atomic(path: Path, data: dict) -> None:

@@ -154,7 +154,8 @@ class BoundaryWorker(Worker):
                 for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
         norm = None
         if at_once:  # the loss's gradient, or the predictor's (dropped while it is untrusted)
-            norm = self._update(timers, drop=synthetic and not trusted)
+            source = "gradient" if stage.is_last else f"synthetic gradient of boundary {stage.stage_index}"
+            norm = self._update(timers, drop=synthetic and not trusted, source=source)
         else:
             self.pending[step] = (step + late, kept)
         while self.pending and next(iter(self.pending.values()))[0] <= step:  # true gradients now due
@@ -215,12 +216,12 @@ class BoundaryWorker(Worker):
         if not self.stage.is_first:
             self.transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
 
-    def _update(self, timers: Timers, drop: bool = False) -> Optional[float]:
+    def _update(self, timers: Timers, drop: bool = False, source: str = "gradient") -> Optional[float]:
         """One optimizer step; with ``drop``, on no gradients (the optimizer skips every parameter)."""
         norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
         if drop:
             self.stage.optimizer.zero_grad(set_to_none=True)
-        timers.run("compute", self.stage.step, norm)
+        timers.run("compute", self.stage.step, norm, source)
         return norm
 
     def finish(self) -> None:
@@ -239,7 +240,20 @@ class BoundaryWorker(Worker):
         return sum(t.nbytes for t in held if t is not None) + (0 if self.link is None else self.link.held_bytes())
 
     def extra_state(self) -> dict:
-        return {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
+        """The predictor (with its optimizer and agreement), and the weights before the last
+        update that weight prediction extrapolates from."""
+        state = {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
+        if self.stage.before is not None:
+            state["weights_before_update"] = self.stage.before
+        return state
+
+    def load_extra_state(self, state: dict) -> None:
+        if self.link is not None and "synthetic_gradient" in state:
+            self.link.load_state_dict(state["synthetic_gradient"])
+        if self.stage.before is not None and "weights_before_update" in state:
+            with torch.no_grad():
+                for name, tensor in self.stage.before.items():
+                    tensor.copy_(state["weights_before_update"][name])
 
 
 def _build_async(ctx: WorkerContext) -> BoundaryWorker:

@@ -4,7 +4,8 @@ microbatch split, one step timer, one way to measure the gradient norm for clipp
 The trainer drives any worker alike: ``train_step`` once per batch (every stage with the same
 step), ``finish`` when training ends (take what is still owed), ``evaluate`` (forward-only,
 through the whole pipe), ``held_bytes`` (tensors kept between steps outside autograd) and
-``extra_state`` (what a checkpoint adds to the stage's own state).
+``extra_state`` / ``load_extra_state`` (what a checkpoint adds to the stage's own state, taken
+after ``finish`` so that nothing is in flight).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class Worker:
 
     def extra_state(self) -> dict:
         return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """``extra_state`` of a checkpoint written under the same split, at the step it resumes."""
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
         eval_id, self.num_evals = self.num_evals, self.num_evals + 1
