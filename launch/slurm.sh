@@ -4,6 +4,11 @@
 #
 #   sbatch --nodes=2 --gpus-per-node=4 launch/slurm.sh configs/mlp_fashion.yaml --train.epochs=5
 #
+# A stage that dies (a lost node, an OOM kill) restarts every stage from the latest checkpoint,
+# up to MAX_RESTARTS times (default 3); checkpoints come every CHECKPOINT_EVERY steps (default
+# 500). The run directory (runs/<job name>-<job id>) must be on a shared file system. To go on
+# after the job ended (time limit), submit again with --run.dir=THAT_DIR --resume.
+#
 #SBATCH --job-name=pipedni
 #SBATCH --ntasks-per-node=1
 #SBATCH --cpus-per-task=16
@@ -15,6 +20,8 @@ CONFIG=${1:?usage: sbatch launch/slurm.sh CONFIG.yaml [--section.key=value ...]}
 shift
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L | wc -l)}
 HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+MAX_RESTARTS=${MAX_RESTARTS:-3}
+CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
 
 srun torchrun \
   --nnodes="$SLURM_NNODES" \
@@ -22,4 +29,6 @@ srun torchrun \
   --rdzv_id="$SLURM_JOB_ID" \
   --rdzv_backend=c10d \
   --rdzv_endpoint="$HEAD_NODE:29500" \
-  -m pipedni.train "$CONFIG" --run.name="${SLURM_JOB_NAME}-${SLURM_JOB_ID}" "$@"
+  --max-restarts="$MAX_RESTARTS" \
+  -m pipedni.train "$CONFIG" --run.name="${SLURM_JOB_NAME}-${SLURM_JOB_ID}" \
+  --checkpoint.every_steps="$CHECKPOINT_EVERY" "$@"
