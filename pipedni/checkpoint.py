@@ -258,11 +258,28 @@ class Checkpointer:
                                   "the previous complete checkpoint is kept") from None
 
 
+def _own_file(folder: Path, stage_index: int, num_stages: int, layers: list[str]) -> Optional[dict]:
+    """This stage's file alone, when the checkpoint was written under this same split (its
+    meta.json says so and the file's layers are this stage's); None otherwise."""
+    meta = read_meta(folder)
+    path = folder / f"stage{stage_index}.pt"
+    if meta.get("num_stages") != num_stages or not path.is_file():
+        return None
+    state = load_file(path)
+    same = state["layers"] == layers and state.get("run_token") == meta.get("run_token")
+    return state if same and state["step"] == meta.get("step") else None
+
+
 def restore(stage: Stage, folder: Path, num_stages: int) -> tuple[int, Optional[dict]]:
     """Load checkpoint ``folder`` (written under any split) into ``stage``: weights, optimizer,
     LR schedule; returns its step and, when it was written under this same split, this stage's
-    own file (its RNG state is restored, and the caller restores the schedule's state from it)."""
-    states = load_folder(folder)
+    own file (its RNG state is restored, and the caller restores the schedule's state from it).
+    Under the same split only that file is read; under another, every stage's."""
+    layers = [name for name, _ in stage.module.named_children()]
+    own = _own_file(folder, stage.stage_index, num_stages, layers)
+    states = [own] if own is not None else load_folder(folder)
+    if own is None and len(states) == num_stages and states[stage.stage_index]["layers"] == layers:
+        own = states[stage.stage_index]  # the same split, in a folder without meta.json (older runs)
     merged, own_keys = merged_model(states, folder), list(stage.module.state_dict())
     missing = [k for k in own_keys if k not in merged]
     if missing:
@@ -273,9 +290,6 @@ def restore(stage: Stage, folder: Path, num_stages: int) -> tuple[int, Optional[
     except RuntimeError as err:
         raise CheckpointError(f"{folder} does not fit this model ({str(err).splitlines()[-1].strip()}); "
                               "resume with the model config that wrote it") from None
-    layers = [name for name, _ in stage.module.named_children()]
-    same_split = len(states) == num_stages and states[stage.stage_index]["layers"] == layers
-    own = states[stage.stage_index] if same_split else None
     if all("optimizer_by_name" in s for s in states):
         load_optimizer_by_name(stage, [s["optimizer_by_name"] for s in states])
     elif own is not None and "optimizer" in own:  # an earlier version's positional state

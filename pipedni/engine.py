@@ -16,9 +16,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from pipedni import checkpoint
 from pipedni import data as datasets
 from pipedni.boundary import TensorSpec
-from pipedni import checkpoint
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.errors import ConfigError, DivergenceError, LaunchError, PipeDNIError, same_on_every_rank
@@ -151,17 +151,17 @@ def make_run_dir(cfg: Config) -> None:
 
 
 def resume_from(cfg: Config, runtime: Runtime) -> str:
-    """What to resume: ``checkpoint.resume``; after a torchrun restart (``--max-restarts``), the
-    latest checkpoint if there is one. A fresh start moves an earlier run's checkpoints in
-    run.dir aside (``checkpoints.previous``) so that they are neither mixed with this run's nor
-    lost."""
+    """What to resume: after a torchrun restart (``--max-restarts``) the latest checkpoint in
+    run.dir if there is one (whatever the first attempt resumed from), else
+    ``checkpoint.resume``. A fresh start moves an earlier run's checkpoints in run.dir aside
+    (``checkpoints.previous``) so that they are neither mixed with this run's nor lost."""
     which = cfg.checkpoint.resume.strip()
     root = cfg.run_dir / "checkpoints"
-    if which:
-        return which
     restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
     if restarted and (checkpoint.complete_steps(root) or checkpoint.stage_files(root)):
         return "latest"
+    if which:
+        return which
     if runtime.is_first and root.is_dir() and any(root.iterdir()):
         aside = root.with_name("checkpoints.previous")
         if aside.exists():

@@ -5,8 +5,8 @@ from __future__ import annotations
 import datetime
 import logging
 import os
-from typing import Optional
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist

@@ -63,13 +63,10 @@ def save_step(root, step, num_stages=2, token="a"):
         checkpoint.save_atomic(state, checkpoint.step_dir(root, step) / f"stage{i}.pt")
 
 
-def test_latest_skips_a_folder_left_half_written():
+def test_latest_skips_a_folder_left_half_written(tmp_path):
     """A kill during a checkpoint leaves `.step_<n>.partial`: nothing reads it, the previous
     complete folder stays the latest, and the next completed save removes the leftover."""
-    import tempfile
-    from pathlib import Path
-
-    root = Path(tempfile.mkdtemp()) / "checkpoints"
+    root = tmp_path / "checkpoints"
     save_step(root, 4)
     partial = root / ".step_00000008.partial"
     partial.mkdir()

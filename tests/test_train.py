@@ -90,6 +90,14 @@ def test_config_mistakes_exit_2_with_one_line(tmp_path):
     assert proc.returncode == 2 and "optim.lr = 'fast'" in one_line_error(proc)
     proc = run_cli(["configs/nope.yaml"], nproc=None, timeout=60)
     assert proc.returncode == 2 and "does not exist" in one_line_error(proc)
+    blocked = tmp_path / "a-file"
+    blocked.write_text("")
+    proc = run_cli(["configs/mlp_fashion.yaml", "--data.name=synthetic", f"--run.dir={blocked}/run"], nproc=None,
+                   timeout=60)  # was a traceback
+    assert proc.returncode == 2 and "cannot be written (Not a directory)" in one_line_error(proc)
+    proc = run_cli(["configs/mlp_fashion.yaml", "--data.name=synthetic", f"--run.dir={tmp_path}", "--resume"],
+                   nproc=None, timeout=60)
+    assert proc.returncode == 2 and "no checkpoint in" in one_line_error(proc)
 
 
 def test_missing_data_names_the_fix(tmp_path):

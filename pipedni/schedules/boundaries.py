@@ -218,9 +218,11 @@ class BoundaryWorker(Worker):
 
     def _update(self, timers: Timers, drop: bool = False, source: str = "gradient") -> Optional[float]:
         """One optimizer step; with ``drop``, on no gradients (the optimizer skips every parameter)."""
-        norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
-        if drop:
+        if drop:  # nothing to measure or check: the optimizer skips every parameter
             self.stage.optimizer.zero_grad(set_to_none=True)
+            norm = None
+        else:
+            norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
         timers.run("compute", self.stage.step, norm, source)
         return norm
 
