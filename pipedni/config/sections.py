@@ -144,7 +144,7 @@ class DNIConfig:
         True, "Regress on (labels per batch) x gradient (O(1) values) and divide back before use."
     )
     min_cosine: float = _f(
-        0.8, "A stage updates from its synthetic gradient only while its predictor's cosine with the "
+        0.9, "A stage updates from its synthetic gradient only while its predictor's cosine with the "
              "true gradients (moving average over fits) is at least this; else see fallback (0: always).",
     )
     fallback: Literal["delayed", "frozen"] = _f(
