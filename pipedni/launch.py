@@ -44,6 +44,8 @@ def launch(nproc: int, config: str, overrides: list[str], max_restarts: int = 0)
         elastic_launch(launch_config, sys.executable)("-u", "-m", "pipedni.train", config, *overrides)
     except ChildFailedError as err:
         _, first = err.get_first_failure()
+        if first.exitcode < 0:  # killed by a signal: it printed nothing, and its neighbours were stopped
+            print(f"error: stage {first.local_rank} was killed by {first.signal_name()}", file=sys.stderr)
         return first.exitcode if first.exitcode > 0 else 1
     return 0
 

@@ -72,10 +72,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         prefix = "" if message.startswith(f"stage {rank}/{world}") else prefix
         record_for_torchrun(prefix + message)
         quiet = getattr(err, "printed_elsewhere", False) or (rank != 0 and getattr(err, "on_every_rank", False))
-        if quiet or (isinstance(err, DivergenceError) and rank != world - 1):
-            # let the rank that prints it go first; a diverged run's cause is reported by the
-            # last stage that saw it (a non-finite gradient flows upstream): the launcher stops
-            # an upstream stage before it repeats the news
+        consequence = getattr(err, "neighbour_lost", False) or (isinstance(err, DivergenceError) and rank != world - 1)
+        if quiet or consequence:
+            # let the rank that prints it go first: a lost neighbour's own error says why it went,
+            # and a diverged run's cause is reported by the last stage that saw it (a non-finite
+            # gradient flows upstream); the launcher stops this stage before it repeats the news
             time.sleep(_QUIET_RANK_EXIT_DELAY_SEC)
         if not quiet:
             print(f"{prefix}error: {message}", file=sys.stderr, flush=True)

@@ -187,10 +187,12 @@ class Inbox:
     def _check_alive(self, what: str) -> None:
         if self.error is not None:
             detail = (str(self.error).splitlines() or [type(self.error).__name__])[0]
-            raise TransportError(
+            err = TransportError(
                 f"{self.who} lost the connection from stage {self.peer} while waiting for {what} "
                 f"(stage {self.peer} exited or crashed; its own error says why): {detail[:120]}"
             )
+            err.neighbour_lost = True  # a consequence: the CLI lets the neighbour's own error go first
+            raise err
         if self.closed:
             raise TransportError(f"{self.who} waited for {what} but stage {self.peer} had already closed its side")
 
