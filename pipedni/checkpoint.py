@@ -37,11 +37,22 @@ from pipedni.errors import CheckpointError
 from pipedni.stage import Stage
 
 STEP_DIR = re.compile(r"step_(\d+)")
+PARTIAL_DIR = re.compile(r"\.step_(\d+)\.partial")
 STAGE_FILE = re.compile(r"stage(\d+)\.pt")
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step_{step:08d}"
+
+
+def partial_dir(root: Path, step: int) -> Path:
+    """Where the ranks write checkpoint ``step`` until it is complete ([Note: atomic checkpoints])."""
+    return root / f".step_{step:08d}.partial"
+
+
+def has_checkpoint(root: Path) -> bool:
+    """Whether ``root`` holds a complete checkpoint (a step folder, or an earlier version's files)."""
+    return bool(complete_steps(root) or stage_files(root))
 
 
 def save_atomic(obj: object, path: Path) -> None:
@@ -203,7 +214,7 @@ class Checkpointer:
         """This stage's file of checkpoint ``step``; every rank calls it at the same step."""
         if not self.cfg.enabled or self.last_step == step:
             return
-        partial = self.root / f".step_{step:08d}.partial"
+        partial = partial_dir(self.root, step)
         state = {"model": stage.module.state_dict(), "optimizer_by_name": optimizer_by_name(stage),
                  "scheduler": stage.scheduler.state_dict(), "rng": rng_state(stage.device), **extra,
                  "step": step, "stage_index": stage.stage_index, "num_stages": num_stages,
@@ -250,7 +261,7 @@ class Checkpointer:
             for old in complete_steps(self.root)[:-keep] if keep else []:
                 shutil.rmtree(step_dir(self.root, old), ignore_errors=True)
             for stale in self.root.glob(".step_*.partial"):  # left by a run killed while writing
-                m = re.fullmatch(r"\.step_(\d+)\.partial", stale.name)
+                m = PARTIAL_DIR.fullmatch(stale.name)
                 if m and int(m.group(1)) < step:
                     shutil.rmtree(stale, ignore_errors=True)
         except OSError as err:

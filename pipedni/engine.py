@@ -29,7 +29,7 @@ from pipedni.metrics.telemetry import make_telemetry
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
 from pipedni.partition_cost import time_balance
-from pipedni.runtime import Runtime
+from pipedni.runtime import Runtime, restart_attempt
 from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
@@ -157,8 +157,7 @@ def resume_from(cfg: Config, runtime: Runtime) -> str:
     (``checkpoints.previous``) so that they are neither mixed with this run's nor lost."""
     which = cfg.checkpoint.resume.strip()
     root = cfg.run_dir / "checkpoints"
-    restarted = int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0) > 0
-    if restarted and (checkpoint.complete_steps(root) or checkpoint.stage_files(root)):
+    if restart_attempt() > 0 and checkpoint.has_checkpoint(root):
         return "latest"
     if which:
         return which

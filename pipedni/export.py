@@ -25,7 +25,7 @@ def merge_checkpoints(run_dir: Path, step: Optional[int] = None) -> dict[str, to
     half way must not be merged with the stages an earlier run left behind.
     """
     root = run_dir / "checkpoints"
-    if not checkpoint.complete_steps(root) and not checkpoint.stage_files(root):
+    if not checkpoint.has_checkpoint(root):
         raise CheckpointError(f"no checkpoints in {root}; run training with checkpoint.enabled=true")
     folder = checkpoint.find(root, "latest" if step is None else str(step))
     return checkpoint.merged_model(checkpoint.load_folder(folder), folder)

@@ -74,6 +74,11 @@ def choose_device(cfg: Config, local_rank: int, local_world_size: int) -> tuple[
     return device, "gloo" if shared or cfg.dist.backend == "gloo" else "nccl"
 
 
+def restart_attempt() -> int:
+    """How many times torchrun (``--max-restarts``) has restarted this job's processes: 0 first."""
+    return _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+
+
 def restart_store(world_size: int, timeout: datetime.timedelta) -> Optional[dist.Store]:
     """After a torchrun restart (``--max-restarts``), the agent's store with this attempt's own
     key prefix; None (torch's default) on the first attempt.
@@ -82,7 +87,7 @@ def restart_store(world_size: int, timeout: datetime.timedelta) -> Optional[dist
     holds the keys of the attempt before: gloo then reads a killed rank's old address and fails
     with "Connection refused" (torch issue 167288). A prefix per attempt keeps the attempts apart.
     """
-    attempt = _env_int("TORCHELASTIC_RESTART_COUNT", 0)
+    attempt = restart_attempt()
     agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"  # else rank 0 hosts a new one
     if attempt == 0 or not agent_store or "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
         return None
