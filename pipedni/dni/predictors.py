@@ -155,23 +155,33 @@ class SyntheticGradientTrainer:
     ``fit`` on the gradients that arrive later. Converts between target units and gradients."""
 
     def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig, device: torch.device,
-                 batch_size: int, labels_per_sample: int = 1):
-        self.cfg = cfg
+                 batch_size: Optional[int], labels_per_sample: int = 1, model: Optional[nn.Module] = None):
+        self.cfg, self.labels_per_sample = cfg, labels_per_sample
         # Gradients of a mean loss over the batch's labels are O(1 / labels per batch), for a whole
         # batch and for a microbatch of it alike (see Stage.forward's weights), hence the batch's
-        # label count, not h's rows. See [Note: per-position predictors] for sequences.
-        self.target_scale = float(batch_size * labels_per_sample) if cfg.normalize_target else 1.0
+        # label count, not h's rows. See [Note: per-position predictors] for sequences. Without a
+        # batch size (pipedni.dni.Boundary in a user's loop) each call's own rows count.
+        self.batch_size = batch_size
         self.agreement = 0.0  # moving average of the fits' cosines: see [Note: trusting the predictor]
-        self.model = SyntheticGradient(feature_shape, num_classes, cfg).to(device)
-        params = list(self.model.parameters())
-        self.optimizer = (fused(torch.optim.Adam, params, lr=cfg.lr) if cfg.optimizer == "adam"
-                          else fused(torch.optim.SGD, params, lr=cfg.lr, momentum=0.9))
+        # ``model``: a user's own predictor, called as model(h, labels) (pipedni.dni.Boundary)
+        self.model = (model if model is not None else SyntheticGradient(feature_shape, num_classes, cfg)).to(device)
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = None if not params else (
+            fused(torch.optim.Adam, params, lr=cfg.lr) if cfg.optimizer == "adam"
+            else fused(torch.optim.SGD, params, lr=cfg.lr, momentum=0.9))
+
+    def target_scale(self, h: torch.Tensor) -> float:
+        """What a true gradient of ``h`` is multiplied by to make the O(1) regression target."""
+        if not self.cfg.normalize_target:
+            return 1.0
+        batch = self.batch_size if self.batch_size is not None else h.shape[0]
+        return float(batch * self.labels_per_sample)
 
     @torch.no_grad()
     def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """The synthetic gradient to backpropagate through the stage for output ``h``."""
         self.model.train()
-        grad = self.model(h, labels) / self.target_scale
+        grad = self.model(h, labels) / self.target_scale(h)
         if self.cfg.clip > 0:
             norms = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
             factor = (self.cfg.clip / norms).clamp(max=1.0)
@@ -181,14 +191,19 @@ class SyntheticGradientTrainer:
     def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> tuple[float, float]:
         """One regression step towards the gradient that arrived for ``h``; returns the loss and
         the cosine between the prediction (before this step) and the arrived gradient."""
-        target = grad * self.target_scale
-        prediction = self.model(h, labels)
-        loss = F.mse_loss(prediction, target)
+        target = grad * self.target_scale(h)
+        with torch.enable_grad():
+            prediction = self.model(h, labels)
+            loss = F.mse_loss(prediction, target)
         if not torch.isfinite(loss):  # a non-finite gradient arrived: the stage reports it, the predictor keeps clear
             return float(loss), float("nan")
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.optimizer.step()
+        if self.optimizer is not None:
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            # cleared, so an optimizer that also lists the predictor (a user's, over a model
+            # holding a pipedni.dni.Boundary) finds no gradient and leaves it alone
+            self.optimizer.zero_grad(set_to_none=True)
         cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
         self.agreement += AGREEMENT_RATE * (cosine - self.agreement)
         return float(loss.detach()), cosine
@@ -199,10 +214,12 @@ class SyntheticGradientTrainer:
         return self.cfg.min_cosine <= 0 or self.agreement >= self.cfg.min_cosine
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"model": self.model.state_dict(),
+                "optimizer": None if self.optimizer is None else self.optimizer.state_dict(),
                 "agreement": self.agreement}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.agreement = float(state["agreement"])
