@@ -112,6 +112,9 @@ def test_bad_settings_are_clear_errors():
         RecurrentNet(4, 2)
     with pytest.raises(ValueError, match="aux_weight"):
         TruncatedBPTT(RecurrentNet(4, 2, inputs=3), bits_loss, aux_weight=1.0)
+    with pytest.raises(ValueError, match="condition_on_labels=False"):
+        TruncatedBPTT(RecurrentNet(4, 2, inputs=3), bits_loss,
+                      boundary=Boundary((8,), num_classes=2, condition_on_labels=True))
     with pytest.raises(ValueError, match="length >= 1"):
         CopyStream(2, 0)
 

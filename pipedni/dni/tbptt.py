@@ -94,6 +94,9 @@ class TruncatedBPTT:
 
     def __init__(self, net: RecurrentNet, loss_fn: LossFn, *, lr: float = 1e-3, clip: float = 1.0,
                  boundary: Optional[Boundary] = None, aux_weight: float = 0.0):
+        if boundary is not None and boundary.cfg.condition_on_labels:
+            raise ValueError("TruncatedBPTT's boundary predicts the future's gradient from the state alone; "
+                             "build it with condition_on_labels=False")
         if aux_weight > 0 and boundary is None:
             raise ValueError(f"aux_weight = {aux_weight} predicts the synthetic gradient, but there is no boundary")
         self.net, self.loss_fn, self.clip, self.boundary, self.aux_weight = net, loss_fn, clip, boundary, aux_weight
