@@ -36,10 +36,11 @@ def build(method: str, state_features: int, batch: int, window: int, args: argpa
     plus the paper's output scale 0.1 and the batch's label count for the target's normalisation."""
     from pipedni.dni import Boundary
 
-    if method == "bptt":
+    if method.startswith("bptt"):
         return None, 0.0
-    boundary = Boundary((state_features,), output_scale=0.1, batch_size=batch * window, lr=args.sg_lr)
-    return boundary, (1.0 if method == "dni_aux" else 0.0)
+    kind = {"kind": args.kind} if args.kind else {}  # default: Boundary's own (an mlp as wide as the state)
+    boundary = Boundary((state_features,), output_scale=0.1, batch_size=batch * window, lr=args.sg_lr, **kind)
+    return boundary, (1.0 if method.startswith("dni_aux") else 0.0)
 
 
 def run_copy(args: argparse.Namespace, task: str, method: str, window: int, seed: int) -> dict:
@@ -118,8 +119,8 @@ def _streams(ids, batch: int):
 
 def cells(args: argparse.Namespace) -> list[dict]:
     """Every run, seed-major so a partial sweep covers every cell."""
-    return [{"task": task, "method": method, "window": window, "seed": seed}
-            for seed in range(args.seeds) for task in args.task for window in args.windows for method in METHODS]
+    return [{"task": task, "method": method + args.tag, "window": window, "seed": seed}
+            for seed in range(args.seeds) for task in args.task for window in args.windows for method in args.methods]
 
 
 def key(cell: dict) -> str:
@@ -173,21 +174,40 @@ def report(args: argparse.Namespace) -> None:
                                ("repeat", "solved", "Repeat Copy (N = 1): largest R solved"),
                                ("lm", "bpc", "Char LM (kjv): test bits per character")):
         table = [r for r in rows if r["task"] == task]
-        if not table:
+        if not table or task not in args.task:
             continue
         print(f"\n{title}; median (min-max) over seeds\n")
         print("| method | " + " | ".join(f"T = {w}" for w in windows) + " |")
         print("|---|" + "---|" * len(windows))
-        for method in METHODS:
+        for method in _methods(table):
             print(f"| {method} | " + " | ".join(_cell([r[field] for r in table if r["method"] == method
                                                        and r["window"] == w]) for w in windows) + " |")
+        if task != "lm":
+            print("\nAt the end of each run (one entry per seed): the size being trained and its error, "
+                  "bits per scored step\n")
+            print("| method | " + " | ".join(f"T = {w}" for w in windows) + " |")
+            print("|---|" + "---|" * len(windows))
+            for method in _methods(table):
+                print(f"| {method} | " + " | ".join(_last([r for r in table if r["method"] == method
+                                                          and r["window"] == w]) for w in windows) + " |")
         if task == "lm":
             print(f"\nSeconds of training to test BPC <= {args.target_bpc} (runs that got there / runs)\n")
             print("| method | " + " | ".join(f"T = {w}" for w in windows) + " |")
             print("|---|" + "---|" * len(windows))
-            for method in METHODS:
+            for method in _methods(table):
                 print(f"| {method} | " + " | ".join(_seconds([r for r in table if r["method"] == method
                                                              and r["window"] == w], args.target_bpc) for w in windows) + " |")
+
+
+def _methods(rows: list[dict]) -> list[str]:
+    """The methods present, the paper's three first."""
+    present = {r["method"] for r in rows}
+    return [m for m in METHODS if m in present] + sorted(present - set(METHODS))
+
+
+def _last(runs: list[dict]) -> str:
+    return ", ".join(f"{r['last'][0]}: {r['last'][1]:.2f}" for r in sorted(runs, key=lambda r: r["seed"])
+                     if r.get("last")) or "-"
 
 
 def _cell(values: list) -> str:
@@ -212,6 +232,9 @@ def main() -> None:
     parser.add_argument("--task", action="append", choices=("copy", "repeat", "lm"))
     parser.add_argument("--windows", type=int, nargs="+", default=[2, 3, 4, 5, 8])
     parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    parser.add_argument("--kind", choices=("linear", "lowrank", "mlp"), help="the predictor (default: Boundary's)")
+    parser.add_argument("--tag", default="", help="appended to the method names (an ablation's rows)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)

@@ -120,15 +120,12 @@ class TruncatedBPTT:
         if boundary is not None:
             start = net.unflat(boundary.trigger(net.flat(start)))
         features, end = net(inputs, start)
-        loss = task_loss = self.loss_fn(net.readout(features), targets)
+        loss = self.loss_fn(net.readout(features), targets)
         tensors, grads = [loss], [None]
         if boundary is not None:
             end_flat = net.flat(end)
             if self.aux is not None:
-                with torch.no_grad():
-                    ahead = boundary.predictor(end_flat.detach(), None)  # raw units: see [Note: the auxiliary task]
-                loss = loss + self.aux_weight * F.mse_loss(self.aux(features[:, 0]), ahead)
-                tensors[0] = loss
+                tensors[0] = loss + self._aux_loss(features, end_flat)
             tensors.append(end_flat)
             grads.append(boundary.synthetic(end_flat))
         self.optimizer.zero_grad(set_to_none=True)
@@ -137,7 +134,14 @@ class TruncatedBPTT:
             torch.nn.utils.clip_grad_norm_(net.parameters(), self.clip)
         self.optimizer.step()
         self.state = tuple(s.detach() for s in end)
-        return float(task_loss.detach())
+        return float(loss.detach())
+
+    def _aux_loss(self, features: torch.Tensor, end_flat: torch.Tensor) -> torch.Tensor:
+        """The first step's guess at the predictor's raw output at the window's end. See
+        [Note: the auxiliary task]."""
+        with torch.no_grad():
+            ahead = self.boundary.predictor(end_flat.detach(), None)
+        return self.aux_weight * F.mse_loss(self.aux(features[:, 0]), ahead)
 
     @torch.no_grad()
     def evaluate(self, windows: list[tuple[torch.Tensor, torch.Tensor]]) -> float:
