@@ -15,6 +15,7 @@ or N * R + 1 (Repeat Copy), so a window of T < N + 1 cannot see it with plain BP
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -50,7 +51,7 @@ class CopyStream:
         return self.bits + int(self.repeat)
 
     def _empty(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.zeros(0, self.bits + 1 + int(self.repeat)), torch.zeros(0, self.bits + int(self.repeat) + 1)
+        return torch.zeros(0, self.input_size), torch.zeros(0, self.output_size + 1)
 
     def episodes(self, count: int, row: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``count`` episodes of stream ``row`` back to back at the current N and R:
@@ -88,5 +89,5 @@ def bits_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     a window scores none). Targets' last channel is the mask."""
     mask = targets[..., -1]
     per_step = torch.nn.functional.binary_cross_entropy_with_logits(
-        logits, targets[..., :-1], reduction="none").sum(-1) / torch.log(torch.tensor(2.0))
+        logits, targets[..., :-1], reduction="none").sum(-1) / math.log(2)
     return (per_step * mask).sum() / mask.sum().clamp_min(1.0)

@@ -198,11 +198,10 @@ class SyntheticGradientTrainer:
         if not torch.isfinite(loss):  # a non-finite gradient arrived: the stage reports it, the predictor keeps clear
             return float(loss), float("nan")
         if self.optimizer is not None:
-            self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
-            # cleared, so an optimizer that also lists the predictor (a user's, over a model
-            # holding a pipedni.dni.Boundary) finds no gradient and leaves it alone
+            # cleared after the step, not before the next: an optimizer that also lists the
+            # predictor (a user's, over a model holding a pipedni.dni.Boundary) finds no gradient
             self.optimizer.zero_grad(set_to_none=True)
         cosine = float(F.cosine_similarity(prediction.detach().flatten(), target.flatten(), dim=0))
         self.agreement += AGREEMENT_RATE * (cosine - self.agreement)
