@@ -33,13 +33,15 @@ CURRICULUM_BITS = 0.15  # the paper's threshold: the next N (or R) once the erro
 
 def build(method: str, state_features: int, batch: int, window: int, args: argparse.Namespace):
     """The Boundary for ``method`` (None for plain BPTT) and the aux weight: the library's defaults
-    plus the paper's output scale 0.1 and the batch's label count for the target's normalisation."""
+    (or --kind, --sg-lr) plus the paper's output scale 0.1 and the batch's label count for the
+    target's normalisation."""
     from pipedni.dni import Boundary
 
     if method.startswith("bptt"):
         return None, 0.0
-    kind = {"kind": args.kind} if args.kind else {}  # default: Boundary's own (an mlp as wide as the state)
-    boundary = Boundary((state_features,), output_scale=0.1, batch_size=batch * window, lr=args.sg_lr, **kind)
+    options = {"kind": args.kind, "lr": args.sg_lr}  # None: Boundary's own default
+    boundary = Boundary((state_features,), output_scale=0.1, batch_size=batch * window,
+                        **{k: v for k, v in options.items() if v is not None})
     return boundary, (1.0 if method.startswith("dni_aux") else 0.0)
 
 
@@ -239,7 +241,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--sg-lr", type=float, default=1e-3)
+    parser.add_argument("--sg-lr", type=float, help="the predictor's learning rate (default: Boundary's, 3e-4)")
     parser.add_argument("--copy-steps", type=int, default=60000, help="time steps of training per copy run")
     parser.add_argument("--group-steps", type=int, default=600, help="time steps per curriculum check")
     parser.add_argument("--lm-chars", type=int, default=12000, help="characters per stream (x batch) per LM run")
