@@ -81,3 +81,42 @@ def test_two_stages_sharing_one_gpu_match_single(tmp_path):
 @two_gpus
 def test_two_stages_on_two_gpus_over_nccl_match_single(tmp_path):
     _check_against_single(tmp_path, "nccl")
+
+
+def test_dni_boundary_and_tbptt_on_cuda():
+    """pipedni.dni.Boundary on CUDA: the predictor lives on the GPU, the oracle check (a perfect
+    predictor trains exactly as backprop) holds there, and truncated BPTT with a boundary runs."""
+    import copy
+
+    import torch.nn.functional as F
+    from torch import nn
+
+    from pipedni.data.copy_task import CopyStream, bits_loss
+    from pipedni.dni import Boundary
+    from pipedni.dni.tbptt import RecurrentNet, TruncatedBPTT
+
+    cuda = torch.device("cuda")
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 10, device=cuda), torch.randint(0, 3, (64,), device=cuda)
+    before, after = nn.Linear(10, 16).to(cuda), nn.Linear(16, 3).to(cuda)
+    ref_before = copy.deepcopy(before)
+
+    class Oracle(nn.Module):
+        def forward(self, h, context):
+            with torch.enable_grad():
+                h = h.detach().requires_grad_(True)
+                return torch.autograd.grad(F.cross_entropy(after(h), y), h)[0]
+
+    boundary = Boundary((16,), predictor=Oracle(), normalize_target=False, device=cuda)
+    F.cross_entropy(after(boundary(before(x))), y).backward()
+    F.cross_entropy(after(ref_before(x)), y).backward()
+    torch.testing.assert_close(before.weight.grad, ref_before.weight.grad)
+
+    net = RecurrentNet(32, 8, inputs=9).to(cuda)
+    sg = Boundary((net.state_features,), output_scale=0.1).to(cuda)
+    run = TruncatedBPTT(net, bits_loss, boundary=sg)
+    stream = CopyStream(8, 2, seed=0)
+    for _ in range(5):
+        inputs, targets = stream.window(3)
+        run.step(inputs.to(cuda), targets.to(cuda))
+    assert sg.num_fits == 5 and next(sg.predictor.parameters()).is_cuda

@@ -79,7 +79,8 @@ class RecurrentNet(nn.Module):
 
     def unflat(self, flat: torch.Tensor) -> State:
         parts = flat.chunk(2 if self.cell == "lstm" else 1, dim=1)
-        return tuple(p.reshape(p.shape[0], self.layers, self.hidden).transpose(0, 1) for p in parts)
+        # contiguous: cuDNN's LSTM refuses a transposed initial state ("hx is not contiguous")
+        return tuple(p.reshape(p.shape[0], self.layers, self.hidden).transpose(0, 1).contiguous() for p in parts)
 
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
