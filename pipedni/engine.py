@@ -76,7 +76,8 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, module: nn.M
     transport = build_transport(cfg, runtime)
     sample_spec = TensorSpec((1, *train_set.inputs.shape[1:]), train_set.inputs.dtype)
     shapes = probe_shapes(stage, transport, sample_spec, train_set.num_classes)
-    ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]))
+    ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]),
+                        sample_spec)
     return spec.build(ctx)
 
 

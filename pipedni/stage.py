@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Optional
@@ -120,6 +121,33 @@ class Stage:
                     p.grad = g if p.grad is None else p.grad + g
         return None if self.is_first else x.grad
 
+    def input_forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None,
+                      weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """The module on ``x`` for the gradient of ``x`` alone (``input_grad``; nothing is kept or
+        accumulated on the weights): returns ``x`` as differentiated and the output (the loss, last)."""
+        x = x.detach().requires_grad_(True)
+        out = self.module(x)
+        return x, loss_fn(out, target) * weight if self.is_last else out
+
+    @staticmethod
+    def input_grad(x: torch.Tensor, out: torch.Tensor, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The gradient of ``x`` through ``out`` (from ``input_forward``) given ``grad`` of ``out``."""
+        return torch.autograd.grad(out, x, grad)[0]
+
+    @contextlib.contextmanager
+    def frozen_norm_stats(self):
+        """Batch-norm running statistics as they were before the block: a forward on a predicted
+        input must not move the statistics evaluation uses (the true chain's). The block holds the
+        backward too: batch norm's backward reads the running statistics its forward saw."""
+        saved = [(b, b.clone()) for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+                 for b in m.buffers()]
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for buffer, value in saved:
+                    buffer.copy_(value)
+
     @property
     def clips(self) -> bool:
         """Whether ``optim.grad_clip`` is on: the schedule then supplies the norm to ``step``."""
@@ -134,9 +162,10 @@ class Stage:
                 sq += p.grad.detach().double().pow(2).sum()
         return sq
 
-    def step(self, grad_norm: Optional[float] = None, source: str = "gradient") -> bool:
+    def step(self, grad_norm: Optional[float] = None, source: str = "gradient", count: bool = True) -> bool:
         """Clip to ``optim.grad_clip`` given the gradient norm the schedule measured (the whole
-        model's or this stage's: the schedule decides), update, advance the LR schedule. A
+        model's or this stage's: the schedule decides), update, advance the LR schedule (unless
+        not ``count``: an extra update, not a batch's; see ``dni.si_idle_updates``). A
         non-finite loss or gradient (``source`` says where the gradient came from) raises
         ``NonFinite``, or under ``on_nonfinite: skip`` drops the update; returns whether the
         update was made."""
@@ -164,7 +193,8 @@ class Stage:
                     self.before[name].copy_(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        self.scheduler.step()
+        if count:
+            self.scheduler.step()
         return True
 
     def _nonfinite(self, grad_norm: Optional[float], source: str) -> Optional[str]:

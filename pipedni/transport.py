@@ -215,6 +215,11 @@ class Inbox:
             self.cond.notify_all()
         return header, self._to_device(payload, event)
 
+    def has(self, kind: Kind, step: int, microbatch: int) -> bool:
+        """Whether that message has arrived (it stays in the mailbox)."""
+        with self.cond:
+            return (int(kind), step, microbatch) in self.mailbox
+
     def take_ready(self, kind: Kind, steps: Container[int]) -> list[tuple[Header, torch.Tensor]]:
         """Every message of ``kind`` for one of ``steps`` that has already arrived, without waiting
         (step order)."""
@@ -290,6 +295,10 @@ class Transport:
     def recv_ready(self, direction: str, kind: Kind, steps: Container[int]) -> list[tuple[Header, torch.Tensor]]:
         """The messages of ``kind`` for ``steps`` that have arrived; the others stay for ``recv``."""
         return self.inboxes[direction].take_ready(kind, steps)
+
+    def arrived(self, direction: str, kind: Kind, step: int, microbatch: int) -> bool:
+        """Whether that message is already here, so ``recv`` would not wait."""
+        return self.inboxes[direction].has(kind, step, microbatch)
 
     def all_reduce(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum ``tensor`` in place over every stage (the default group): a barrier of the whole

@@ -43,7 +43,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                                 epilog="Other --section.key=value arguments override the config for every job.")
     p.add_argument("config", help="YAML config: model, data, batch, optimizer, dni settings")
     p.add_argument("--stages", type=int, default=2, help="pipeline stages (processes), default 2")
-    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all but mixed")
+    p.add_argument("--modes", default=",".join(DEFAULT_MODES), help="comma-separated, default: all but mixed and unlock")
     p.add_argument("--out", help="output directory (default: bench/<config name>)")
     p.add_argument("--quick", action="store_true", help="about 12 minutes on 2 CPU cores (job start-up "
                    "dominates): " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))

@@ -21,8 +21,9 @@ MODES = {
     "cdni": ("dni", True),  # dni conditioned on labels
     "async": ("async", False),  # delayed true gradients; whole batches
     "mixed": ("mixed", True),  # each boundary its own mode: needs --boundaries
+    "unlock": ("dni", True),  # cdni plus synthetic inputs (forward unlocking), at their defaults
 }
-DEFAULT_MODES = [mode for mode in MODES if mode != "mixed"]
+DEFAULT_MODES = [mode for mode in MODES if mode not in ("mixed", "unlock")]
 # Locked pipelines (the modes every time to target is compared with): locked and multi-process.
 LOCKED_PIPELINES = tuple(mode for mode, (schedule, _) in MODES.items()
                          if registry.get(schedule).locked and registry.get(schedule).max_stages is None)
@@ -82,8 +83,9 @@ def parse_boundaries(text: str, modes: list[str], num_stages: int) -> list[str]:
 
 
 def _microbatch_args(mode: str, m: int) -> tuple[str, ...]:
-    if mode in ("dni", "cdni"):
-        return (f"--dni.microbatches={m}", f"--dni.condition_on_labels={'true' if mode == 'cdni' else 'false'}")
+    if mode in ("dni", "cdni", "unlock"):
+        return (f"--dni.microbatches={m}", f"--dni.condition_on_labels={'false' if mode == 'dni' else 'true'}",
+                f"--dni.synthetic_inputs={'true' if mode == 'unlock' else 'false'}")
     return (f"--train.microbatches={m}",)
 
 

@@ -252,6 +252,12 @@ def _validate_dni(cfg: Config) -> None:
             )
             _set(probe, f"dni.boundaries[{i}]", key, value, "config")
             entry[key] = getattr(probe, key)
+    unlocked = d.synthetic_inputs or any(entry.get("synthetic_inputs") for entry in d.boundaries)
+    _require(
+        not unlocked or cfg.train.schedule in ("dni", "mixed"),
+        f"dni.synthetic_inputs is set but train.schedule = {cfg.train.schedule!r} has no dni boundary to skip the wait "
+        "across; use --train.schedule=dni (or mixed with a dni boundary), or drop dni.synthetic_inputs",
+    )
     for i in range(max(1, len(d.boundaries))):
         b = d.for_boundary(i)
         where = f"dni.boundaries[{i}]" if d.boundaries else "dni"
@@ -261,6 +267,10 @@ def _validate_dni(cfg: Config) -> None:
         _require(b.clip >= 0, f"{where}.clip = {b.clip}; must be >= 0 (0: off)")
         _require(b.min_cosine <= 1, f"{where}.min_cosine = {b.min_cosine}; must be <= 1 (0: always update)")
         _require(b.warmup_steps >= 0, f"{where}.warmup_steps = {b.warmup_steps}; must be >= 0")
+        _require(b.si_min_r2 <= 1, f"{where}.si_min_r2 = {b.si_min_r2}; must be <= 1 (0: always predict)")
+        _require(b.si_hidden_layers >= 0, f"{where}.si_hidden_layers = {b.si_hidden_layers}; must be >= 0")
+        _require(b.si_lr > 0, f"{where}.si_lr = {b.si_lr}; must be > 0")
+        _require(b.si_idle_updates >= 0, f"{where}.si_idle_updates = {b.si_idle_updates}; must be >= 0 (0: off)")
 
 
 def save_config(cfg: Config, path: Path) -> None:

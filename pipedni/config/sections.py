@@ -158,6 +158,32 @@ class DNIConfig:
     warmup_steps: int = _f(
         0, "Train locked (1F1B) this many steps first; predictors fit true gradients (per boundary under mixed)."
     )
+    synthetic_inputs: bool = _f(
+        False, "Forward unlocking: stage i+1 may train on its input predicted from the network input "
+               "instead of waiting for stage i's activation (see si_* and docs/usage.md).",
+    )
+    si_policy: Literal["arrived", "always"] = _f(
+        "arrived", "synthetic_inputs: arrived (the true activation when it is already there, else the "
+                   "prediction) or always (the prediction, as the paper's complete unlock).",
+    )
+    si_gradient: Literal["true", "predicted"] = _f(
+        "true", "synthetic_inputs: the gradient sent upstream for a step trained on a predicted input: taken at "
+                "the true input when it arrives (one more backward), or at the predicted input (free, biased).",
+    )
+    si_min_r2: float = _f(
+        0.5, "synthetic_inputs: predict only while the input model explains at least this share of the true "
+             "activations' variance (moving average over fits); else wait for them (0: always).",
+    )
+    si_hidden_layers: int = _f(
+        1, "synthetic_inputs: hidden layers of the input model (as wide as the boundary, at most hidden_width)."
+    )
+    si_lr: float = _f(
+        3e-3, "synthetic_inputs: learning rate of the input model (it regresses activations, O(1), not gradients)."
+    )
+    si_idle_updates: int = _f(
+        0, "synthetic_inputs: the most extra updates a step makes, on predicted inputs of batches the stage holds, "
+           "while it waits for a true activation (a fast stage keeps training; 0: it waits idle).",
+    )
     boundaries: list[dict] = _f(
         [], "Per-boundary overrides: entry i (stage i -> i+1) maps predictor keys above to values."
     )
@@ -172,7 +198,8 @@ class DNIConfig:
 # Keys a per-boundary entry may set (the predictor's own settings, not the schedule's).
 DNI_BOUNDARY_KEYS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank", "batchnorm",
                      "optimizer", "lr", "output_scale", "clip", "normalize_target", "min_cosine", "fallback",
-                     "warmup_steps")
+                     "warmup_steps", "synthetic_inputs", "si_policy", "si_gradient", "si_min_r2", "si_hidden_layers",
+                     "si_lr", "si_idle_updates")
 
 
 @dataclass

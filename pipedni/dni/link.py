@@ -79,10 +79,17 @@ class SyntheticLink:
         self.log.cosines.append(cosine)
         self.log.staleness.append(staleness)
 
-    def keep(self, step: int, entries: dict[int, Entry]) -> None:
-        """What fitting the true gradients of ``step``'s microbatches will need."""
-        if entries:
-            self.store[step] = entries
+    def keep(self, step: int, entries: dict[int, Optional[Entry]]) -> None:
+        """What fitting the true gradients of ``step``'s microbatches will need (None: nothing yet;
+        a microbatch trained on a predicted input is kept when its true activation has come, so
+        an older step may be added after a newer one: the store stays in step order)."""
+        entries = {mb: entry for mb, entry in entries.items() if entry is not None}
+        if not entries:
+            return
+        newest = next(reversed(self.store), step)
+        self.store.setdefault(step, {}).update(entries)
+        if step < newest:
+            self.store = OrderedDict(sorted(self.store.items()))
 
     def _fit_arrived(self, step: int, microbatch: int, grad: torch.Tensor) -> None:
         pending = self.store[step]

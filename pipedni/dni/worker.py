@@ -33,10 +33,9 @@ from typing import Optional
 import torch
 
 from pipedni.config import Config
-from pipedni.dni.link import METRICS
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.boundaries import BoundaryWorker, dni_copies
+from pipedni.schedules.boundaries import DNI_METRICS, BoundaryWorker, check_synthetic_inputs, dni_copies
 from pipedni.schedules.executor import LockedExecutor
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Microbatch
@@ -50,7 +49,7 @@ class DNIWorker(BoundaryWorker):
         super().__init__(ctx, ["dni"] * (ctx.stage.num_stages - 1), ctx.cfg.dni.microbatches)
         self.warmup = LockedExecutor(ctx, "1f1b", ctx.cfg.train.microbatches, whole_model_norm=False,
                                      fit=self._fit_true_gradient)
-        self.warmup_steps = ctx.cfg.dni.warmup_steps  # every stage's, the last included (check_warmup)
+        self.warmup_steps = ctx.cfg.dni.warmup_steps  # every stage's, the last included (check_dni)
 
     def _fit_true_gradient(self, h: torch.Tensor, piece: Microbatch, grad: torch.Tensor) -> None:
         """Warm-up's FIT action: the exact gradient of ``h``, before the backward uses it."""
@@ -67,8 +66,10 @@ class DNIWorker(BoundaryWorker):
         return stats
 
 
-def check_warmup(cfg: Config, num_stages: int) -> None:
-    """The whole pipe warms up together under ``dni``: one warm-up length for every boundary."""
+def check_dni(cfg: Config, num_stages: int) -> None:
+    """The whole pipe warms up together under ``dni``: one warm-up length for every boundary; and
+    synthetic inputs fit the layout."""
+    check_synthetic_inputs(cfg, ["dni"] * (num_stages - 1))
     for i in range(num_stages - 1):
         steps = cfg.dni.for_boundary(i).warmup_steps
         if steps != cfg.dni.warmup_steps:
@@ -82,6 +83,6 @@ def every_boundary(cfg: Config, num_stages: int) -> tuple[int, ...]:
 
 
 SPEC = ScheduleSpec("dni", "DNI: every stage updates at once from a synthetic gradient (dni.* settings)",
-                    build=DNIWorker, min_stages=2, locked=False, check=check_warmup, metrics=METRICS,
+                    build=DNIWorker, min_stages=2, locked=False, check=check_dni, metrics=DNI_METRICS,
                     predictor_boundaries=every_boundary, copies_weights=dni_copies,
                     wait_grad_header="backpressure s")

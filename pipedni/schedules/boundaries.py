@@ -74,15 +74,18 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import torch
 
 from pipedni.config import Config
+from pipedni.dni.input_link import METRICS as SI_METRICS
+from pipedni.dni.input_link import InputLink
 from pipedni.dni.link import METRICS, SyntheticLink
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.passes import EvalResult
 from pipedni.schedules.worker import Microbatch, Timers, Worker, grad_norm, split_batch
 from pipedni.transport import Kind
 
@@ -135,6 +138,11 @@ class BoundaryWorker(Worker):
         if self.predicting and (self.delay or self.fallback):
             stage.track_updates()
         self.pending: OrderedDict[int, tuple[int, list[_Kept]]] = OrderedDict()  # step -> (due step, needs)
+        before = cfg.dni.for_boundary(i - 1) if i > 0 and boundaries[i - 1] == "dni" else None
+        self.inputs = None  # forward unlocking: see [Note: catching up on a true input]
+        if before is not None and before.synthetic_inputs:
+            self.inputs = InputLink(ctx, before, self.link, self._send_input_grad, self._update)
+        self.predict_from = before.warmup_steps if self.inputs is not None else 0  # the boundary's warm-up is locked
 
     def _key(self, step: int, mb: int) -> int:
         return step * self.num_microbatches + mb
@@ -150,8 +158,11 @@ class BoundaryWorker(Worker):
         params = None
         if late and (self.stashing or self.predicting):
             params = timers.run("compute", stage.stash, late if self.predicting else 0)
-        kept = [self._forward(step, mb, piece, at_once, late, params, timers)
-                for mb, piece in enumerate(split_batch(stage, inputs, targets, self.num_microbatches))]
+        may_predict = self.inputs is not None and at_once and step >= self.predict_from
+        if self.inputs is not None:
+            self.inputs.begin(step, may_predict, timers)
+        pieces = split_batch(stage, inputs, targets, self.num_microbatches, keep_inputs=self.inputs is not None)
+        kept = [self._forward(step, mb, piece, at_once, late, params, timers) for mb, piece in enumerate(pieces)]
         norm = None
         if at_once:  # the loss's gradient, or the predictor's (dropped while it is untrusted)
             source = "gradient" if stage.is_last else f"synthetic gradient of boundary {stage.stage_index}"
@@ -166,7 +177,11 @@ class BoundaryWorker(Worker):
                 self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
             timers.run("compute", self.link.fit_ready, next(iter(self.pending), None))
             self.link.back_pressure(timers)
+        if self.inputs is not None:
+            self.inputs.end(may_predict, timers)
         stats = timers.stats(step, stage, norm)
+        if self.inputs is not None:
+            self.inputs.write(stats)
         if self.link is not None:
             self.link.write(stats)
             if synthetic:
@@ -179,8 +194,17 @@ class BoundaryWorker(Worker):
                  params: Optional[dict[str, torch.Tensor]], timers: Timers) -> _Kept:
         """Microbatch ``mb`` of ``step`` forward (and its backward, where that happens at once)."""
         stage, transport, key = self.stage, self.transport, self._key(step, mb)
-        x = piece.inputs if stage.is_first else timers.run(
-            "wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
+        if self.inputs is not None and self.inputs.predicts(step, mb):
+            self.inputs.train_predicted(step, mb, key, piece, timers)
+            return _Kept()  # its synthetic-gradient fit is kept when its true input comes
+        if stage.is_first:
+            x = piece.inputs
+        else:
+            if self.inputs is not None:
+                self.inputs.before_true_input(step, mb, piece, timers)
+            x = timers.run("wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
+            if self.inputs is not None:
+                self.inputs.took_true_input(piece, x, timers)
         if stage.is_last:  # exact: the loss's gradient at once
             timers.run("compute", stage.forward, key, x, piece.targets, piece.weight)
             self._send_input_grad(step, mb, timers.run("compute", stage.backward, key))
@@ -216,35 +240,49 @@ class BoundaryWorker(Worker):
         if not self.stage.is_first:
             self.transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
 
-    def _update(self, timers: Timers, drop: bool = False, source: str = "gradient") -> Optional[float]:
-        """One optimizer step; with ``drop``, on no gradients (the optimizer skips every parameter)."""
+    def _update(self, timers: Timers, drop: bool = False, source: str = "gradient",
+                count: bool = True) -> Optional[float]:
+        """One optimizer step; with ``drop``, on no gradients (the optimizer skips every parameter);
+        ``count``: a batch's (an idle update is not, see ``Stage.step``)."""
         if drop:  # nothing to measure or check: the optimizer skips every parameter
             self.stage.optimizer.zero_grad(set_to_none=True)
             norm = None
         else:
             norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
-        timers.run("compute", self.stage.step, norm, source)
+        timers.run("compute", self.stage.step, norm, source, count)
         return norm
 
     def finish(self) -> None:
         """The updates still owed, in step order, then the fits still owed."""
         timers = Timers(self.transport)
+        if self.inputs is not None:
+            self.inputs.settle(timers)
         while self.pending:
             self._backward(next(iter(self.pending)), timers)
             self._update(timers)
         if self.link is not None:
             self.link.drain()
 
+    def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
+        """Catch up on every true input first: a stage upstream may be waiting, within the step
+        before this evaluation, for a gradient that only a catch-up sends."""
+        if self.inputs is not None:
+            self.inputs.settle(Timers(self.transport))
+        return super().evaluate(batches)
+
     def held_bytes(self) -> int:
         """Inputs kept for recomputation, outputs and labels kept for a dni fit, and the dni store
         (graphs are metered by autograd)."""
         held = [t for _, kept in self.pending.values() for k in kept for t in (k.replay, *(k.fit or ()))]
-        return sum(t.nbytes for t in held if t is not None) + (0 if self.link is None else self.link.held_bytes())
+        links = [link.held_bytes() for link in (self.link, self.inputs) if link is not None]
+        return sum(t.nbytes for t in held if t is not None) + sum(links)
 
     def extra_state(self) -> dict:
         """The predictor (with its optimizer and agreement), and the weights before the last
         update that weight prediction extrapolates from."""
         state = {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
+        if self.inputs is not None:
+            state["synthetic_input"] = self.inputs.state_dict()
         if self.stage.before is not None:
             state["weights_before_update"] = self.stage.before
         return state
@@ -252,6 +290,8 @@ class BoundaryWorker(Worker):
     def load_extra_state(self, state: dict) -> None:
         if self.link is not None and "synthetic_gradient" in state:
             self.link.load_state_dict(state["synthetic_gradient"])
+        if self.inputs is not None and "synthetic_input" in state:
+            self.inputs.load_state_dict(state["synthetic_input"])
         if self.stage.before is not None and "weights_before_update" in state:
             with torch.no_grad():
                 for name, tensor in self.stage.before.items():
@@ -266,6 +306,23 @@ def _build_mixed(ctx: WorkerContext) -> BoundaryWorker:
     return BoundaryWorker(ctx, ctx.cfg.train.boundaries, ctx.cfg.train.microbatches)
 
 
+def check_synthetic_inputs(cfg: Config, modes: Sequence[str]) -> None:
+    """A stage predicts its input only across a dni boundary, and updates at once after it: it
+    is the last stage or its own boundary is dni too."""
+    for i, mode in enumerate(modes):
+        if not cfg.dni.for_boundary(i).synthetic_inputs:
+            continue
+        where = f"dni.synthetic_inputs on boundary {i} (stage {i} -> {i + 1})"
+        if mode != "dni":
+            raise LaunchError(f"{where}: the boundary is {mode}, but stage {i + 1} may skip the wait for its input "
+                              f"only across a dni boundary; make train.boundaries[{i}] dni or set "
+                              f"dni.boundaries[{i}].synthetic_inputs=false")
+        if i + 1 < len(modes) and modes[i + 1] != "dni":
+            raise LaunchError(f"{where}: stage {i + 1} trains on a predicted input only if it updates at once, but "
+                              f"its own boundary is {modes[i + 1]}; make train.boundaries[{i + 1}] dni or set "
+                              f"dni.boundaries[{i}].synthetic_inputs=false")
+
+
 def check_mixed(cfg: Config, num_stages: int) -> None:
     """The boundary list fits the stages, and every dni boundary can wait as long as it must."""
     modes = cfg.train.boundaries
@@ -273,6 +330,7 @@ def check_mixed(cfg: Config, num_stages: int) -> None:
         raise LaunchError(
             f"train.boundaries = {modes} has {len(modes)} entries but {num_stages} stages have {num_stages - 1} "
             f"boundaries; give one mode (locked, dni or async) per boundary stage i -> i+1")
+    check_synthetic_inputs(cfg, modes)
     d = delays(modes, cfg.delayed.delay)
     for i, mode in enumerate(modes):
         where = f"train.boundaries[{i}] = dni (stage {i} -> {i + 1})"
@@ -323,11 +381,12 @@ def _mixed_copies(cfg: Config) -> int:
     return dni_copies(cfg) if "dni" in cfg.train.boundaries else 0
 
 
+DNI_METRICS = METRICS + SI_METRICS  # a schedule with dni boundaries, which may have synthetic inputs
 ASYNC = ScheduleSpec("async", "delayed true gradients: stage i updates from the gradient of step t - d_i "
                      "(delayed.* settings)", build=_build_async, min_stages=2, locked=False, metrics=METRICS,
                      wait_grad_header="backpressure s", copies_weights=_async_copies)
 MIXED = ScheduleSpec("mixed", "each boundary locked, dni or async (train.boundaries; dni.*, delayed.* settings)",
-                     build=_build_mixed, min_stages=2, locked=False, check=check_mixed, metrics=METRICS,
+                     build=_build_mixed, min_stages=2, locked=False, check=check_mixed, metrics=DNI_METRICS,
                      wait_grad_header="wait grad s", predictor_boundaries=_dni_boundaries,
                      copies_weights=_mixed_copies)
 SPECS = (ASYNC, MIXED)

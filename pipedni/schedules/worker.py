@@ -52,16 +52,18 @@ class Worker:
 
 @dataclass
 class Microbatch:
-    inputs: Optional[torch.Tensor]  # the first stage's; None elsewhere (they arrive)
+    inputs: Optional[torch.Tensor]  # the network's: the first stage's, or one that predicts its input
     targets: torch.Tensor
     weight: float  # its share of the batch: the last stage weights its loss by it
 
 
-def split_batch(stage: Stage, inputs: Optional[torch.Tensor], targets: torch.Tensor, m: int) -> list[Microbatch]:
+def split_batch(stage: Stage, inputs: Optional[torch.Tensor], targets: torch.Tensor, m: int,
+                keep_inputs: bool = False) -> list[Microbatch]:
     """The batch in ``m`` microbatches on the stage's device, each with its loss weight, so that
-    accumulated gradients equal those of one full-batch step."""
+    accumulated gradients equal those of one full-batch step. Network inputs go to the first
+    stage, and to a later one that predicts its input from them (``keep_inputs``)."""
     pieces = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
-    xs = (list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m)) if stage.is_first
+    xs = (list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m)) if stage.is_first or keep_inputs
           else [None] * len(pieces))
     return [Microbatch(x, t, t.shape[0] / targets.shape[0]) for x, t in zip(xs, pieces)]
 
