@@ -120,13 +120,12 @@ class InputLink:
     def catch_up(self, timers: Timers, everything: bool = False, lead: bool = False) -> None:
         """See [Note: catching up on a true input]. Without waiting; with ``everything`` waiting for
         all; with ``lead`` for those ``dni.max_staleness`` steps old."""
-        steps = {step for step, _ in self.late}
-        for header, h in self.transport.recv_ready("prev", Kind.ACTIVATION, steps):
-            late = self.late.pop((header.step, header.microbatch))
-            timers.run("compute", self._catch_up_one, header.step, header.microbatch, late, h)
-        while self.late and (everything or (lead and self.step - next(iter(self.late))[0] >= self.cfg.max_staleness)):
+        while self.late:  # oldest first: activations arrive in step order, and go on in it
             (step, mb), late = next(iter(self.late.items()))
-            self._idle(step, mb, late.piece, timers)
+            if not self.transport.arrived("prev", Kind.ACTIVATION, step, mb):
+                if not (everything or (lead and self.step - step >= self.cfg.max_staleness)):
+                    return
+                self._idle(step, mb, late.piece, timers)
             del self.late[(step, mb)]
             h = timers.run("wait_input", self.transport.recv, "prev", Kind.ACTIVATION, step, mb, self.input)
             timers.run("compute", self._catch_up_one, step, mb, late, h)
