@@ -14,8 +14,8 @@ does (``catch_up``) the stage
 - keeps that output for fitting its own synthetic-gradient predictor, whose true gradient will
   come back for it;
 - sends stage k-1 the gradient of (t, m), the target of k-1's predictor. ``dni.si_gradient``:
-  ``true`` takes it at h, through the forward just run (one more input-only backward), so the
-  predictor is fitted at the point where it is used; ``predicted`` sends the gradient at the
+  ``true_input`` takes it at h, through the forward just run (one more input-only backward), so the
+  predictor is fitted at the point where it is used; ``prediction`` sends the gradient at the
   predicted input from the training backward (free, but biased by the input model's error:
   the pitfall of fitting a gradient model at the wrong point).
 True activations are processed in step order: before a stage takes one for training it catches
@@ -50,7 +50,7 @@ class Late:
     """A microbatch trained on a predicted input: what its true activation is needed for."""
 
     piece: Microbatch  # its network input, targets and loss weight
-    grad: Optional[torch.Tensor]  # the gradient at the predicted input (dni.si_gradient: predicted)
+    grad: Optional[torch.Tensor]  # the gradient at the predicted input (dni.si_gradient: prediction)
 
 
 class InputLink:
@@ -92,7 +92,7 @@ class InputLink:
         backward at once; its true activation is remembered for ``catch_up``."""
         self.num_predicted += 1
         grad_in = timers.run("compute", self._backward_predicted, key, piece)
-        self.late[(step, mb)] = Late(piece, grad_in if self.cfg.si_gradient == "predicted" else None)
+        self.late[(step, mb)] = Late(piece, grad_in if self.cfg.si_gradient == "prediction" else None)
         self.idle_ok = False  # gradients are accumulating: no idle update may step the optimizer now
 
     def before_true_input(self, step: int, mb: int, piece: Microbatch, timers: Timers) -> None:
@@ -143,7 +143,7 @@ class InputLink:
     def _catch_up_one(self, step: int, mb: int, late: Late, h: torch.Tensor) -> None:
         stage, piece, link = self.stage, late.piece, self.link
         self.fit(piece, h)
-        exact = self.cfg.si_gradient == "true"
+        exact = self.cfg.si_gradient == "true_input"
         if stage.is_last:
             grad_in = stage.input_grad(*stage.input_forward(h, piece.targets, piece.weight)) if exact else late.grad
         else:
