@@ -136,8 +136,9 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--sg-lr", type=float, default=3e-4)
     parser.add_argument("--predictor", default="linear", choices=["linear", "lowrank", "mlp"])
-    parser.add_argument("--set", nargs="*", default=[], metavar="--dni.KEY=VALUE",
-                        help="extra overrides for the dni/cdni runs (an ablation); give --tag too")
+    parser.add_argument("--set", action="append", default=[], metavar="--dni.KEY=VALUE",
+                        help="an extra override for the dni/cdni runs (an ablation; repeat it for several); "
+                             "give --tag too")
     parser.add_argument("--tag", default="", help="suffix naming the method in results, e.g. -stale1")
     parser.add_argument("--report", action="store_true", help="print the markdown table of OUT and exit")
     args = parser.parse_args()
