@@ -167,8 +167,8 @@ class DNIConfig:
                    "prediction) or always (the prediction, as the paper's complete unlock).",
     )
     si_gradient: Literal["true_input", "prediction"] = _f(
-        "true_input", "synthetic_inputs: the gradient sent upstream for a step trained on a predicted input: "
-                      "taken at the true input when it arrives (one more backward), or at the prediction (free, biased).",
+        "true_input", "synthetic_inputs: the gradient sent upstream for a step trained on a predicted input: at "
+                      "the true input when it arrives (one more backward), or at the prediction (free, biased).",
     )
     si_min_r2: float = _f(
         0.5, "synthetic_inputs: predict only while the input model explains at least this share of the true "
