@@ -4,10 +4,10 @@ evaluation on the true chain, and the layouts and inputs it refuses."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
-import pytest
 from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.dni.inputs import SyntheticInput, SyntheticInputTrainer, explained_variance

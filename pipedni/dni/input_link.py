@@ -161,7 +161,8 @@ class InputLink:
     def _idle(self, step: int, mb: int, piece: Microbatch, timers: Timers) -> None:
         """Extra updates on predicted inputs of ``piece``'s batch while (step, mb)'s true activation
         has not arrived, as many as ``dni.si_idle_updates`` leaves this step."""
-        while self.idle_ok and self.idle_left > 0 and self.si.trusted and \
+        trusted = self.si.trusted and (self.link is None or self.link.trusted)  # else it would not update now
+        while self.idle_ok and self.idle_left > 0 and trusted and \
                 not self.transport.arrived("prev", Kind.ACTIVATION, step, mb):
             self.idle_left, self.num_idle = self.idle_left - 1, self.num_idle + 1
             loss = self.stage.batch_loss  # the step's reported loss is its batch's
