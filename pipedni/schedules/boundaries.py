@@ -27,6 +27,10 @@ warm-up (``dni.warmup_steps``, per boundary through ``dni.boundaries``) trains i
 predictor fitting each true gradient before the backward uses it; that needs d_{i+1} = 0, or
 stage i's delay, and so every delay upstream of it, would change when the warm-up ends.
 
+With ``dni.synthetic_inputs`` on a dni boundary, stage i+1 may also train on its input predicted
+from the network input instead of waiting for stage i's activation; the worker asks its
+``InputLink`` at each wait (dni/input_link.py, [Note: catching up on a true input]).
+
 [Note: the untrusted fallback]
 A dni stage whose predictor is not trusted (``dni.min_cosine``, see dni/predictors.py) has no
 gradient it may use at once. With ``dni.fallback: delayed`` (default) it runs that step as an
