@@ -105,10 +105,10 @@ class InputLink:
     def took_true_input(self, piece: Microbatch, h: torch.Tensor, timers: Timers) -> None:
         timers.run("compute", self.fit, piece, h)
 
-    def end(self, may_predict: bool, timers: Timers) -> None:
+    def end(self, timers: Timers) -> None:
         """After the step's update: catch up on what has arrived, and wait (idle updates first) while
         the oldest microbatch awaiting its true input is ``dni.max_staleness`` steps old."""
-        self.idle_ok = may_predict
+        self.idle_ok = self.may_predict  # no gradients accumulate any more this step
         self.catch_up(timers, lead=True)
 
     def settle(self, timers: Timers) -> None:

@@ -24,9 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipedni.config import DNIConfig
-from pipedni.dni.predictors import AGREEMENT_RATE
+from pipedni.dni.predictors import AGREEMENT_RATE, make_optimizer
 from pipedni.errors import ConfigError
-from pipedni.optim import fused
 
 
 def _hidden(in_features: int, cfg: DNIConfig, width: int) -> tuple[list[nn.Module], int]:
@@ -90,9 +89,7 @@ class SyntheticInputTrainer:
 
     def __init__(self, model: nn.Module, cfg: DNIConfig, device: torch.device):
         self.cfg, self.model = cfg, model.to(device)
-        params = list(self.model.parameters())
-        self.optimizer = (fused(torch.optim.Adam, params, lr=cfg.si_lr) if cfg.optimizer == "adam"
-                          else fused(torch.optim.SGD, params, lr=cfg.si_lr, momentum=0.9))
+        self.optimizer = make_optimizer(list(self.model.parameters()), cfg, cfg.si_lr)
         self.agreement = 0.0  # moving average of the fits' R^2: see [Note: trusting the input model]
 
     @torch.no_grad()

@@ -94,6 +94,13 @@ def labels_per_sample(feature_shape: tuple[int, ...]) -> int:
     return feature_shape[0] if is_sequence(feature_shape) else 1
 
 
+def make_optimizer(params: list[nn.Parameter], cfg: DNIConfig, lr: float) -> torch.optim.Optimizer:
+    """A predictor's (or an input model's) own optimizer: ``dni.optimizer`` at ``lr``."""
+    if cfg.optimizer == "adam":
+        return fused(torch.optim.Adam, params, lr=lr)
+    return fused(torch.optim.SGD, params, lr=lr, momentum=0.9)
+
+
 class SyntheticGradient(nn.Module):
     """Predicts the gradient of the loss with respect to ``h`` (shape ``(B, *feature_shape)``).
 
@@ -166,9 +173,7 @@ class SyntheticGradientTrainer:
         # ``model``: a user's own predictor, called as model(h, labels) (pipedni.dni.Boundary)
         self.model = (model if model is not None else SyntheticGradient(feature_shape, num_classes, cfg)).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = None if not params else (
-            fused(torch.optim.Adam, params, lr=cfg.lr) if cfg.optimizer == "adam"
-            else fused(torch.optim.SGD, params, lr=cfg.lr, momentum=0.9))
+        self.optimizer = make_optimizer(params, cfg, cfg.lr) if params else None
 
     def target_scale(self, h: torch.Tensor) -> float:
         """What a true gradient of ``h`` is multiplied by to make the O(1) regression target."""

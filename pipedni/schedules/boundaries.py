@@ -182,7 +182,7 @@ class BoundaryWorker(Worker):
             timers.run("compute", self.link.fit_ready, next(iter(self.pending), None))
             self.link.back_pressure(timers)
         if self.inputs is not None:
-            self.inputs.end(may_predict, timers)
+            self.inputs.end(timers)
         stats = timers.stats(step, stage, norm)
         if self.inputs is not None:
             self.inputs.write(stats)
