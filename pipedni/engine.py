@@ -26,6 +26,7 @@ from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memo
 from pipedni.metrics.console import make_console
 from pipedni.metrics.memory import make_meter
 from pipedni.metrics.telemetry import make_telemetry
+from pipedni.link import LinkSpec
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
 from pipedni.partition_cost import time_balance
@@ -50,6 +51,12 @@ def check_layout(cfg: Config, runtime: Runtime) -> ScheduleSpec:
     schedule that runs (see ``registry.resolve``)."""
     n = runtime.num_stages
     spec = registry.check_layout(cfg, n)
+    if n == 1 and (cfg.dist.link_latency_ms > 0 or cfg.dist.link_bandwidth_mbps > 0):
+        raise LaunchError(
+            f"dist.link_latency_ms = {cfg.dist.link_latency_ms:g} and dist.link_bandwidth_mbps = "
+            f"{cfg.dist.link_bandwidth_mbps:g} emulate links between stages, but one process has none; "
+            "start 2 or more stages with torchrun, or leave both at 0"
+        )
     balance = cfg.partition.balance
     if balance is not None and n > 1 and len(balance) != n:
         raise LaunchError(
@@ -63,8 +70,10 @@ def build_transport(cfg: Config, runtime: Runtime) -> Transport | NullTransport:
     if runtime.num_stages == 1:
         return NullTransport()
     wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging
+    link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
+    wire_dtype = None if cfg.dist.wire_dtype == "same" else getattr(torch, cfg.dist.wire_dtype)
     return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
-                     cfg.dist.timeout_sec)
+                     cfg.dist.timeout_sec, link, wire_dtype)
 
 
 def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, module: nn.Module, steps: int,

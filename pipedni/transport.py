@@ -7,8 +7,11 @@ the same order on every rank. One direction is then used by exactly one thread o
 a slow gradient never queues behind activations. Groups are warmed up at start-up: NCCL
 connects lazily, and a send may block until the matching receive is posted.
 
-Every message is a fixed-size int64 header (kind, step, microbatch, dtype, shape) followed by
-the payload. A receiver thread per incoming direction posts ``irecv`` and blocks on
+Every message is a fixed-size int64 header (kind, step, microbatch, dtype, wire dtype, shape)
+followed by the payload. With ``dist.wire_dtype`` set, floating payloads travel in that dtype
+and are cast back to their own on receipt (half the bytes in bf16/fp16; integers and bools
+travel as they are). An edge may be an emulated slow link: see [Note: emulated links] in
+link.py. A receiver thread per incoming direction posts ``irecv`` and blocks on
 ``wait()`` (gloo never reports an unwaited ``irecv`` complete, so polling ``is_completed()``
 would deadlock), then files the tensor in a bounded mailbox keyed by (kind, step,
 microbatch). Consumers take messages by key, in any order, with a finite timeout. A full
@@ -24,11 +27,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import enum
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
 from typing import Container, Optional
 
 import torch
@@ -36,10 +37,9 @@ import torch.distributed as dist
 
 from pipedni.boundary import TensorSpec
 from pipedni.errors import TransportError
+from pipedni.link import LinkSpec, make_link
+from pipedni.wire import HEADER_LEN, Header, Kind, describe_message as _what
 
-MAX_DIMS = 8
-HEADER_LEN = 5 + MAX_DIMS
-DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
 # Sends in flight per direction. A completed gloo send is only known complete once waited on,
 # so a larger window would keep that many already-delivered tensors alive for nothing.
 SEND_WINDOW = 4
@@ -47,66 +47,56 @@ SEND_WINDOW = 4
 _IDLE_WAIT = datetime.timedelta(days=365)
 
 
-class Kind(enum.IntEnum):
-    ACTIVATION = 0
-    GRADIENT = 1
-    EVAL = 2
-    SHAPE = 3
-    WARMUP = 4
-    CLOSE = 5
-
-
-@dataclass(frozen=True)
-class Header:
-    kind: Kind
-    step: int
-    microbatch: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-    def encode(self) -> torch.Tensor:
-        if len(self.shape) > MAX_DIMS:
-            raise TransportError(f"tensor of {len(self.shape)} dims exceeds the transport's {MAX_DIMS}")
-        dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
-        values = [int(self.kind), self.step, self.microbatch, DTYPES.index(self.dtype), len(self.shape), *dims]
-        return torch.tensor(values, dtype=torch.int64)
-
-    @staticmethod
-    def decode(t: torch.Tensor) -> "Header":
-        v = t.tolist()
-        return Header(Kind(v[0]), v[1], v[2], DTYPES[v[3]], tuple(v[5 : 5 + v[4]]))
-
-    def describe(self) -> str:
-        return f"{list(self.shape)} {str(self.dtype).replace('torch.', '')}"
-
-
-def _what(kind: Kind, step: int, microbatch: int) -> str:
-    return f"{kind.name.lower()} of step {step} microbatch {microbatch}"
-
-
 class Outbox:
     """Send side of one edge direction: async sends, at most ``capacity`` in flight (each holding
-    its tensor alive); the oldest is waited for before another starts."""
+    its tensor alive); the oldest is waited for before another starts. Messages go through the
+    edge's link: posted at once, or held for an emulated link's delivery time on its own thread
+    (which then owns the sends in flight; see [Note: emulated links])."""
 
-    def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str):
+    def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str,
+                 link: LinkSpec = LinkSpec(), link_capacity: int = 64, wire_dtype: Optional[torch.dtype] = None):
         self.group, self.peer, self.wire_device = group, peer, wire_device
-        self.capacity, self.timeout, self.who = capacity, timeout, who
+        self.capacity, self.timeout, self.who, self.wire_dtype = capacity, timeout, who, wire_dtype
         self.pending: deque = deque()  # (works, tensors kept alive, description)
         self.wait_sec = 0.0
         self.num_sent = 0
         self.bytes_sent = 0
+        self.cuda = wire_device.type == "cuda"
+        self.direct = not link.emulated  # sends are posted, and their waits counted, on the caller's thread
+        on_thread = (lambda: torch.cuda.set_device(wire_device)) if self.cuda else (lambda: None)
+        self.link = make_link(link, link_capacity, timeout, who, f"to stage {peer}", on_thread)
 
     def send(self, kind: Kind, step: int, microbatch: int, tensor: Optional[torch.Tensor] = None) -> None:
+        tensors = [] if tensor is None else [self._on_wire(tensor)]
+        shape = tuple(tensors[0].shape) if tensors else ()
+        dtype = tensor.dtype if tensor is not None else torch.float32
+        wire = tensors[0].dtype if tensors and tensors[0].dtype != dtype else None
+        header = Header(kind, step, microbatch, dtype, shape, wire).encode().to(self.wire_device)
+        what = _what(kind, step, microbatch)
+        ready = None
+        if self.cuda and not self.direct:  # the link's thread posts it: after the work that made it
+            ready = torch.cuda.Event()
+            ready.record()
+        payload_bytes = sum(t.numel() * t.element_size() for t in tensors)
+        nbytes = payload_bytes + header.numel() * header.element_size()
+        waited = self.link.put(nbytes, lambda: self._post([header, *tensors], what, ready))  # may add to wait_sec
+        self.wait_sec += waited
+        self.num_sent += 1
+        self.bytes_sent += payload_bytes
+
+    def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if self.wire_dtype is not None and tensor.is_floating_point() and tensor.dtype != self.wire_dtype:
+            tensor = tensor.to(self.wire_dtype)  # before the copy to the wire device: fewer bytes to copy
+        return tensor.to(self.wire_device).contiguous()
+
+    def _post(self, tensors: list[torch.Tensor], what: str, ready=None) -> None:
         while len(self.pending) >= self.capacity:
             self._retire_oldest()
-        tensors = [] if tensor is None else [tensor.detach().to(self.wire_device).contiguous()]
-        shape = tuple(tensors[0].shape) if tensors else ()
-        dtype = tensors[0].dtype if tensors else torch.float32
-        header = Header(kind, step, microbatch, dtype, shape).encode().to(self.wire_device)
-        works = [dist.isend(t, dst=self.peer, group=self.group) for t in [header, *tensors]]
-        self.pending.append((works, [header, *tensors], _what(kind, step, microbatch)))
-        self.num_sent += 1
-        self.bytes_sent += sum(t.numel() * t.element_size() for t in tensors)
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
+        works = [dist.isend(t, dst=self.peer, group=self.group) for t in tensors]
+        self.pending.append((works, tensors, what))
 
     def _retire_oldest(self) -> None:
         works, _, what = self.pending.popleft()
@@ -119,11 +109,15 @@ class Outbox:
                 f"{self.who} could not send {what} to stage {self.peer} within {self.timeout:.0f}s "
                 f"(is stage {self.peer} alive and receiving?): {str(err).splitlines()[0]}"
             ) from None
-        self.wait_sec += time.perf_counter() - start
+        if self.direct:
+            self.wait_sec += time.perf_counter() - start
 
     def flush(self) -> None:
+        """Every message sent is posted and complete (an emulated link's thread is idle after its drain)."""
+        self.link.drain(self.timeout)
         while self.pending:
             self._retire_oldest()
+        self.link.close()
 
 
 class Inbox:
@@ -167,7 +161,7 @@ class Inbox:
                 self.num_received += 1
                 self.cond.notify_all()
             return False
-        payload = self._recv(torch.empty(header.shape, dtype=header.dtype, device=self.wire_device))
+        payload = self._recv(torch.empty(header.shape, dtype=header.payload_dtype, device=self.wire_device))
         event = None
         if stream is not None:
             event = torch.cuda.Event()
@@ -213,7 +207,7 @@ class Inbox:
                 self.cond.wait(min(left, 1.0))
             header, payload, event = self.mailbox.pop(key)
             self.cond.notify_all()
-        return header, self._to_device(payload, event)
+        return header, self._to_device(header, payload, event)
 
     def has(self, kind: Kind, step: int, microbatch: int) -> bool:
         """Whether that message has arrived (it stays in the mailbox)."""
@@ -229,13 +223,16 @@ class Inbox:
             keys = sorted(k for k in self.mailbox if k[0] == int(kind) and k[1] in steps)
             items = [self.mailbox.pop(k) for k in keys]
             self.cond.notify_all()
-        return [(h, self._to_device(p, e)) for h, p, e in items]
+        return [(h, self._to_device(h, p, e)) for h, p, e in items]
 
-    def _to_device(self, payload: torch.Tensor, event) -> torch.Tensor:
+    def _to_device(self, header: Header, payload: torch.Tensor, event) -> torch.Tensor:
+        """The payload on the consumer's device in its own dtype (a wire dtype is cast back)."""
         if event is not None:
             torch.cuda.current_stream(self.device).wait_event(event)
             payload.record_stream(torch.cuda.current_stream(self.device))
-        return payload.to(self.device, non_blocking=True) if payload.device != self.device else payload
+        if payload.device != self.device:
+            payload = payload.to(self.device, non_blocking=True)
+        return payload.to(header.dtype) if header.dtype != payload.dtype else payload
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
@@ -253,22 +250,26 @@ class Transport:
     """This stage's links to its neighbours: ``send``/``recv`` towards ``prev`` and ``next``."""
 
     def __init__(self, stage_index: int, num_stages: int, device: torch.device, wire_device: torch.device,
-                 queue_size: int = 64, timeout: float = 300.0):
+                 queue_size: int = 64, timeout: float = 300.0, link: LinkSpec = LinkSpec(),
+                 wire_dtype: Optional[torch.dtype] = None):
+        """``link``: every edge's emulated latency and bandwidth (off by default); ``wire_dtype``:
+        the dtype floating payloads travel in (None: their own)."""
         self.stage_index, self.num_stages = stage_index, num_stages
         self.device, self.timeout = device, timeout
         self.who = f"stage {stage_index}/{num_stages}"
         self.outboxes: dict[str, Outbox] = {}
         self.inboxes: dict[str, Inbox] = {}
         window = min(SEND_WINDOW, queue_size)
+        sends = dict(link=link, link_capacity=queue_size, wire_dtype=wire_dtype)
         for edge in range(num_stages - 1):  # same creation order on every rank: see the note
             forward = dist.new_group([edge, edge + 1], timeout=_IDLE_WAIT)
             backward = dist.new_group([edge, edge + 1], timeout=_IDLE_WAIT)
             if stage_index == edge:  # my "next" link
-                self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, window, timeout, self.who)
+                self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, window, timeout, self.who, **sends)
                 self.inboxes["next"] = Inbox(backward, edge + 1, wire_device, device, queue_size, self.who)
             elif stage_index == edge + 1:  # my "prev" link
                 self.inboxes["prev"] = Inbox(forward, edge, wire_device, device, queue_size, self.who)
-                self.outboxes["prev"] = Outbox(backward, edge, wire_device, window, timeout, self.who)
+                self.outboxes["prev"] = Outbox(backward, edge, wire_device, window, timeout, self.who, **sends)
         self._warm_up()
 
     def _warm_up(self) -> None:

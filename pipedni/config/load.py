@@ -7,6 +7,7 @@ type; ``validate`` runs the cross-field checks.
 
 from __future__ import annotations
 
+import math
 import typing
 from pathlib import Path
 from typing import Any, Optional
@@ -166,6 +167,9 @@ def validate(cfg: Config) -> None:
     )
     _require(cfg.dist.timeout_sec > 0, f"dist.timeout_sec = {cfg.dist.timeout_sec}; must be > 0")
     _require(cfg.dist.queue_size >= 2, f"dist.queue_size = {cfg.dist.queue_size}; must be >= 2")
+    for key in ("link_latency_ms", "link_bandwidth_mbps"):
+        value = getattr(cfg.dist, key)
+        _require(math.isfinite(value) and value >= 0, f"dist.{key} = {value}; must be >= 0 (0: off)")
     _require(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}; must be >= 0")
     _require(cfg.run.log_every >= 1, f"run.log_every = {cfg.run.log_every}; must be >= 1")
     _validate_dni(cfg)

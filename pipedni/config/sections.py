@@ -226,6 +226,18 @@ class DistConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu.")
     timeout_sec: float = _f(300.0, "Longest wait for any message before the job fails.")
     queue_size: int = _f(64, "Messages buffered per incoming direction before the sender waits.")
+    link_latency_ms: float = _f(
+        0.0, "Emulated one-way latency of every link between neighbouring stages, per message (ms; 0: off). "
+             "See docs/usage.md, 'Emulated slow links'.",
+    )
+    link_bandwidth_mbps: float = _f(
+        0.0, "Emulated bandwidth of every link, per direction (Mbit/s; 0: unlimited): a message occupies its "
+             "link for its bytes / bandwidth, one message at a time.",
+    )
+    wire_dtype: Literal["same", "bfloat16", "float16"] = _f(
+        "same", "Dtype floating activations and gradients travel in between stages, cast back on receipt "
+                "(same: their own; bfloat16/float16: half the bytes, at some precision).",
+    )
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""Emulated links and the wire dtype: the delivery model, the thread that keeps it, and real runs."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+import torch
+
+from dist_utils import run_distributed
+from pipedni.config import load_config
+from pipedni.engine import Trainer, check_layout
+from pipedni.errors import ConfigError, LaunchError, TransportError
+from pipedni.link import DirectLink, EmulatedLink, LinkModel, LinkSpec, make_link
+from pipedni.runtime import Runtime
+from pipedni.transport import Kind, Transport
+
+CPU = torch.device("cpu")
+
+
+def test_delivery_times_of_a_scripted_message_sequence():
+    """delivered = max(sent, link free) + bytes / bandwidth + latency, one message at a time."""
+    link = LinkModel(LinkSpec.from_config(latency_ms=10, bandwidth_mbps=8))  # 1e6 bytes/s
+    assert link.deliver_at(0.0, 1000) == pytest.approx(0.011)  # 1 ms on the wire + 10 ms
+    assert link.deliver_at(0.0, 2000) == pytest.approx(0.013)  # queued behind the first: free at 1 ms
+    assert link.deliver_at(0.0025, 500) == pytest.approx(0.0135)  # free at 3 ms
+    assert link.deliver_at(1.0, 0) == pytest.approx(1.010)  # an idle link: latency alone
+    latency_only = LinkModel(LinkSpec(latency_sec=0.03))
+    assert [latency_only.deliver_at(t, 10**9) for t in (0.0, 0.0, 0.5)] == pytest.approx([0.03, 0.03, 0.53])
+    assert not LinkSpec.from_config(0, 0).emulated and LinkSpec.from_config(0, 100).emulated
+    assert LinkSpec.from_config(30, 1000).describe() == "30 ms one way, 1000 Mbit/s"
+    assert isinstance(make_link(LinkSpec(), 4, 1.0, "s", "to 1"), DirectLink)
+
+
+def test_emulated_link_posts_each_message_at_its_delivery_time_in_order():
+    spec = LinkSpec(latency_sec=0.05, bytes_per_sec=1e5)  # 1000 bytes: 10 ms on the wire
+    link = EmulatedLink(spec, capacity=8, timeout=5.0, who="stage 0/2", what="to stage 1")
+    expected, posted = LinkModel(spec), []
+    sent = []
+    for i in range(4):
+        sent.append(time.perf_counter())
+        link.put(1000, lambda i=i: posted.append((i, time.perf_counter())))
+    due = [expected.deliver_at(t, 1000) for t in sent]
+    link.drain(5.0)
+    link.close()
+    assert [i for i, _ in posted] == [0, 1, 2, 3]
+    for (_, at), want in zip(posted, due):
+        assert at >= want - 1e-4  # never early (the deliver_at each put took is at most this late)
+    assert posted[-1][1] - sent[0] >= 0.05 + 4 * 0.01 - 1e-4
+
+
+def test_a_full_link_makes_the_sender_wait_and_a_failed_post_surfaces():
+    link = EmulatedLink(LinkSpec(latency_sec=0.2), capacity=2, timeout=5.0, who="stage 0/2", what="to stage 1")
+    assert link.put(10, lambda: None) == 0.0 and link.put(10, lambda: None) == 0.0
+    assert link.put(10, lambda: None) > 0.1  # room only once the first was delivered
+    link.drain(5.0)
+    link.close()
+
+    def broken():
+        raise RuntimeError("connection reset by peer")
+
+    failing = EmulatedLink(LinkSpec(latency_sec=0.01), capacity=4, timeout=5.0, who="stage 1/2", what="to stage 0")
+    failing.put(10, broken)
+    with pytest.raises(TransportError, match="stage 1/2: the emulated link to stage 0 failed: connection reset"):
+        failing.drain(5.0)
+    stuck = EmulatedLink(LinkSpec(latency_sec=0.01), capacity=4, timeout=5.0, who="stage 0/2", what="to stage 1")
+    release = threading.Event()
+    stuck.put(10, lambda: release.wait(5.0))
+    with pytest.raises(TransportError, match="timed out waiting for the messages held on the emulated link"):
+        stuck.drain(0.3)
+    release.set()
+    stuck.close()
+
+
+def _round_trips(rank, world_size, latency, n):
+    """Rank 0 sends an activation (bf16 on the wire), rank 1 returns it as the gradient."""
+    t = Transport(rank, world_size, CPU, CPU, timeout=30.0, link=LinkSpec(latency), wire_dtype=torch.bfloat16)
+    x = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8  # exact in bfloat16
+    times, got = [], []
+    for i in range(n):
+        if rank == 0:
+            start = time.perf_counter()
+            t.send("next", Kind.ACTIVATION, i, 0, x)
+            t.send("next", Kind.ACTIVATION, i, 1, torch.tensor([7, 2**40]))  # integers travel as they are
+            g = t.recv("next", Kind.GRADIENT, i, 0)
+            got.append((str(g.dtype), g.tolist()))
+            times.append(time.perf_counter() - start)
+        else:
+            y = t.recv("prev", Kind.ACTIVATION, i, 0)
+            v = t.recv("prev", Kind.ACTIVATION, i, 1)
+            got.append((str(v.dtype), v.tolist()))
+            t.send("prev", Kind.GRADIENT, i, 0, y)
+    sent = t.bytes_sent
+    t.close()
+    return times, got, sent
+
+
+def test_transport_round_trip_pays_the_latency_both_ways_and_restores_the_dtype():
+    latency, n = 0.04, 4
+    (times, back, sent0), (_, ints, sent1) = run_distributed(_round_trips, 2, latency, n)
+    assert min(times) >= 2 * latency  # an activation one way, its gradient the other
+    x = (torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8).tolist()
+    assert back == [("torch.float32", x)] * n
+    assert ints == [("torch.int64", [7, 2**40])] * n
+    assert sent0 == 2 + n * (12 * 2 + 2 * 8)  # a bf16 warm-up token, bf16 activations, int64 side tensors
+    assert sent1 == 2 + n * 12 * 2
+
+
+def _train(rank, world_size, run_dir, overrides):
+    cfg = load_config(None, [f"--run.dir={run_dir}", "--data.name=synthetic", "--data.synthetic_size=512",
+                             "--data.batch_size=64", "--model.width=64", "--model.depth=2", "--train.steps=6",
+                             "--train.eval_every=0", "--run.log_every=1000", "--checkpoint.enabled=false",
+                             *overrides])
+    return Trainer(cfg, Runtime(rank, world_size, rank, world_size, CPU, "gloo")).fit()
+
+
+def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
+    """Naive model parallelism waits for every message: each of M microbatches sends its
+    activation one way and its gradient back, so a step takes at least M x 2 x (latency +
+    bytes / bandwidth), and little more than that on top of its own compute. The wire dtype
+    halves the bytes."""
+    latency_ms, mbps, m = 30.0, 40.0, 2
+    overrides = ["--train.schedule=naive", f"--train.microbatches={m}", f"--dist.link_latency_ms={latency_ms}",
+                 f"--dist.link_bandwidth_mbps={mbps}", "--dist.wire_dtype=bfloat16"]
+    summary = run_distributed(_train, 2, str(tmp_path), overrides)[1]
+    first, last = summary["stages"]
+    message_bytes = 32 * 64 * 2  # a microbatch's [32, 64] activation (and its gradient) in bfloat16
+    assert first["bytes_sent_per_step"] == last["bytes_sent_per_step"] == m * message_bytes
+    header_bytes = 14 * 8
+    one_way = latency_ms / 1e3 + (message_bytes + header_bytes) * 8 / (mbps * 1e6)
+    floor = m * 2 * one_way
+    for stage in (first, last):
+        step_sec = stage["step_sec"] / stage["steps"]
+        assert floor <= step_sec < floor + 0.5 * floor + stage["compute_sec"] / stage["steps"], (step_sec, floor)
+    assert summary["test_accuracy"] is not None
+
+
+def test_bad_link_settings_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"dist.link_latency_ms = -5.0; must be >= 0"):
+        load_config(None, ["--dist.link_latency_ms=-5"])
+    with pytest.raises(ConfigError, match=r"dist.link_bandwidth_mbps = nan; must be >= 0"):
+        load_config(None, ["--dist.link_bandwidth_mbps=nan"])
+    with pytest.raises(ConfigError, match="dist.wire_dtype"):
+        load_config(None, ["--dist.wire_dtype=int8"])
+    one = Runtime(0, 1, 0, 1, CPU, "none")
+    with pytest.raises(LaunchError, match="dist.link_latency_ms = 10 .* one process has none"):
+        check_layout(load_config(None, ["--dist.link_latency_ms=10"]), one)
