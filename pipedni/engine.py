@@ -25,7 +25,9 @@ from pipedni.errors import ConfigError, DivergenceError, LaunchError, PipeDNIErr
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.metrics.console import make_console
 from pipedni.metrics.memory import make_meter
+from pipedni.metrics import timeline
 from pipedni.metrics.telemetry import make_telemetry
+from pipedni.metrics.timeline import make_timeline
 from pipedni.link import LinkSpec
 from pipedni.models import build_model
 from pipedni.partition import describe, partition
@@ -67,13 +69,14 @@ def check_layout(cfg: Config, runtime: Runtime) -> ScheduleSpec:
 
 
 def build_transport(cfg: Config, runtime: Runtime) -> Transport | NullTransport:
+    timeline = make_timeline(runtime.stage_index, cfg.run.timeline_steps)
     if runtime.num_stages == 1:
-        return NullTransport()
+        return NullTransport(timeline)
     wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     wire_dtype = None if cfg.dist.wire_dtype == "same" else getattr(torch, cfg.dist.wire_dtype)
     return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
-                     cfg.dist.timeout_sec, link, wire_dtype)
+                     cfg.dist.timeout_sec, link, wire_dtype, timeline)
 
 
 def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, module: nn.Module, steps: int,
@@ -294,8 +297,10 @@ class Trainer:
             for step, inputs, targets in batches:
                 lr = self.worker.stage.scheduler.get_last_lr()[0]  # the rate this step trains with
                 skipped = self.worker.stage.skipped_updates
+                self.worker.transport.timeline.begin_step(step)
                 with self.meter:
                     stats = self.worker.train_step(step, inputs, targets)
+                self.worker.transport.timeline.end_step()
                 if self.worker.stage.skipped_updates > skipped == 0:
                     print(f"stage {self.runtime.stage_index}: step {step}: a non-finite update was skipped "
                           "(train.on_nonfinite: skip); skipped_updates in summary.json counts them", flush=True)
@@ -342,14 +347,17 @@ class Trainer:
         self.totals.peak_activation_bytes = self.meter.peak_bytes
         self.totals.peak_queued_messages = self.worker.transport.peak_queued
         self.totals.skipped_updates = self.worker.stage.skipped_updates
-        stages = [{**self.totals.summary(), **self.telemetry.summary()}]
+        mine = ({**self.totals.summary(), **self.telemetry.summary()}, self.worker.transport.timeline.events)
+        gathered: list = [mine]
         if self.runtime.distributed:
-            gathered: list = [None] * self.runtime.world_size
-            dist.all_gather_object(gathered, stages[0])
-            stages = gathered
+            gathered = [None] * self.runtime.world_size
+            dist.all_gather_object(gathered, mine)
+        stages = [stage for stage, _ in gathered]
         self.metrics.close()
         if not self.runtime.is_last:
             return None
+        timeline.write([events for _, events in gathered], self.run_dir,
+                       f"{self.spec.name}, {self.runtime.num_stages} stages: {self.cfg.run.timeline_steps} steps")
         t = self.totals
         summary = build_summary(self.spec.name, self.runtime.num_stages, steps, self.cfg.data.batch_size, wall,
                                 t.step_sec, t.steps, self.last_eval, stages)

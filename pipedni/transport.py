@@ -38,6 +38,7 @@ import torch.distributed as dist
 from pipedni.boundary import TensorSpec
 from pipedni.errors import TransportError
 from pipedni.link import LinkSpec, make_link
+from pipedni.metrics.timeline import NullTimeline, Timeline
 from pipedni.wire import HEADER_LEN, Header, Kind, describe_message as _what
 
 # Sends in flight per direction. A completed gloo send is only known complete once waited on,
@@ -251,10 +252,11 @@ class Transport:
 
     def __init__(self, stage_index: int, num_stages: int, device: torch.device, wire_device: torch.device,
                  queue_size: int = 64, timeout: float = 300.0, link: LinkSpec = LinkSpec(),
-                 wire_dtype: Optional[torch.dtype] = None):
+                 wire_dtype: Optional[torch.dtype] = None, timeline: Timeline | NullTimeline = NullTimeline()):
         """``link``: every edge's emulated latency and bandwidth (off by default); ``wire_dtype``:
-        the dtype floating payloads travel in (None: their own)."""
-        self.stage_index, self.num_stages = stage_index, num_stages
+        the dtype floating payloads travel in (None: their own); ``timeline``: where sends are
+        recorded (and the step timers' calls: see ``Timers``)."""
+        self.stage_index, self.num_stages, self.timeline = stage_index, num_stages, timeline
         self.device, self.timeout = device, timeout
         self.who = f"stage {stage_index}/{num_stages}"
         self.outboxes: dict[str, Outbox] = {}
@@ -280,7 +282,10 @@ class Transport:
             inbox.take(Kind.WARMUP, 0, 0, self.timeout)
 
     def send(self, direction: str, kind: Kind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
+        start = time.perf_counter()
         self.outboxes[direction].send(kind, step, microbatch, tensor)
+        if self.timeline.recording:
+            self.timeline.record(f"send {kind.name.lower()} {microbatch}", "send", start, time.perf_counter())
 
     def recv(self, direction: str, kind: Kind, step: int, microbatch: int,
              expect: Optional[TensorSpec] = None) -> torch.Tensor:
@@ -344,6 +349,9 @@ class NullTransport:
 
     stage_index, num_stages, who = 0, 1, "stage 0/1"
     send_wait_sec, bytes_sent, peak_queued = 0.0, 0, 0
+
+    def __init__(self, timeline: Timeline | NullTimeline = NullTimeline()):
+        self.timeline = timeline
 
     def send(self, direction: str, kind: Kind, step: int, microbatch: int, tensor: torch.Tensor) -> None:
         raise TransportError(f"{self.who} has no '{direction}' neighbour to send {_what(kind, step, microbatch)} to")

@@ -97,8 +97,12 @@ def test_predictor_learns_the_true_gradient(tmp_path):
     args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_size=4096", "--data.batch_size=64",
             "--train.steps=300", "--model.depth=2", "--model.width=64", "--partition.balance=[2,1]",
             "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true", "--dni.kind=mlp",
-            "--dni.min_cosine=0.5"]
+            "--dni.min_cosine=0.5", "--run.timeline_steps=3"]
     run_distributed(_train, 2, str(tmp_path), args)
+    trace = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
+    calls = [e for e in trace if e["ph"] == "X"]
+    assert {e["args"]["step"] for e in calls} == {1, 2, 3}
+    assert {"forward", "backward", "optimizer", "predictor", "send"} <= {e["cat"] for e in calls if e["tid"] == 0}
     steps = [r for r in read_steps(tmp_path, 0) if "sg_cosine" in r]
     late = [r["sg_cosine"] for r in steps[-50:]]
     assert sum(late) / len(late) > 0.8, late

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 
@@ -122,7 +123,7 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
     halves the bytes."""
     latency_ms, mbps, m = 30.0, 40.0, 2
     overrides = ["--train.schedule=naive", f"--train.microbatches={m}", f"--dist.link_latency_ms={latency_ms}",
-                 f"--dist.link_bandwidth_mbps={mbps}", "--dist.wire_dtype=bfloat16"]
+                 f"--dist.link_bandwidth_mbps={mbps}", "--dist.wire_dtype=bfloat16", "--run.timeline_steps=2"]
     summary = run_distributed(_train, 2, str(tmp_path), overrides)[1]
     first, last = summary["stages"]
     message_bytes = 32 * 64 * 2  # a microbatch's [32, 64] activation (and its gradient) in bfloat16
@@ -135,6 +136,17 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
         assert floor <= step_sec < floor + 0.5 * floor + stage["compute_sec"] / stage["steps"], (step_sec, floor)
     assert summary["test_accuracy"] is not None
 
+    # the timeline shows it: stage 0 waits for each gradient at least a round trip, for 2 steps
+    trace = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
+    rows = {i: [e for e in trace if e["ph"] == "X" and e["tid"] == i] for i in (0, 1)}
+    assert [e["name"] for e in rows[0] if e["cat"] != "send"] == ["F0", "RECV_B0", "B0", "F1", "RECV_B1", "B1", "STEP"] * 2
+    assert {e["args"]["step"] for e in rows[0]} == {1, 2}  # the steps after the first
+    assert [e["name"] for e in rows[1] if e["cat"] == "send"] == ["send gradient 0", "send gradient 1"] * 2
+    for e in rows[0]:
+        if e["cat"] == "wait for gradient":
+            assert e["dur"] >= 2 * one_way * 1e6
+    assert (tmp_path / "timeline.png").stat().st_size > 0
+
 
 def test_bad_link_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"dist.link_latency_ms = -5.0; must be >= 0"):
@@ -143,6 +155,8 @@ def test_bad_link_settings_are_one_line_errors():
         load_config(None, ["--dist.link_bandwidth_mbps=nan"])
     with pytest.raises(ConfigError, match="dist.wire_dtype"):
         load_config(None, ["--dist.wire_dtype=int8"])
+    with pytest.raises(ConfigError, match=r"run.timeline_steps = -1; must be >= 0"):
+        load_config(None, ["--run.timeline_steps=-1"])
     one = Runtime(0, 1, 0, 1, CPU, "none")
     with pytest.raises(LaunchError, match="dist.link_latency_ms = 10 .* one process has none"):
         check_layout(load_config(None, ["--dist.link_latency_ms=10"]), one)

@@ -31,6 +31,11 @@ class RunConfig:
     activation_memory: bool = _f(
         False, "Count the bytes each stage keeps for backward (summary: peak_activation_bytes); costs a hook per saved tensor."
     )
+    timeline_steps: int = _f(
+        0, "Record what each stage did when (forward, backward, predictor, optimizer, waits, sends) during this "
+           "many training steps after the first, and write timeline.json (Chrome/Perfetto trace) and timeline.png "
+           "to run.dir (0: off).",
+    )
     tensorboard: bool = _f(
         False, "Also write the metrics as TensorBoard scalars to <run.dir>/tensorboard/stage<i> (pip install "
                "'pipedni[tensorboard]'); the JSONL files are written either way.",

@@ -45,6 +45,7 @@ class LockedExecutor:
         self._microbatches = split_batch(self.stage, inputs, targets, self.num_microbatches)
         self._timers, self._norm = Timers(self.transport), None
         for action in self.plan:
+            self._timers.label = str(action)
             getattr(self, f"_do_{action.kind.lower()}")(step, action.microbatch)
         return self._timers.stats(step, self.stage, self._norm)
 

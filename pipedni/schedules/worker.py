@@ -17,6 +17,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from pipedni.metrics.records import StepStats
+from pipedni.metrics.timeline import WAITS, category_of
 from pipedni.schedules.passes import EvalResult, evaluate
 from pipedni.schedules.spec import WorkerContext
 from pipedni.stage import Stage
@@ -80,18 +81,26 @@ def grad_norm(stage: Stage, transport=None) -> Optional[float]:
 
 
 class Timers:
-    """Seconds spent per bucket (compute, wait_input, wait_grad) during one step."""
+    """Seconds spent per bucket (compute, wait_input, wait_grad) during one step; each call also
+    goes on the transport's timeline when it records (``run.timeline_steps``), named by
+    ``label`` when a locked plan sets it to the action running ("F3"), else by the function."""
 
     def __init__(self, transport):
         self.seconds = {"compute": 0.0, "wait_input": 0.0, "wait_grad": 0.0}
-        self.transport = transport
+        self.transport, self.timeline = transport, transport.timeline
+        self.label: Optional[str] = None
         self.send_wait_before, self.bytes_before = transport.send_wait_sec, transport.bytes_sent
         self.start = time.perf_counter()
 
     def run(self, bucket: str, fn: Callable, *args):
         start = time.perf_counter()
         result = fn(*args)
-        self.seconds[bucket] += time.perf_counter() - start
+        end = time.perf_counter()
+        self.seconds[bucket] += end - start
+        if self.timeline.recording:
+            category = category_of(bucket, fn)
+            name = self.label or (category if bucket in WAITS else getattr(fn, "__name__", bucket))
+            self.timeline.record(name, category, start, end)
         return result
 
     def stats(self, step: int, stage: Stage, grad_norm: Optional[float]) -> StepStats:

@@ -1,0 +1,148 @@
+"""A measured timeline: what each stage did when during a few training steps, written as a
+Chrome/Perfetto trace (``timeline.json``) and a picture (``timeline.png``).
+
+With ``run.timeline_steps = N`` every stage records, for the N training steps after its first
+(which pays one-off costs), each call its step timer makes (forward, backward, predictor,
+optimizer, the waits for an activation or a gradient) and each send, with its start and end.
+Recording is a flag test per call when off. Times are wall-clock (``time.time``, anchored to
+``perf_counter`` for resolution), so the stages of one machine line up exactly and those of
+several machines as well as their clocks agree. The last stage gathers every stage's events
+at the end and writes both files; open ``timeline.json`` in https://ui.perfetto.dev or
+chrome://tracing.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+# What a timed call is, by the name of the function the step timer ran.
+CATEGORY = {
+    "forward": "forward", "run": "forward", "input_forward": "forward",
+    "backward": "backward", "input_grad": "backward",
+    "step": "optimizer", "grad_norm": "optimizer",
+    "predict": "predictor", "fit": "predictor", "fit_ready": "predictor",
+    "stash": "weights",
+}
+WAITS = {"wait_input": "wait for activation", "wait_grad": "wait for gradient"}
+COLORS = {"forward": "#4c72b0", "backward": "#dd8452", "optimizer": "#55a868", "predictor": "#c44e52",
+          "weights": "#8172b3", "send": "#937860", "wait for activation": "#dddddd",
+          "wait for gradient": "#bbbbbb", "other": "#64b5cd"}
+
+
+@dataclass(frozen=True)
+class Event:
+    name: str  # what ran: the function, or the locked action ("F3", "B3")
+    category: str  # a key of COLORS
+    start: float  # wall-clock seconds
+    duration: float
+    step: int
+
+
+def category_of(bucket: str, fn: Callable) -> str:
+    if bucket in WAITS:
+        return WAITS[bucket]
+    return CATEGORY.get(getattr(fn, "__name__", ""), "other")
+
+
+class Timeline:
+    """This stage's events during ``num_steps`` training steps after its first."""
+
+    def __init__(self, stage_index: int, num_steps: int):
+        self.stage_index, self.num_steps = stage_index, num_steps
+        self.events: list[Event] = []
+        self.recording = False
+        self.step = -1
+        self.first: Optional[int] = None
+        self.wall_at_zero = time.time() - time.perf_counter()
+
+    def begin_step(self, step: int) -> None:
+        if self.first is None:
+            self.first = step + 1
+        self.step = step
+        self.recording = self.first <= step < self.first + self.num_steps
+
+    def end_step(self) -> None:
+        self.recording = False
+
+    def record(self, name: str, category: str, start: float, end: float) -> None:
+        """A call that ran from ``start`` to ``end`` (``perf_counter`` seconds), if recording."""
+        if self.recording:
+            self.events.append(Event(name, category, self.wall_at_zero + start, end - start, self.step))
+
+
+class NullTimeline:
+    """No timeline (``run.timeline_steps = 0``): nothing is recorded."""
+
+    events: list[Event] = []
+    recording = False
+
+    def begin_step(self, step: int) -> None:
+        pass
+
+    def end_step(self) -> None:
+        pass
+
+    def record(self, name: str, category: str, start: float, end: float) -> None:
+        pass
+
+
+def make_timeline(stage_index: int, num_steps: int) -> Timeline | NullTimeline:
+    return Timeline(stage_index, num_steps) if num_steps > 0 else NullTimeline()
+
+
+def chrome_trace(per_stage: list[list[Event]]) -> dict:
+    """The Trace Event Format: one thread row per stage, times in microseconds from the first event."""
+    origin = min((e.start for events in per_stage for e in events), default=0.0)
+    trace = [{"ph": "M", "name": "thread_name", "pid": 0, "tid": i, "args": {"name": f"stage {i}"}}
+             for i in range(len(per_stage))]
+    for i, events in enumerate(per_stage):
+        trace += [{"ph": "X", "name": e.name, "cat": e.category, "pid": 0, "tid": i,
+                   "ts": round((e.start - origin) * 1e6, 1), "dur": round(e.duration * 1e6, 1),
+                   "args": {"step": e.step}} for e in events]
+    return {"traceEvents": trace, "displayTimeUnit": "ms"}
+
+
+def draw(per_stage: list[list[Event]], path: Path, title: str) -> bool:
+    """A bar per call on one row per stage; False (with a hint) without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("timeline.png skipped: pip install 'pipedni[plot]' (matplotlib) to draw it; timeline.json is written",
+              file=sys.stderr)
+        return False
+    origin = min((e.start for events in per_stage for e in events), default=0.0)
+    fig, ax = plt.subplots(figsize=(12, 0.6 * len(per_stage) + 1.6))
+    seen = set()
+    for i, events in enumerate(per_stage):
+        for e in events:
+            ax.broken_barh([((e.start - origin) * 1e3, max(e.duration * 1e3, 0.05))], (i - 0.4, 0.8),
+                           color=COLORS.get(e.category, COLORS["other"]), edgecolor="white", linewidth=0.4,
+                           label=None if e.category in seen else e.category)
+            seen.add(e.category)
+    ax.set_yticks(range(len(per_stage)), [f"stage {i}" for i in range(len(per_stage))])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms")
+    ax.set_title(title)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(seen), 5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def write(per_stage: list[list[Event]], run_dir: Path, title: str) -> None:
+    """timeline.json and timeline.png in ``run_dir`` (nothing when no stage recorded anything)."""
+    if not any(per_stage):
+        return
+    tmp = run_dir / "timeline.json.tmp"
+    tmp.write_text(json.dumps(chrome_trace(per_stage)))
+    tmp.replace(run_dir / "timeline.json")
+    draw(per_stage, run_dir / "timeline.png", title)
