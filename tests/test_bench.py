@@ -111,6 +111,27 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path):
     update_docs(docs, [results])  # regenerating replaces the section instead of adding one
     assert docs.read_text().count("<!-- bench:bench_mlp_fashion:begin -->") == 1
 
+    # the link grid's report reads cells like this one (no new jobs: the cells reuse its results)
+    grid = tmp_path / "grid"
+    for cell in ("lat0_bw0", "lat10_bw100"):
+        (grid / cell).mkdir(parents=True)
+        (grid / cell / "results.json").write_text(json.dumps(results))
+    proc = subprocess.run([sys.executable, "-m", "pipedni.bench.grid", "configs/bench_mlp_fashion.yaml", "--report",
+                           "--latencies=0,10", "--bandwidths=0,100", f"--out={grid}", f"--docs={docs}"],
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    cells = json.loads((grid / "grid.json").read_text())["cells"]
+    assert [(c["latency_ms"], c["bandwidth_mbps"]) for c in cells] == [(0, 0), (10, 100)]
+    assert cells[0]["locked"]["label"] == max(["1f1b M=2", "torch_1f1b M=2"],
+                                              key=lambda label: rows[label]["samples_per_sec"]["median"])
+    assert cells[0]["decoupled"]["dni"]["label"] == "dni M=2"
+    assert cells[0]["decoupled"]["dni"]["time_to_target_sec"] == curves["dni M=2"]["time_to_target_sec"]
+    assert "| 10 ms | 100 Mbit/s |" in (grid / "grid.md").read_text() and (grid / "grid.png").stat().st_size > 0
+    assert docs.read_text().count("<!-- grid:bench_mlp_fashion:begin -->") == 1
+    proc = subprocess.run([sys.executable, "-m", "pipedni.bench.grid", "configs/bench_mlp_fashion.yaml",
+                           "--latencies=-1", f"--out={grid}"], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "must be >= 0" in proc.stderr
+
 
 def test_time_to_target_is_the_median_over_runs():
     """A run that never gets there counts as the slowest; the default target is the lowest

@@ -115,7 +115,8 @@ def _profile_output(proc: subprocess.CompletedProcess | subprocess.Popen, stdout
 def profile(args: argparse.Namespace, overrides: list[str]) -> dict:
     """Each stage alone in one process, then all stages at once, one process each (see profile.py)."""
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run(_profile_command(args, overrides), env=env, capture_output=True, text=True,
+    counts = f"--microbatches=1,{args.microbatches}"  # forward and backward apart, as each job splits a batch
+    proc = subprocess.run(_profile_command(args, overrides, counts), env=env, capture_output=True, text=True,
                           timeout=args.job_timeout)
     alone = _profile_output(proc, proc.stdout, proc.stderr)
     start_at = time.time() + PROFILE_START_SEC
@@ -153,6 +154,9 @@ def combine_profiles(profiles: list[dict], batch_size: int) -> dict:
     keys = ("fwd_bwd_sec", "optimizer_sec", "predictor_sec", "fwd_bwd_together_sec")
     stages = [{**stage, **{key: spread([p["stages"][i][key] for p in profiles])["median"] for key in keys}}
               for i, stage in enumerate(profiles[0]["stages"])]
+    for i, stage in enumerate(stages):
+        stage["microbatched"] = {m: {part: spread([p["stages"][i]["microbatched"][m][part] for p in profiles])["median"]
+                                     for part in times} for m, times in stage.get("microbatched", {}).items()}
     per_repeat = [limits(p["stages"], batch_size) for p in profiles]
     together = [limits([{"fwd_bwd_sec": s["fwd_bwd_together_sec"]} for s in p["stages"]], batch_size) for p in profiles]
     return {"threads": profiles[0]["threads"], "stages": stages,

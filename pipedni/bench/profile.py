@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import time
 from typing import Optional
@@ -28,6 +29,7 @@ import torch
 
 from pipedni import data as datasets
 from pipedni.config import Config, load_config
+from pipedni.bench.plan import parse_counts
 from pipedni.errors import USER_ERRORS
 from pipedni.models import build_model
 from pipedni.partition import partition
@@ -76,6 +78,27 @@ class _Timed:
         self._forward_backward(i)  # the optimizer needs fresh gradients; fwd_bwd's time is subtracted
         self.stage.step(grad_norm(self.stage))
 
+    def split_sec(self, m: int, iters: int) -> dict[str, float]:
+        """Median forward and backward seconds of one batch run as ``m`` microbatches, one after
+        the other (what a microbatched schedule computes per batch; small microbatches cost more
+        per sample on a CPU)."""
+        forwards, backwards = [], []
+        for i in range(iters + 2):  # the first two are warm-up
+            k, stage = i % len(self.xs), self.stage
+            pieces = zip(*(torch.tensor_split(t, m) for t in (self.xs[k], self.ys[k], self.grads[k])))
+            forward = backward = 0.0
+            for mb, (x, y, g) in enumerate(pieces):
+                start = time.perf_counter()
+                stage.forward(mb, x, y if stage.is_last else None, 1.0 / m)
+                middle = time.perf_counter()
+                stage.backward(mb, None if stage.is_last else g)
+                forward, backward = forward + middle - start, backward + time.perf_counter() - middle
+            stage.module.zero_grad(set_to_none=True)
+            if i >= 2:
+                forwards.append(forward)
+                backwards.append(backward)
+        return {"forward_sec": statistics.median(forwards), "backward_sec": statistics.median(backwards)}
+
     def predictor(self, i: int) -> None:
         k = i % len(self.xs)
         labels = self.ys[k] if self.sg.cfg.condition_on_labels else None
@@ -90,8 +113,10 @@ def _batches(cfg: Config) -> tuple[list, list, int, tuple]:
 
 
 def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[int] = None,
-                   start_at: float = 0.0, seconds: float = 0.0) -> dict:
-    """Per stage: median forward+backward, optimizer-step and predictor seconds for one batch."""
+                   start_at: float = 0.0, seconds: float = 0.0, microbatches: tuple[int, ...] = ()) -> dict:
+    """Per stage: median forward+backward, optimizer-step and predictor seconds for one batch,
+    and forward and backward apart for the batch run as each of ``microbatches`` microbatches
+    (``microbatched``; what ``pipedni.sim`` replays)."""
     xs, ys, num_classes, sample_shape = _batches(cfg)
     device = choose_device(cfg, local_rank=0, local_world_size=1)[0]  # dist.device, as rank 0 would
     model = build_model(cfg.model, sample_shape, num_classes, cfg.run.seed)
@@ -109,6 +134,7 @@ def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[
             result["optimizer_sec"] = max(0.0, median_sec(timed.step, iters, warmup=2) - fwd_bwd)
             result["predictor_sec"] = median_sec(timed.predictor, iters, warmup=2) if timed.sg else 0.0
             result["predictor"] = timed.sg.cfg.kind if timed.sg else None
+            result["microbatched"] = {str(m): timed.split_sec(m, iters) for m in microbatches}
         results.append(result)
     return {"device": str(device), "threads": torch.get_num_threads(), "batch_size": cfg.data.batch_size,
             "stages": results}
@@ -128,12 +154,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", type=int, help="time only this stage (one process per stage, at once)")
     parser.add_argument("--start-at", type=float, default=0.0, help="wall time (time.time()) to start timing")
     parser.add_argument("--seconds", type=float, default=0.0, help="keep timing at least this long")
+    parser.add_argument("--microbatches", default="1", help="also time forward and backward apart with the "
+                        "batch in each of these microbatch counts, default 1")
     args, overrides = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
     try:
         cfg = load_config(args.config, overrides)
         if cfg.run.threads:
             torch.set_num_threads(cfg.run.threads)
-        print(json.dumps(profile_stages(cfg, args.stages, args.iters, args.only, args.start_at, args.seconds)))
+        counts = tuple(parse_counts(args.microbatches, "--microbatches"))
+        print(json.dumps(profile_stages(cfg, args.stages, args.iters, args.only, args.start_at, args.seconds,
+                                        counts)))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

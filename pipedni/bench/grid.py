@@ -1,0 +1,204 @@
+"""``python -m pipedni.bench.grid CONFIG --latencies 0,10,100 --bandwidths 0,100 --out DIR``:
+the benchmark over a grid of emulated links (see [Note: emulated links] in pipedni/link.py).
+
+Each cell is one ``python -m pipedni.bench`` run with ``--dist.link_latency_ms`` and
+``--dist.link_bandwidth_mbps`` set, into ``DIR/lat<L>_bw<B>``; every other argument (modes,
+microbatches, repeats, steps, budget, ``--section.key=value``) is passed on to each cell, so
+the locked pipelines are re-tuned over the microbatch counts in every cell and every ratio is
+taken side by side within one cell. A cell whose results.json exists is not run again (a grid
+stopped half way goes on). Then ``grid.json``, ``grid.md`` (the fastest locked pipeline
+against each decoupled mode, per cell) and ``grid.png`` in DIR; ``--docs PAGE`` also replaces
+the grid's marked section of a docs page. ``--report`` only rebuilds them from the cells.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pipedni.bench.plan import LOCKED_PIPELINES
+from pipedni.bench.report import _md_table
+from pipedni.metrics.writer import write_json_atomic
+
+
+def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(prog="python -m pipedni.bench.grid", description=__doc__.splitlines()[0],
+                                epilog="Other arguments are passed to python -m pipedni.bench for every cell.")
+    p.add_argument("config")
+    p.add_argument("--latencies", default="0,1,10,30,100", help="one-way latencies in ms, default 0,1,10,30,100")
+    p.add_argument("--bandwidths", default="0,1000,100", help="Mbit/s per direction (0: unlimited), default 0,1000,100")
+    p.add_argument("--out", required=True, help="output directory: one sub-directory per cell")
+    p.add_argument("--report", action="store_true", help="only rebuild the table and plot from the cells run")
+    p.add_argument("--docs", help="also replace this docs page's grid section for the config")
+    args, passed = p.parse_known_args(argv)
+    try:
+        args.latencies = [float(v) for v in args.latencies.split(",")]
+        args.bandwidths = [float(v) for v in args.bandwidths.split(",")]
+    except ValueError:
+        p.exit(2, f"error: --latencies {args.latencies!r} / --bandwidths {args.bandwidths!r}: comma-separated "
+                  "numbers, e.g. --latencies 0,10,100 --bandwidths 0,1000\n")
+    if any(v < 0 for v in args.latencies + args.bandwidths):
+        p.exit(2, "error: latencies and bandwidths must be >= 0 (bandwidth 0: unlimited)\n")
+    return args, passed
+
+
+def cell_dir(out: Path, latency: float, bandwidth: float) -> Path:
+    return out / f"lat{latency:g}_bw{bandwidth:g}"
+
+
+def run_cells(args: argparse.Namespace, passed: list[str]) -> None:
+    for bandwidth in args.bandwidths:
+        for latency in args.latencies:
+            where = cell_dir(Path(args.out), latency, bandwidth)
+            if (where / "results.json").is_file():
+                continue
+            print(f"== cell: {latency:g} ms one way, {bandwidth:g} Mbit/s (0: unlimited) -> {where}", flush=True)
+            cmd = [sys.executable, "-m", "pipedni.bench", args.config, "--out", str(where), *passed,
+                   f"--dist.link_latency_ms={latency:g}", f"--dist.link_bandwidth_mbps={bandwidth:g}"]
+            if subprocess.run(cmd).returncode != 0:
+                raise SystemExit(f"error: the cell {latency:g} ms / {bandwidth:g} Mbit/s failed: {' '.join(cmd)}")
+
+
+def summarize_cell(results: dict, latency: float, bandwidth: float) -> dict:
+    """The fastest locked pipeline (its mode and microbatch count) and each decoupled mode's
+    fastest job, in samples/s (median, min, max), with time to target where measured."""
+    rows = [r for r in results["throughput"] if r["mode"] != "single"]
+    locked = max((r for r in rows if r["mode"] in LOCKED_PIPELINES), key=lambda r: r["samples_per_sec"]["median"])
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["mode"] not in LOCKED_PIPELINES and (r["mode"] not in best or r["samples_per_sec"]["median"]
+                                                  > best[r["mode"]]["samples_per_sec"]["median"]):
+            best[r["mode"]] = r
+    reached = {e["label"]: e.get("time_to_target_sec") for e in results.get("accuracy", [])}
+
+    def entry(r: dict) -> dict:
+        return {"label": r["label"], "samples_per_sec": r["samples_per_sec"],
+                "time_to_target_sec": reached.get(r["label"])}
+
+    return {"latency_ms": latency, "bandwidth_mbps": bandwidth, "locked": entry(locked),
+            "decoupled": {mode: entry(r) for mode, r in best.items()}, "target_accuracy": results.get("target_accuracy")}
+
+
+def collect(args: argparse.Namespace) -> dict:
+    cells = []
+    for bandwidth in args.bandwidths:
+        for latency in args.latencies:
+            path = cell_dir(Path(args.out), latency, bandwidth) / "results.json"
+            if path.is_file():
+                cells.append(summarize_cell(json.loads(path.read_text()), latency, bandwidth))
+    if not cells:
+        raise SystemExit(f"error: no cell of the grid has results in {args.out}; run it without --report first")
+    first = json.loads((cell_dir(Path(args.out), cells[0]["latency_ms"], cells[0]["bandwidth_mbps"])
+                        / "results.json").read_text())
+    return {"config": args.config, "workload": Path(args.config).stem, "machine": first["machine"],
+            "settings": first["settings"], "command": "python -m pipedni.bench.grid " + " ".join(sys.argv[1:]),
+            "cells": cells}
+
+
+def _bandwidth(mbps: float) -> str:
+    return "unlimited" if mbps == 0 else f"{mbps / 1000:g} Gbit/s" if mbps >= 1000 else f"{mbps:g} Mbit/s"
+
+
+def markdown(grid: dict) -> str:
+    modes = sorted({m for c in grid["cells"] for m in c["decoupled"]})
+    header = ["one-way latency", "bandwidth", "fastest locked", "samples/s", *[f"{m} (x locked)" for m in modes]]
+    rows = []
+    for c in grid["cells"]:
+        base = c["locked"]["samples_per_sec"]["median"]
+        row = [f"{c['latency_ms']:g} ms", _bandwidth(c["bandwidth_mbps"]), c["locked"]["label"], _rate(c["locked"])]
+        for m in modes:
+            d = c["decoupled"].get(m)
+            row.append("-" if d is None else f"{_rate(d)} ({d['samples_per_sec']['median'] / base:.2f}x)")
+        rows.append(row)
+    m, s = grid["machine"], grid["settings"]
+    text = (f"`{grid['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}; commit {m.get('commit')}, "
+            f"{m['date']}. Per cell: {s['repeats']} interleaved repeats of {s['steps']} steps ({s['warmup']} untimed); "
+            "samples/s median (min-max); the locked pipelines re-tuned over the microbatch counts in every cell.\n\n"
+            + _md_table(header, rows))
+    timed = [c for c in grid["cells"] if c["target_accuracy"] is not None]
+    if timed:
+        header = ["one-way latency", "bandwidth", "target", "fastest locked", *modes]
+        rows = [[f"{c['latency_ms']:g} ms", _bandwidth(c["bandwidth_mbps"]), f"{c['target_accuracy']}",
+                 _seconds(c["locked"]), *[_seconds(c["decoupled"].get(m)) for m in modes]] for c in timed]
+        text += (f"\n\nTime to the target accuracy (median of {s['budget_repeats']} runs of {s['budget']:g} s; "
+                 "the target is the cell's own, the lowest any locked pipeline reached):\n\n" + _md_table(header, rows))
+    return text
+
+
+def _seconds(entry: Optional[dict]) -> str:
+    if entry is None or entry["time_to_target_sec"] is None:
+        return "-" if entry is None else "not reached"
+    return f"{entry['time_to_target_sec']:.1f} s"
+
+
+def _rate(entry: dict) -> str:
+    s = entry["samples_per_sec"]
+    return f"{s['median']:.0f} ({s['min']:.0f}-{s['max']:.0f})"
+
+
+def plot(grid: dict, path: Path) -> Optional[Path]:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("grid.png skipped: pip install 'pipedni[plot]' (matplotlib) to draw it", file=sys.stderr)
+        return None
+    bandwidths = sorted({c["bandwidth_mbps"] for c in grid["cells"]}, key=lambda b: (b != 0, -b))
+    modes = sorted({m for c in grid["cells"] for m in c["decoupled"]})
+    fig, axes = plt.subplots(1, len(bandwidths), figsize=(4.2 * len(bandwidths), 3.6), sharey=True, squeeze=False)
+    for ax, bandwidth in zip(axes[0], bandwidths):
+        cells = sorted((c for c in grid["cells"] if c["bandwidth_mbps"] == bandwidth), key=lambda c: c["latency_ms"])
+        xs = [max(c["latency_ms"], 0.3) for c in cells]  # 0 ms drawn at the left edge of the log axis
+        series = [("fastest locked", [c["locked"] for c in cells])]
+        series += [(m, [c["decoupled"].get(m) for c in cells]) for m in modes]
+        for name, entries in series:
+            points = [(x, e["samples_per_sec"]["median"]) for x, e in zip(xs, entries) if e is not None]
+            ax.plot(*zip(*points), marker="o", lw=2 if name == "fastest locked" else 1.2, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("one-way latency, ms (0 drawn at 0.3)")
+        ax.set_title(_bandwidth(bandwidth))
+    axes[0][0].set_ylabel("samples/s (median)")
+    axes[0][-1].legend(fontsize=8)
+    fig.suptitle(f"{grid['workload']}: emulated links, 2 stages")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def update_docs(page: Path, grid: dict) -> None:
+    begin, end = f"<!-- grid:{grid['workload']}:begin -->", f"<!-- grid:{grid['workload']}:end -->"
+    text = page.read_text()
+    section = f"{begin}\n{markdown(grid)}\n{end}"
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section + "\n"
+    page.write_text(text)
+    print(f"updated {page}")
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args, passed = parse_args(sys.argv[1:] if argv is None else argv)
+    if not args.report:
+        run_cells(args, passed)
+    grid = collect(args)
+    out = Path(args.out)
+    write_json_atomic(out / "grid.json", grid)
+    (out / "grid.md").write_text(markdown(grid) + "\n")
+    print(markdown(grid))
+    if plot(grid, out / "grid.png"):
+        print(f"wrote {out / 'grid.png'}")
+    if args.docs:
+        update_docs(Path(args.docs), grid)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
