@@ -1,0 +1,130 @@
+"""What each stage does, step after step, under a schedule: the action streams the simulator replays.
+
+A stream is one list of ``SimAction`` per training step, then one for ``finish`` (the drain).
+Locked schedules repeat ``stage_actions`` every step; decoupled ones come from
+``decoupled_stream``, see [Note: the decoupled stream].
+
+[Note: the decoupled stream]
+``decoupled_stream`` mirrors ``BoundaryWorker.train_step`` (schedules/boundaries.py) with every
+dni predictor trusted. At step t stage i, with delay d_i (``boundaries.delays``), runs for each
+microbatch: RECV_F (not stage 0), F, SEND_F (not the last stage); on the last stage B and
+SEND_B at once; across a dni boundary SG (the predictor), B and SEND_B at once. Then an update
+(STEP) if it backpropagated at once, else the true backward of step s = t - d_i (RECV_B, B,
+SEND_B per microbatch, tagged s) and its STEP. A dni stage's back-pressure is RECV_B of every
+microbatch of step t - max_staleness: the engine waits exactly then for what has not arrived.
+Its fits, which the engine makes on whatever gradient has arrived, are charged with the
+prediction in SG (``StageCost.predictor_sec`` is predict + fit), so a stream never depends on
+timing. ``finish`` holds the true backwards still owed and the gradients still unreceived.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, NamedTuple, Sequence
+
+from pipedni.config.sections import DelayedConfig, DNIConfig
+from pipedni.errors import ConfigError
+from pipedni.schedules.actions import LOCKED_PLANS, stage_actions
+from pipedni.schedules.boundaries import MODES, delays
+
+DECOUPLED = ("dni", "cdni", "async", "mixed")  # cdni: dni whose predictor sees labels (its cost, profiled)
+SCHEDULES = tuple(p for p in LOCKED_PLANS if p != "single") + DECOUPLED
+DEFAULT_DELAY = DelayedConfig().delay
+DEFAULT_MAX_STALENESS = DNIConfig().max_staleness
+
+
+class SimAction(NamedTuple):
+    """One thing a stage does: a kind of ``Action`` (plus SG: the dni predictor's call), the
+    training step whose batch it works on (a delayed backward: an earlier one) and the microbatch."""
+
+    kind: str  # RECV_F, F, SEND_F, SG, RECV_B, B, SEND_B, FIT, ALL_REDUCE, STEP
+    step: int
+    microbatch: int = -1  # -1: the whole batch
+
+    def name(self, running_step: int) -> str:
+        """As the timeline names it: ``F3``, ``STEP``; ``B3 (step 5)`` when of another step."""
+        base = self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
+        return base if self.step == running_step else f"{base} (step {self.step})"
+
+
+Stream = list[list[SimAction]]  # one list per training step, then the finish
+
+
+def locked_stream(schedule: str, stage: int, num_stages: int, num_microbatches: int, steps: int,
+                  reduce_norm: bool = False) -> Stream:
+    """``stage_actions`` of every step in turn (a locked step needs nothing from another step)."""
+    plan = stage_actions(schedule, stage, num_stages, num_microbatches, reduce_norm)
+    return [[SimAction(a.kind, t, a.microbatch) for a in plan] for t in range(steps)] + [[]]
+
+
+def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int) -> list[SimAction]:
+    """One microbatch's forward, and its backward where that runs at once."""
+    last = stage == num_stages - 1
+    acts = [] if stage == 0 else [SimAction("RECV_F", step, mb)]
+    acts.append(SimAction("F", step, mb))
+    if not last:
+        acts.append(SimAction("SEND_F", step, mb))
+    if mode == "dni":
+        acts.append(SimAction("SG", step, mb))
+    if last or mode == "dni":
+        acts.append(SimAction("B", step, mb))
+        acts += [SimAction("SEND_B", step, mb)] * (stage > 0)
+    return acts
+
+
+def _true_backward(stage: int, step: int, num_microbatches: int) -> list[SimAction]:
+    """The backward of ``step`` from the true gradients, then its update."""
+    acts = []
+    for mb in range(num_microbatches):
+        acts += [SimAction("RECV_B", step, mb), SimAction("B", step, mb)] + [SimAction("SEND_B", step, mb)] * (stage > 0)
+    return acts + [SimAction("STEP", step)]
+
+
+def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: int, steps: int,
+                     delay: int = DEFAULT_DELAY, max_staleness: int = DEFAULT_MAX_STALENESS) -> Iterator[list[SimAction]]:
+    """Stage ``stage``'s actions under boundary modes ``boundaries`` (stage i -> i+1): one list per
+    step, then the finish. See [Note: the decoupled stream]."""
+    num_stages = len(boundaries) + 1
+    mode = "locked" if stage == num_stages - 1 else boundaries[stage]
+    d = delays(boundaries, delay)[stage]
+    at_once = stage == num_stages - 1 or mode == "dni"
+    for t in range(steps):
+        acts: list[SimAction] = []
+        for mb in range(num_microbatches):
+            acts += _forward(stage, num_stages, mode, t, mb)
+        if at_once:
+            acts.append(SimAction("STEP", t))
+        elif t >= d:
+            acts += _true_backward(stage, t - d, num_microbatches)
+        if mode == "dni" and t >= max_staleness:
+            acts += [SimAction("RECV_B", t - max_staleness, mb) for mb in range(num_microbatches)]
+        yield acts
+    owed = [] if at_once else range(max(0, steps - d), steps)
+    unreceived = range(max(0, steps - max_staleness), steps) if mode == "dni" else []
+    yield ([a for s in owed for a in _true_backward(stage, s, num_microbatches)]
+           + [SimAction("RECV_B", s, mb) for s in unreceived for mb in range(num_microbatches)])
+
+
+def boundary_modes(schedule: str, num_stages: int, boundaries: Sequence[str] = ()) -> list[str]:
+    """Each boundary's mode under a decoupled ``schedule`` (``mixed``: ``boundaries`` itself)."""
+    if schedule in ("dni", "cdni", "async"):
+        return [{"cdni": "dni"}.get(schedule, schedule)] * (num_stages - 1)
+    if len(boundaries) != num_stages - 1 or any(m not in MODES for m in boundaries):
+        raise ConfigError(f"mixed needs {num_stages - 1} boundary mode(s) of {', '.join(MODES)} for {num_stages} "
+                          f"stages, got {list(boundaries)}")
+    return list(boundaries)
+
+
+def effective_microbatches(schedule: str, num_microbatches: int) -> int:
+    """The microbatches a schedule runs a batch in: the engine runs ``async`` on whole batches."""
+    return 1 if schedule == "async" else num_microbatches
+
+
+def pipeline_streams(schedule: str, num_stages: int, num_microbatches: int, steps: int,
+                     boundaries: Sequence[str] = (), delay: int = DEFAULT_DELAY,
+                     max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False) -> list[Stream]:
+    """Every stage's stream for ``steps`` training steps under ``schedule``."""
+    m = effective_microbatches(schedule, num_microbatches)
+    if schedule not in DECOUPLED:
+        return [locked_stream(schedule, i, num_stages, m, steps, reduce_norm) for i in range(num_stages)]
+    modes = boundary_modes(schedule, num_stages, boundaries)
+    return [list(decoupled_stream(modes, i, m, steps, delay, max_staleness)) for i in range(num_stages)]

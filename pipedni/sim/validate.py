@@ -1,0 +1,102 @@
+"""``python -m pipedni.sim.validate DIR...``: the simulator against measured benchmark runs.
+
+Each DIR holds a ``python -m pipedni.bench`` results.json (a cell of ``pipedni.bench.grid``,
+or any bench run). For every pipelined job measured there (pipedni's own schedules; torch's
+and the one-process baselines are not simulated) the simulator replays the same schedule,
+microbatch count, steps and warm-up on the costs that run profiled (each stage timed with
+every stage running at once, the contention a real run has), the link its overrides set
+(``--dist.link_latency_ms``, ``--dist.link_bandwidth_mbps``) and the bytes each stage sent per
+step. The table gives measured and simulated samples/s and the error; ``--json`` writes it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Optional
+
+from pipedni.bench.report import _md_table
+from pipedni.link import LinkSpec
+from pipedni.sim.costs import PipelineCost, StageCost, from_profile
+from pipedni.sim.pipeline import simulate
+from pipedni.sim.streams import SCHEDULES, effective_microbatches
+
+
+def link_of(overrides: list[str]) -> LinkSpec:
+    """The emulated link a bench run's ``--dist.link_*`` overrides set (the last one wins)."""
+    values = {"link_latency_ms": 0.0, "link_bandwidth_mbps": 0.0}
+    for item in overrides:
+        key, _, value = item.removeprefix("--dist.").partition("=")
+        if key in values:
+            values[key] = float(value)
+    return LinkSpec.from_config(values["link_latency_ms"], values["link_bandwidth_mbps"])
+
+
+def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
+    """The profiled costs with the bytes this job's stages sent per batch. Stage i sends its
+    activation a_i forward and its input's gradient, as large as a_{i-1}, backward: so a_0 is
+    stage 0's bytes and a_i = stage i's bytes - a_{i-1}."""
+    m = effective_microbatches(row["mode"], row["microbatches"])
+    base = from_profile(results["profile"], message_sec=message_sec, together=True, microbatches=m)
+    sent = [s["bytes_sent_per_step"] for s in row["stages"]]
+    activation = [0.0] * len(base.stages)
+    for i in range(len(base.stages) - 1):
+        activation[i] = max(sent[i] - (activation[i - 1] if i > 0 else 0.0), 0.0)
+    stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec, activation[i],
+                        activation[i - 1] if i > 0 else 0.0) for i, s in enumerate(base.stages)]
+    return PipelineCost(tuple(stages), message_sec)
+
+
+def compare(results: dict, message_sec: float = 0.0) -> list[dict]:
+    """One entry per simulated job: measured and simulated samples/s (medians)."""
+    link = link_of(results.get("overrides", []))
+    settings = results["settings"]
+    out = []
+    for row in results["throughput"]:
+        if row["mode"] not in SCHEDULES:
+            continue
+        sim = simulate(row["mode"], costs_for(results, row, message_sec), row["microbatches"], settings["steps"],
+                       link, results["batch_size"], settings["warmup"], record=False)
+        measured = row["samples_per_sec"]["median"]
+        out.append({"label": row["label"], "latency_ms": link.latency_sec * 1e3,
+                    "bandwidth_mbps": link.bytes_per_sec * 8 / 1e6, "measured": measured,
+                    "measured_min": row["samples_per_sec"]["min"], "measured_max": row["samples_per_sec"]["max"],
+                    "simulated": sim.samples_per_sec, "error": sim.samples_per_sec / measured - 1})
+    return out
+
+
+def table(entries: list[dict]) -> str:
+    rows = [[f"{e['latency_ms']:g} ms", "unlimited" if e["bandwidth_mbps"] == 0 else f"{e['bandwidth_mbps']:g} Mbit/s",
+             e["label"], f"{e['measured']:.0f} ({e['measured_min']:.0f}-{e['measured_max']:.0f})",
+             f"{e['simulated']:.0f}", f"{e['error']:+.1%}"] for e in entries]
+    errors = [abs(e["error"]) for e in entries]
+    summary = (f"\n\n{len(entries)} jobs: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}; "
+               f"{sum(x <= 0.10 for x in errors)} within 10%.") if entries else ""
+    return _md_table(["one-way latency", "bandwidth", "job", "measured samples/s (min-max)", "simulated", "error"],
+                     rows) + summary
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m pipedni.sim.validate", description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="directories holding a bench results.json (e.g. bench/grid/lat10_bw0)")
+    p.add_argument("--message-ms", type=float, default=0.0, help="the sender's CPU time per message, default 0")
+    p.add_argument("--json", help="also write the entries to this file")
+    args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    entries = []
+    for directory in args.dirs:
+        path = Path(directory) / "results.json"
+        if not path.is_file():
+            print(f"error: {path} does not exist; give directories a bench run wrote", file=sys.stderr)
+            return 2
+        entries += compare(json.loads(path.read_text()), args.message_ms / 1e3)
+    print(table(entries))
+    if args.json:
+        Path(args.json).write_text(json.dumps(entries, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
