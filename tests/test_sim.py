@@ -177,3 +177,39 @@ def test_cli_unknown_schedule_exits_2():
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "pipedream" in proc.stderr
+
+
+def test_validate_replays_a_bench_run_on_its_own_profile_link_and_bytes():
+    """A results.json whose 'measurements' are the simulator's own comes back with no error:
+    the profile's microbatched split, the link from the overrides and each stage's bytes
+    (stage i sends a_i forward and a_{i-1} back) are all read as the bench wrote them."""
+    from pipedni.sim.validate import calibrated, compare, costs_for, link_of
+
+    assert link_of(["--dist.link_latency_ms=30", "--train.steps=5", "--dist.link_bandwidth_mbps=100"]) == \
+        LinkSpec.from_config(30, 100)
+    split = {"1": {"forward_sec": 0.01, "backward_sec": 0.02}, "4": {"forward_sec": 0.016, "backward_sec": 0.03}}
+    stage = {"fwd_bwd_sec": 0.03, "fwd_bwd_together_sec": 0.036, "optimizer_sec": 0.001, "predictor_sec": 0.004,
+             "microbatched": split}
+    profile = {"stages": [stage, stage, {**stage, "predictor_sec": 0.0}]}
+    sent = [{"bytes_sent_per_step": b} for b in (1000, 1000 + 600, 600)]  # a_0 = 1000, a_1 = 600
+    results = {"profile": profile, "settings": {"steps": 12, "warmup": 2}, "batch_size": 64,
+               "overrides": ["--dist.link_latency_ms=5"], "throughput": []}
+    for mode, m in (("1f1b", 4), ("dni", 1), ("single", 1)):
+        row = {"label": f"{mode} M={m}", "mode": mode, "microbatches": m, "stages": sent}
+        costs = costs_for(results, row, 0.0)
+        assert [s.activation_bytes for s in costs.stages] == [1000, 600, 0]
+        assert [s.gradient_bytes for s in costs.stages] == [0, 1000, 600]
+        assert costs.stages[0].forward_sec == pytest.approx(split[str(m)]["forward_sec"] * 1.2)  # timed together
+        if mode != "single":
+            rate = simulate(mode, costs, m, 12, LinkSpec(0.005), 64, 2, record=False).samples_per_sec
+            row["samples_per_sec"] = {"median": rate, "min": rate, "max": rate}
+        results["throughput"].append(row)
+    entries = compare(results)
+    assert [e["label"] for e in entries] == ["1f1b M=4", "dni M=1"]  # one process is not simulated
+    assert all(abs(e["error"]) < 1e-9 and e["latency_ms"] == pytest.approx(5) for e in entries)
+
+    # calibrated on a run whose stages were busy 50% and 80% of a 0.1 s step (64 samples at 640/s)
+    measured = {"samples_per_sec": {"median": 640.0}, "stages": [{"busy_fraction": b} for b in (0.5, 0.8, 0.8)]}
+    scaled = calibrated(costs_for(results, results["throughput"][0], 0.0), measured, 64)
+    assert [s.step_sec for s in scaled.stages] == pytest.approx([0.05, 0.08, 0.08])
+    assert scaled.stages[0].forward_sec / scaled.stages[0].backward_sec == pytest.approx(0.016 / 0.03)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Optional
 
 from pipedni.bench.plan import LOCKED_PIPELINES
-from pipedni.bench.report import _md_table
+from pipedni.bench.report import md_table, replace_section
 from pipedni.metrics.writer import write_json_atomic
 
 
@@ -118,14 +118,14 @@ def markdown(grid: dict) -> str:
     text = (f"`{grid['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}; commit {m.get('commit')}, "
             f"{m['date']}. Per cell: {s['repeats']} interleaved repeats of {s['steps']} steps ({s['warmup']} untimed); "
             "samples/s median (min-max); the locked pipelines re-tuned over the microbatch counts in every cell.\n\n"
-            + _md_table(header, rows))
+            + md_table(header, rows))
     timed = [c for c in grid["cells"] if c["target_accuracy"] is not None]
     if timed:
         header = ["one-way latency", "bandwidth", "target", "fastest locked", *modes]
         rows = [[f"{c['latency_ms']:g} ms", _bandwidth(c["bandwidth_mbps"]), f"{c['target_accuracy']}",
                  _seconds(c["locked"]), *[_seconds(c["decoupled"].get(m)) for m in modes]] for c in timed]
         text += (f"\n\nTime to the target accuracy (median of {s['budget_repeats']} runs of {s['budget']:g} s; "
-                 "the target is the cell's own, the lowest any locked pipeline reached):\n\n" + _md_table(header, rows))
+                 "the target is the cell's own, the lowest any locked pipeline reached):\n\n" + md_table(header, rows))
     return text
 
 
@@ -173,14 +173,7 @@ def plot(grid: dict, path: Path) -> Optional[Path]:
 
 
 def update_docs(page: Path, grid: dict) -> None:
-    begin, end = f"<!-- grid:{grid['workload']}:begin -->", f"<!-- grid:{grid['workload']}:end -->"
-    text = page.read_text()
-    section = f"{begin}\n{markdown(grid)}\n{end}"
-    if begin in text and end in text:
-        text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    page.write_text(text)
+    page.write_text(replace_section(page.read_text(), f"grid:{grid['workload']}", markdown(grid)))
     print(f"updated {page}")
 
 

@@ -173,7 +173,7 @@ def write(results: dict, out: Path) -> None:
 # --------------------------------------------------------------------------- docs
 
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
+def md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -193,12 +193,12 @@ def markdown(results: dict) -> str:
         f"{ideal['max']:.0f}); from the stages timed together: {together['median']:.0f} samples/s "
         f"({together['min']:.0f}-{together['max']:.0f}); all stages in series: {serial['median']:.0f} samples/s. "
         "Optimizer and predictor (predict + fit, DNI only): per batch, alone.",
-        _md_table(PROFILE_HEADER, profile_rows(results)),
+        md_table(PROFILE_HEADER, profile_rows(results)),
         "Throughput: samples/s at the last stage; x ideal: against the ideal pipeline limit (stages alone; "
         "x ideal together: stages timed at once); x single: against "
         "one process with 1 thread; per-stage columns read stage 0 / stage 1 / ...; peak act.: bytes saved "
         "for backward at once, plus what a DNI stage keeps in its store.",
-        _md_table(THROUGHPUT_HEADER, throughput_rows(results)),
+        md_table(THROUGHPUT_HEADER, throughput_rows(results)),
     ]
     if results["accuracy"]:
         runs = results["settings"].get("budget_repeats", 1)
@@ -207,20 +207,25 @@ def markdown(results: dict) -> str:
                   f"run(s) each: medians (a run that did not get there counts as the slowest), the min-max of the "
                   "runs that got there, and how many did; x fastest locked pipeline: against the quickest median "
                   "of naive, gpipe, 1f1b and torch_*:",
-                  _md_table(ACCURACY_HEADER, accuracy_rows(results))]
+                  md_table(ACCURACY_HEADER, accuracy_rows(results))]
     return "\n\n".join(parts)
+
+
+def replace_section(text: str, marker: str, body: str) -> str:
+    """``text`` with the section between ``<!-- marker:begin -->`` and ``<!-- marker:end -->``
+    replaced by ``body`` (appended at the end when there is none yet)."""
+    begin, end = f"<!-- {marker}:begin -->", f"<!-- {marker}:end -->"
+    section = f"{begin}\n{body}\n{end}"
+    if begin in text and end in text:
+        return text[: text.index(begin)] + section + text[text.index(end) + len(end):]
+    return text.rstrip("\n") + "\n\n" + section + "\n"
 
 
 def update_docs(path: Path, results_list: list[dict]) -> None:
     """Replace (or append) each workload's marked section of ``path``."""
     text = path.read_text() if path.exists() else "# Benchmarks\n"
     for results in results_list:
-        begin, end = f"<!-- bench:{results['workload']}:begin -->", f"<!-- bench:{results['workload']}:end -->"
-        section = f"{begin}\n{markdown(results)}\n{end}"
-        if begin in text and end in text:
-            text = text[: text.index(begin)] + section + text[text.index(end) + len(end):]
-        else:
-            text = text.rstrip("\n") + "\n\n" + section + "\n"
+        text = replace_section(text, f"bench:{results['workload']}", markdown(results))
     path.write_text(text)
     print(f"updated {path}")
 

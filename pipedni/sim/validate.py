@@ -7,6 +7,17 @@ microbatch count, steps and warm-up on the costs that run profiled (each stage t
 every stage running at once, the contention a real run has), the link its overrides set
 (``--dist.link_latency_ms``, ``--dist.link_bandwidth_mbps``) and the bytes each stage sent per
 step. The table gives measured and simulated samples/s and the error; ``--json`` writes it.
+
+[Note: calibrating on real runs]
+A stage's compute inside the engine costs more than the profile's bare forward and backward:
+the step's bookkeeping, the loss per microbatch, the saved-tensor hooks the benchmark's memory
+count adds, a receiver thread beside it on a shared core. On 2 cores that is 13-40% at 1-8
+microbatches. ``--calibrate CELL`` takes each stage's compute per step from the same job in
+another measured run (busy fraction x step time: the stage's own timers), usually the grid's
+cell without link emulation, and scales the profile's forward, backward, optimizer and
+predictor to it. What is then validated is what the simulator adds: the schedule's order and
+dependencies, the bubble, and the links' latency and bandwidth, in cells it was not
+calibrated on.
 """
 
 from __future__ import annotations
@@ -18,7 +29,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipedni.bench.report import _md_table
+from pipedni.bench.report import md_table
 from pipedni.link import LinkSpec
 from pipedni.sim.costs import PipelineCost, StageCost, from_profile
 from pipedni.sim.pipeline import simulate
@@ -50,15 +61,32 @@ def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
     return PipelineCost(tuple(stages), message_sec)
 
 
-def compare(results: dict, message_sec: float = 0.0) -> list[dict]:
-    """One entry per simulated job: measured and simulated samples/s (medians)."""
+def calibrated(costs: PipelineCost, row: dict, batch_size: int) -> PipelineCost:
+    """``costs`` with each stage's compute scaled to what the measured job ``row`` spent per step
+    (see [Note: calibrating on real runs])."""
+    step_sec = batch_size / row["samples_per_sec"]["median"]
+    stages = []
+    for stage, measured in zip(costs.stages, row["stages"]):
+        scale = measured["busy_fraction"] * step_sec / stage.step_sec if stage.step_sec > 0 else 1.0
+        stages.append(StageCost(stage.forward_sec * scale, stage.backward_sec * scale, stage.optimizer_sec * scale,
+                                stage.predictor_sec * scale, stage.activation_bytes, stage.gradient_bytes))
+    return PipelineCost(tuple(stages), costs.message_sec)
+
+
+def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None) -> list[dict]:
+    """One entry per simulated job: measured and simulated samples/s (medians); with
+    ``calibration`` (another run's results), compute calibrated on its same job."""
     link = link_of(results.get("overrides", []))
     settings = results["settings"]
+    reference = {row["label"]: row for row in (calibration or {}).get("throughput", [])}
     out = []
     for row in results["throughput"]:
-        if row["mode"] not in SCHEDULES:
+        if row["mode"] not in SCHEDULES or (calibration is not None and row["label"] not in reference):
             continue
-        sim = simulate(row["mode"], costs_for(results, row, message_sec), row["microbatches"], settings["steps"],
+        costs = costs_for(results, row, message_sec)
+        if calibration is not None:
+            costs = calibrated(costs, reference[row["label"]], calibration["batch_size"])
+        sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"],
                        link, results["batch_size"], settings["warmup"], record=False)
         measured = row["samples_per_sec"]["median"]
         out.append({"label": row["label"], "latency_ms": link.latency_sec * 1e3,
@@ -75,23 +103,33 @@ def table(entries: list[dict]) -> str:
     errors = [abs(e["error"]) for e in entries]
     summary = (f"\n\n{len(entries)} jobs: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}; "
                f"{sum(x <= 0.10 for x in errors)} within 10%.") if entries else ""
-    return _md_table(["one-way latency", "bandwidth", "job", "measured samples/s (min-max)", "simulated", "error"],
+    return md_table(["one-way latency", "bandwidth", "job", "measured samples/s (min-max)", "simulated", "error"],
                      rows) + summary
+
+
+def _read(directory: str) -> Optional[dict]:
+    path = Path(directory) / "results.json"
+    if not path.is_file():
+        print(f"error: {path} does not exist; give directories a bench run wrote", file=sys.stderr)
+        return None
+    return json.loads(path.read_text())
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipedni.sim.validate", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="directories holding a bench results.json (e.g. bench/grid/lat10_bw0)")
     p.add_argument("--message-ms", type=float, default=0.0, help="the sender's CPU time per message, default 0")
+    p.add_argument("--calibrate", help="a bench directory whose jobs' measured compute sets the costs (see "
+                   "[Note: calibrating on real runs]), e.g. the grid's cell without emulation")
     p.add_argument("--json", help="also write the entries to this file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    calibration = _read(args.calibrate) if args.calibrate else None
     entries = []
     for directory in args.dirs:
-        path = Path(directory) / "results.json"
-        if not path.is_file():
-            print(f"error: {path} does not exist; give directories a bench run wrote", file=sys.stderr)
+        results = _read(directory)
+        if results is None or (args.calibrate and calibration is None):
             return 2
-        entries += compare(json.loads(path.read_text()), args.message_ms / 1e3)
+        entries += compare(results, args.message_ms / 1e3, calibration)
     print(table(entries))
     if args.json:
         Path(args.json).write_text(json.dumps(entries, indent=1))
