@@ -80,7 +80,7 @@ fi
 NOTE="${MLP_DATA[*]:+no Fashion-MNIST: synthetic data}"
 run train 90 python -m pipedni.launch --nproc_per_node=2 configs/bench_mlp_fashion.yaml \
     --dist.device="$DEVICE" --train.steps=50 --train.microbatches=4 --run.log_every=10 \
-    --run.dir="$OUT_DIR/train_run" "${MLP_DATA[@]}"
+    --run.timeline_steps=3 --run.dir="$OUT_DIR/train_run" "${MLP_DATA[@]}"   # timeline.png: what each stage did
 
 # 4. the table (also in table.md)
 echo "$((SECONDS - START))" > "$OUT_DIR/total_sec.txt"

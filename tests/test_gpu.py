@@ -16,14 +16,20 @@ pytestmark = pytest.mark.gpu
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for NCCL")
 
 
-def _cuda_round_trip(rank, world_size, backend):
+def _cuda_round_trip(rank, world_size, backend, slow_link=False):
+    """``slow_link``: through an emulated link (its own thread posts the sends, ordered after the
+    work that made them by a CUDA event) in bfloat16 (integers up to 256 are exact in it)."""
+    from pipedni.link import LinkSpec
     from pipedni.transport import Kind, Transport
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
     wire = device if backend == "nccl" else torch.device("cpu")
-    t = Transport(rank, world_size, device, wire, timeout=60.0)
+    link, wire_dtype = (LinkSpec(latency_sec=0.02), torch.bfloat16) if slow_link else (LinkSpec(), None)
+    t = Transport(rank, world_size, device, wire, timeout=60.0, link=link, wire_dtype=wire_dtype)
     if rank == 0:
         x = torch.arange(3_000_000, dtype=torch.float32, device=device).view(1000, -1)
+        if slow_link:
+            x = x % 64
         for mb in range(4):
             t.send("next", Kind.ACTIVATION, 0, mb, x + mb)
         got = [t.recv("next", Kind.GRADIENT, 0, mb) for mb in range(4)]
@@ -45,6 +51,12 @@ def test_cuda_tensors_through_gloo_host_staging():
 @two_gpus
 def test_cuda_tensors_through_nccl():
     assert run_distributed(_cuda_round_trip, 2, "nccl", backend="nccl") == [True, True]
+
+
+def test_cuda_tensors_through_an_emulated_link_in_bfloat16():
+    assert run_distributed(_cuda_round_trip, 2, "gloo", True) == [True, True]
+    if torch.cuda.device_count() >= 2:
+        assert run_distributed(_cuda_round_trip, 2, "nccl", True, backend="nccl") == [True, True]
 
 
 def _train_on_gpu(rank, world_size, root, backend):
