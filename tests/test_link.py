@@ -147,6 +147,17 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
             assert e["dur"] >= 2 * one_way * 1e6
     assert (tmp_path / "timeline.png").stat().st_size > 0
 
+    # the simulator replays the same steps on their own costs: the same calls in the same order
+    from pipedni.sim.beside import costs_from, main as beside, read_trace, replay_run
+
+    measured = read_trace(tmp_path)
+    costs = costs_from(measured, [first["bytes_sent_per_step"], last["bytes_sent_per_step"]])
+    assert costs.stages[0].activation_bytes == costs.stages[1].gradient_bytes == m * message_bytes
+    simulated, begin, count = replay_run(load_config(tmp_path / "config.yaml", []), measured, costs)
+    for real, sim in zip(measured, simulated.window(begin, count)):
+        assert [e.name for e in real if e.category != "send"] == [e.name for e in sim if e.category != "send"]
+    assert beside([str(tmp_path)]) == 0 and (tmp_path / "timeline_beside.png").stat().st_size > 0
+
 
 def test_bad_link_settings_are_one_line_errors():
     with pytest.raises(ConfigError, match=r"dist.link_latency_ms = -5.0; must be >= 0"):

@@ -107,20 +107,23 @@ def chrome_trace(per_stage: list[list[Event]]) -> dict:
     return {"traceEvents": trace, "displayTimeUnit": "ms"}
 
 
-def draw(per_stage: list[list[Event]], path: Path, title: str) -> bool:
-    """A bar per call on one row per stage; False (with a hint) without matplotlib."""
+def _pyplot():
+    """matplotlib's pyplot for files, or None (with a hint) without matplotlib."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        print("timeline.png skipped: pip install 'pipedni[plot]' (matplotlib) to draw it; timeline.json is written",
+        print("pictures skipped: pip install 'pipedni[plot]' (matplotlib) to draw them; the JSON traces are written",
               file=sys.stderr)
-        return False
+        return None
+    return plt
+
+
+def _draw_on(ax, per_stage: list[list[Event]], title: str, seen: set) -> None:
+    """A bar per call on one row per stage, times from the first call in ms."""
     origin = min((e.start for events in per_stage for e in events), default=0.0)
-    fig, ax = plt.subplots(figsize=(12, 0.6 * len(per_stage) + 1.6))
-    seen = set()
     for i, events in enumerate(per_stage):
         for e in events:
             ax.broken_barh([((e.start - origin) * 1e3, max(e.duration * 1e3, 0.05))], (i - 0.4, 0.8),
@@ -128,11 +131,28 @@ def draw(per_stage: list[list[Event]], path: Path, title: str) -> bool:
                            label=None if e.category in seen else e.category)
             seen.add(e.category)
     ax.set_yticks(range(len(per_stage)), [f"stage {i}" for i in range(len(per_stage))])
-    ax.invert_yaxis()
-    ax.set_xlabel("ms")
-    ax.set_title(title)
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.25), ncol=min(len(seen), 5), frameon=False)
-    fig.tight_layout()
+    ax.set_ylim(len(per_stage) - 0.5, -0.5)
+    ax.set_title(title, fontsize=10)
+
+
+def draw(per_stage: list[list[Event]], path: Path, title: str, beside: Optional[list[list[Event]]] = None,
+         beside_title: str = "") -> bool:
+    """The timeline as a picture; ``beside``: a second one under it on the same time scale (the
+    simulator's for the same run). False without matplotlib."""
+    plt = _pyplot()
+    if plt is None:
+        return False
+    panels = [(per_stage, title)] + ([(beside, beside_title)] if beside is not None else [])
+    rows = sum(len(p) for p, _ in panels)
+    fig, axes = plt.subplots(len(panels), 1, figsize=(12, 0.6 * rows + 1.6 * len(panels)), sharex=True,
+                             squeeze=False)
+    seen: set = set()
+    for ax, (events, name) in zip(axes[:, 0], panels):
+        _draw_on(ax, events, name, seen)
+    axes[-1, 0].set_xlabel("ms")
+    handles = {label: h for ax in axes[:, 0] for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=min(len(handles), 7), frameon=False)
+    fig.tight_layout(rect=(0, 0.5 / fig.get_figheight(), 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
