@@ -56,8 +56,9 @@ def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
     activation = [0.0] * len(base.stages)
     for i in range(len(base.stages) - 1):
         activation[i] = max(sent[i] - (activation[i - 1] if i > 0 else 0.0), 0.0)
-    stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec, activation[i],
-                        activation[i - 1] if i > 0 else 0.0) for i, s in enumerate(base.stages)]
+    predicts = row["mode"] in ("dni", "cdni", "mixed")  # only they run a predictor (its profiled cost)
+    stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec if predicts else 0.0,
+                        activation[i], activation[i - 1] if i > 0 else 0.0) for i, s in enumerate(base.stages)]
     return PipelineCost(tuple(stages), message_sec)
 
 
