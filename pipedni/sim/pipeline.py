@@ -103,14 +103,15 @@ def simulate(schedule: str, costs: PipelineCost, num_microbatches: int = 1, step
              link: LinkSpec = LinkSpec(), batch_size: int = 256, warmup_steps: int = 1,
              boundaries: Sequence[str] = (), delay: int = DEFAULT_DELAY,
              max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False,
-             record: bool = True) -> SimResult:
+             record: bool = True, trusted: bool = True) -> SimResult:
     """``steps`` training steps of ``schedule`` on ``costs.num_stages`` stages, every edge direction
-    a link of ``link``; ``boundaries``: the modes under ``mixed``; ``record``: keep the events."""
+    a link of ``link``; ``boundaries``: the modes under ``mixed``; ``record``: keep the events;
+    ``trusted``: every dni predictor trusted (else each dni stage in the untrusted fallback)."""
     n = costs.num_stages
     check(schedule, n, num_microbatches, steps, batch_size, warmup_steps, link, delay, max_staleness)
     if schedule in DECOUPLED:
         _check_staleness(boundary_modes(schedule, n, boundaries), delay, max_staleness)
     m = effective_microbatches(schedule, num_microbatches)
-    streams = pipeline_streams(schedule, n, m, steps, boundaries, delay, max_staleness, reduce_norm)
+    streams = pipeline_streams(schedule, n, m, steps, boundaries, delay, max_staleness, reduce_norm, trusted)
     traces = replay(streams, costs, m, link, record)
     return measure(schedule, m, traces, steps, batch_size, warmup_steps)

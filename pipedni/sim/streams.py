@@ -15,6 +15,11 @@ microbatch of step t - max_staleness: the engine waits exactly then for what has
 Its fits, which the engine makes on whatever gradient has arrived, are charged with the
 prediction in SG (``StageCost.predictor_sec`` is predict + fit), so a stream never depends on
 timing. ``finish`` holds the true backwards still owed and the gradients still unreceived.
+
+An untrusted dni stage (``trusted=False``: its predictor not yet agreeing with the true
+gradients, [Note: the untrusted fallback] in boundaries.py) still predicts (SG: its cosine
+decides trust) but backpropagates the true gradient 1 + d_{i+1} steps late, as an async stage
+would, and its own true backward is then what waits for the gradient (no separate back-pressure).
 """
 
 from __future__ import annotations
@@ -56,7 +61,7 @@ def locked_stream(schedule: str, stage: int, num_stages: int, num_microbatches: 
     return [[SimAction(a.kind, t, a.microbatch) for a in plan] for t in range(steps)] + [[]]
 
 
-def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int) -> list[SimAction]:
+def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int, at_once: bool) -> list[SimAction]:
     """One microbatch's forward, and its backward where that runs at once."""
     last = stage == num_stages - 1
     acts = [] if stage == 0 else [SimAction("RECV_F", step, mb)]
@@ -65,7 +70,7 @@ def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int) -> list
         acts.append(SimAction("SEND_F", step, mb))
     if mode == "dni":
         acts.append(SimAction("SG", step, mb))
-    if last or mode == "dni":
+    if at_once:
         acts.append(SimAction("B", step, mb))
         acts += [SimAction("SEND_B", step, mb)] * (stage > 0)
     return acts
@@ -80,26 +85,29 @@ def _true_backward(stage: int, step: int, num_microbatches: int) -> list[SimActi
 
 
 def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: int, steps: int,
-                     delay: int = DEFAULT_DELAY, max_staleness: int = DEFAULT_MAX_STALENESS) -> Iterator[list[SimAction]]:
+                     delay: int = DEFAULT_DELAY, max_staleness: int = DEFAULT_MAX_STALENESS,
+                     trusted: bool = True) -> Iterator[list[SimAction]]:
     """Stage ``stage``'s actions under boundary modes ``boundaries`` (stage i -> i+1): one list per
-    step, then the finish. See [Note: the decoupled stream]."""
+    step, then the finish; ``trusted``: dni predictors trusted. See [Note: the decoupled stream]."""
     num_stages = len(boundaries) + 1
     mode = "locked" if stage == num_stages - 1 else boundaries[stage]
-    d = delays(boundaries, delay)[stage]
-    at_once = stage == num_stages - 1 or mode == "dni"
+    all_d = delays(boundaries, delay)
+    d = all_d[stage] if trusted or mode != "dni" else 1 + all_d[stage + 1]
+    at_once = stage == num_stages - 1 or (mode == "dni" and trusted)
+    waits = mode == "dni" and trusted  # back-pressure; untrusted, the true backward waits instead
     for t in range(steps):
         acts: list[SimAction] = []
         for mb in range(num_microbatches):
-            acts += _forward(stage, num_stages, mode, t, mb)
+            acts += _forward(stage, num_stages, mode, t, mb, at_once)
         if at_once:
             acts.append(SimAction("STEP", t))
         elif t >= d:
             acts += _true_backward(stage, t - d, num_microbatches)
-        if mode == "dni" and t >= max_staleness:
+        if waits and t >= max_staleness:
             acts += [SimAction("RECV_B", t - max_staleness, mb) for mb in range(num_microbatches)]
         yield acts
     owed = [] if at_once else range(max(0, steps - d), steps)
-    unreceived = range(max(0, steps - max_staleness), steps) if mode == "dni" else []
+    unreceived = range(max(0, steps - max_staleness), steps) if waits else []
     yield ([a for s in owed for a in _true_backward(stage, s, num_microbatches)]
            + [SimAction("RECV_B", s, mb) for s in unreceived for mb in range(num_microbatches)])
 
@@ -121,10 +129,11 @@ def effective_microbatches(schedule: str, num_microbatches: int) -> int:
 
 def pipeline_streams(schedule: str, num_stages: int, num_microbatches: int, steps: int,
                      boundaries: Sequence[str] = (), delay: int = DEFAULT_DELAY,
-                     max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False) -> list[Stream]:
+                     max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False,
+                     trusted: bool = True) -> list[Stream]:
     """Every stage's stream for ``steps`` training steps under ``schedule``."""
     m = effective_microbatches(schedule, num_microbatches)
     if schedule not in DECOUPLED:
         return [locked_stream(schedule, i, num_stages, m, steps, reduce_norm) for i in range(num_stages)]
     modes = boundary_modes(schedule, num_stages, boundaries)
-    return [list(decoupled_stream(modes, i, m, steps, delay, max_staleness)) for i in range(num_stages)]
+    return [list(decoupled_stream(modes, i, m, steps, delay, max_staleness, trusted)) for i in range(num_stages)]

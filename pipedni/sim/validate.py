@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
 from pipedni.link import LinkSpec
 from pipedni.sim.costs import PipelineCost, StageCost, from_profile
@@ -74,9 +75,23 @@ def calibrated(costs: PipelineCost, row: dict, batch_size: int) -> PipelineCost:
     return PipelineCost(tuple(stages), costs.message_sec)
 
 
-def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None) -> list[dict]:
+def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
+    """Whether a dni job's predictors were trusted on most of its timed steps (``sg_untrusted``
+    in its first run's metrics; trusted when there are none to read)."""
+    if bench_dir is None:
+        return True
+    flags = []
+    for path in (bench_dir / "runs" / slug(label) / "r0" / "metrics").glob("stage*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        flags += [r["sg_untrusted"] for r in records if "sg_untrusted" in r and r.get("step", -1) >= warmup]
+    return not flags or sum(flags) < len(flags) / 2
+
+
+def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None,
+            bench_dir: Optional[Path] = None) -> list[dict]:
     """One entry per simulated job: measured and simulated samples/s (medians); with
-    ``calibration`` (another run's results), compute calibrated on its same job."""
+    ``calibration`` (another run's results), compute calibrated on its same job; dni jobs whose
+    predictors were mostly untrusted (read from ``bench_dir``'s runs) replay the fallback."""
     link = link_of(results.get("overrides", []))
     settings = results["settings"]
     reference = {row["label"]: row for row in (calibration or {}).get("throughput", [])}
@@ -87,19 +102,21 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
         costs = costs_for(results, row, message_sec)
         if calibration is not None:
             costs = calibrated(costs, reference[row["label"]], calibration["batch_size"])
+        trust = trusted(bench_dir, row["label"], settings["warmup"])
         sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"],
-                       link, results["batch_size"], settings["warmup"], record=False)
+                       link, results["batch_size"], settings["warmup"], record=False, trusted=trust)
         measured = row["samples_per_sec"]["median"]
         out.append({"label": row["label"], "latency_ms": link.latency_sec * 1e3,
                     "bandwidth_mbps": link.bytes_per_sec * 8 / 1e6, "measured": measured,
                     "measured_min": row["samples_per_sec"]["min"], "measured_max": row["samples_per_sec"]["max"],
-                    "simulated": sim.samples_per_sec, "error": sim.samples_per_sec / measured - 1})
+                    "simulated": sim.samples_per_sec, "error": sim.samples_per_sec / measured - 1,
+                    "trusted": trust})
     return out
 
 
 def table(entries: list[dict]) -> str:
     rows = [[f"{e['latency_ms']:g} ms", "unlimited" if e["bandwidth_mbps"] == 0 else f"{e['bandwidth_mbps']:g} Mbit/s",
-             e["label"], f"{e['measured']:.0f} ({e['measured_min']:.0f}-{e['measured_max']:.0f})",
+             e["label"] + ("" if e.get("trusted", True) else " (untrusted)"), f"{e['measured']:.0f} ({e['measured_min']:.0f}-{e['measured_max']:.0f})",
              f"{e['simulated']:.0f}", f"{e['error']:+.1%}"] for e in entries]
     errors = [abs(e["error"]) for e in entries]
     summary = (f"\n\n{len(entries)} jobs: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}; "
@@ -130,7 +147,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         results = _read(directory)
         if results is None or (args.calibrate and calibration is None):
             return 2
-        entries += compare(results, args.message_ms / 1e3, calibration)
+        entries += compare(results, args.message_ms / 1e3, calibration, Path(directory))
     print(table(entries))
     if args.json:
         Path(args.json).write_text(json.dumps(entries, indent=1))
