@@ -57,6 +57,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--delay", type=int, default=DEFAULT_DELAY, help="async: steps of delay per boundary")
     p.add_argument("--max-staleness", type=int, default=DEFAULT_MAX_STALENESS, help="dni: back-pressure bound")
     p.add_argument("--reduce-norm", action="store_true", help="locked: all-reduce the gradient norm each step")
+    p.add_argument("--untrusted", action="store_true", help="dni: every predictor untrusted, so each dni stage "
+                   "trains on the true gradient a step late (dni.fallback: delayed), as until its cosine passes")
     p.add_argument("--timeline", help="write the timeline: .json (Chrome/Perfetto trace) or a picture (.png)")
     p.add_argument("--timeline-steps", type=int, default=3, help="steps drawn, after the untimed ones; default 3")
     p.add_argument("--sweep", action="store_true", help="a table over --sweep-stages for --schedules")
@@ -110,7 +112,7 @@ def run_one(args: argparse.Namespace, costs: PipelineCost, schedule: str, record
     link = LinkSpec.from_config(args.latency_ms, args.bandwidth_mbps)
     boundaries = [b.strip() for b in args.boundaries.split(",") if b.strip()]
     return simulate(schedule, costs, args.microbatches, args.steps, link, _batch_size(args), args.warmup,
-                    boundaries, args.delay, args.max_staleness, args.reduce_norm, record)
+                    boundaries, args.delay, args.max_staleness, args.reduce_norm, record, not args.untrusted)
 
 
 def _write_timeline(result: SimResult, args: argparse.Namespace, num_stages: int) -> None:
