@@ -6,7 +6,7 @@ count: one device's worth of layers per stage), measured on this CPU by a bench 
 0.55 ms, predictor 1.9 ms per batch of 256, the mean of its two stages). Each boundary carries
 the MLP's 256 x 1024 float32 activation (1 MiB) forward and its gradient back. Links: none, a
 datacentre link between nodes, a link between sites. The locked pipeline is GPipe or 1F1B at its best
-microbatch count among 1, N, 2N and 4N (at most the batch); costs scale linearly with the
+microbatch count among 1, N and 2N (at most the batch); costs scale linearly with the
 microbatch size, which flatters small microbatches (on both devices they cost more per sample):
 the locked figures are an upper bound.
 
@@ -52,7 +52,7 @@ def best_locked(n: int, stage: dict, link: LinkSpec, message_sec: float, steps: 
     costs = uniform(n, stage["forward_sec"], stage["backward_sec"], stage["optimizer_sec"], 0.0, ACTIVATION_BYTES,
                     message_sec=message_sec)
     results = [(simulate(schedule, costs, m, steps, link, BATCH, record=False).samples_per_sec, f"{schedule} M={m}")
-               for schedule in ("gpipe", "1f1b") for m in sorted({1, n, 2 * n, 4 * n}) if m <= BATCH]
+               for schedule in ("gpipe", "1f1b") for m in sorted({1, n, 2 * n}) if m <= BATCH]
     return max(results)
 
 
@@ -119,7 +119,7 @@ def main() -> int:
     p.add_argument("--profile", type=Path, required=True, help="a bench results.json measured on this machine")
     p.add_argument("--message-ms", type=float, default=1.0, help="the sender's CPU time per message on this "
                    "machine (default 1: calibrated against the link grid)")
-    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--steps", type=int, default=12)
     p.add_argument("--out", type=Path, required=True, help="directory for sim_predict.png")
     args = p.parse_args()
     predictions = {"CPU (this machine)": predict(cpu_costs(args.profile), args.message_ms / 1e3, args.steps),

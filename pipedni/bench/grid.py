@@ -105,14 +105,14 @@ def _bandwidth(mbps: float) -> str:
 
 def markdown(grid: dict) -> str:
     modes = sorted({m for c in grid["cells"] for m in c["decoupled"]})
-    header = ["one-way latency", "bandwidth", "fastest locked", "samples/s", *[f"{m} (x locked)" for m in modes]]
+    header = ["one-way latency", "bandwidth", "fastest locked", "samples/s", *[f"{m}: x locked, samples/s" for m in modes]]
     rows = []
     for c in grid["cells"]:
         base = c["locked"]["samples_per_sec"]["median"]
         row = [f"{c['latency_ms']:g} ms", _bandwidth(c["bandwidth_mbps"]), c["locked"]["label"], _rate(c["locked"])]
         for m in modes:
             d = c["decoupled"].get(m)
-            row.append("-" if d is None else f"{_rate(d)} ({d['samples_per_sec']['median'] / base:.2f}x)")
+            row.append("-" if d is None else f"**{d['samples_per_sec']['median'] / base:.2f}x**: {_rate(d)}, {d['label']}")
         rows.append(row)
     m, s = grid["machine"], grid["settings"]
     text = (f"`{grid['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}; commit {m.get('commit')}, "

@@ -1,0 +1,104 @@
+"""The transport's per-message cost against torch's own point-to-point, on this machine.
+
+Two processes over gloo ping-pong one tensor: rank 0 sends it, rank 1 sends it back, N times
+per size, interleaved between the two ways of sending so that machine noise hits both:
+- pipedni: ``Transport.send`` / ``Transport.recv`` (a header and a payload per message, a
+  receiver thread filing it in a mailbox, the consumer taking it by key);
+- torch: ``dist.isend`` / ``dist.irecv`` of a tensor whose shape both sides know, as
+  ``torch.distributed.pipelining`` sends once its shapes are set up (no header).
+Half a round trip is one message's cost, transfer included; the difference between the two
+is what pipedni's message format and threads add.
+
+    python scripts/transport_bench.py [--sizes 1024,262144,1048576] [--rounds 200] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import socket
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from pipedni.transport import Kind, Transport
+
+
+def _torch_round(rank: int, x: torch.Tensor, buf: torch.Tensor) -> None:
+    if rank == 0:
+        dist.isend(x, dst=1).wait()
+        dist.irecv(buf, src=1).wait()
+    else:
+        dist.irecv(buf, src=0).wait()
+        dist.isend(buf, dst=0).wait()
+
+
+def _ours_round(rank: int, t: Transport, x: torch.Tensor, step: int) -> None:
+    if rank == 0:
+        t.send("next", Kind.ACTIVATION, step, 0, x)
+        t.recv("next", Kind.GRADIENT, step, 0)
+    else:
+        y = t.recv("prev", Kind.ACTIVATION, step, 0)
+        t.send("prev", Kind.GRADIENT, step, 0, y)
+
+
+def _worker(rank: int, port: int, sizes: list[int], rounds: int, repeats: int, out) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
+    t = Transport(rank, 2, torch.device("cpu"), torch.device("cpu"), timeout=120.0)
+    results, step = {}, 0
+    for size in sizes:
+        x, buf = torch.randn(size // 4), torch.empty(size // 4)
+        for r in range(repeats):
+            for way in (("ours", "torch") if r % 2 == 0 else ("torch", "ours")):
+                dist.barrier()
+                start = time.perf_counter()
+                for _ in range(rounds):
+                    if way == "ours":
+                        _ours_round(rank, t, x, step)
+                        step += 1
+                    else:
+                        _torch_round(rank, x, buf)
+                results.setdefault((size, way), []).append((time.perf_counter() - start) / rounds / 2)
+    t.close()
+    if rank == 0:
+        out.put(results)
+    dist.destroy_process_group()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="1024,262144,1048576", help="payload bytes, default 1 KiB, 256 KiB, 1 MiB")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--repeats", type=int, default=3)
+    args = p.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(r, port, sizes, args.rounds, args.repeats, out)) for r in range(2)]
+    for proc in procs:
+        proc.start()
+    results = out.get(timeout=600)
+    for proc in procs:
+        proc.join(60)
+    print(f"| payload | pipedni us/message | torch us/message | pipedni / torch |  (median of {args.repeats}, min-max)")
+    print("|---|---|---|---|")
+    for size in sizes:
+        ours, theirs = results[(size, "ours")], results[(size, "torch")]
+        mo, mt = statistics.median(ours), statistics.median(theirs)
+        print(f"| {size:,} B | {mo * 1e6:.0f} ({min(ours) * 1e6:.0f}-{max(ours) * 1e6:.0f}) | "
+              f"{mt * 1e6:.0f} ({min(theirs) * 1e6:.0f}-{max(theirs) * 1e6:.0f}) | {mo / mt:.2f}x |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
