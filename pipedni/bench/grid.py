@@ -95,7 +95,7 @@ def collect(args: argparse.Namespace) -> dict:
     first = json.loads((cell_dir(Path(args.out), cells[0]["latency_ms"], cells[0]["bandwidth_mbps"])
                         / "results.json").read_text())
     return {"config": args.config, "workload": Path(args.config).stem, "machine": first["machine"],
-            "settings": first["settings"], "command": "python -m pipedni.bench.grid " + " ".join(sys.argv[1:]),
+            "settings": first["settings"], "command": args.command,
             "cells": cells}
 
 
@@ -178,7 +178,9 @@ def update_docs(page: Path, grid: dict) -> None:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    args, passed = parse_args(sys.argv[1:] if argv is None else argv)
+    argv = sys.argv[1:] if argv is None else argv
+    args, passed = parse_args(argv)
+    args.command = "python -m pipedni.bench.grid " + " ".join(argv)
     if not args.report:
         run_cells(args, passed)
     grid = collect(args)
