@@ -22,7 +22,7 @@ from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS, ConfigError
 from pipedni.link import LinkSpec
 from pipedni.metrics.timeline import Event, draw
-from pipedni.sim.costs import PipelineCost, StageCost
+from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent
 from pipedni.sim.pipeline import SimResult, simulate
 
 PARTS = {"forward": "forward_sec", "backward": "backward_sec", "optimizer": "optimizer_sec", "predictor": "predictor_sec"}
@@ -43,16 +43,15 @@ def read_trace(run_dir: Path) -> list[list[Event]]:
 def costs_from(measured: list[list[Event]], bytes_per_step: list[float]) -> PipelineCost:
     """Each stage's compute per step from its recorded calls; the send time per message."""
     steps = len({e.step for events in measured for e in events})
-    stages, sends, previous = [], [], 0.0
+    activation = activations_from_sent(bytes_per_step)
+    stages, sends = [], []
     for i, events in enumerate(measured):
         spent = defaultdict(float)
         for e in events:
             spent[e.category] += e.duration / steps
         sends += [e.duration for e in events if e.category == "send"]
-        activation = 0.0 if i == len(measured) - 1 else max(bytes_per_step[i] - previous, 0.0)
         stages.append(StageCost(**{key: spent[part] for part, key in PARTS.items()},
-                                activation_bytes=activation, gradient_bytes=previous))
-        previous = activation
+                                activation_bytes=activation[i], gradient_bytes=activation[i - 1] if i else 0.0))
     return PipelineCost(tuple(stages), statistics.mean(sends) if sends else 0.0)
 
 

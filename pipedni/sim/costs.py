@@ -67,6 +67,16 @@ class PipelineCost:
         return len(self.stages)
 
 
+def activations_from_sent(sent: list[float]) -> list[float]:
+    """Each boundary's activation bytes from what each stage sent per step: stage i sends its
+    activation a_i forward and its input's gradient, as large as a_{i-1}, backward, so a_0 is
+    stage 0's bytes and a_i = stage i's bytes - a_{i-1} (the last stage sends no activation)."""
+    activation = [0.0] * len(sent)
+    for i in range(len(sent) - 1):
+        activation[i] = max(sent[i] - (activation[i - 1] if i > 0 else 0.0), 0.0)
+    return activation
+
+
 def uniform(num_stages: int, forward_sec: float, backward_sec: float, optimizer_sec: float = 0.0,
             predictor_sec: float = 0.0, activation_bytes: float = 0.0, gradient_bytes: Optional[float] = None,
             message_sec: float = 0.0) -> PipelineCost:

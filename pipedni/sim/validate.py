@@ -32,7 +32,7 @@ from typing import Optional
 from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
 from pipedni.link import LinkSpec
-from pipedni.sim.costs import PipelineCost, StageCost, from_profile
+from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
 from pipedni.sim.pipeline import simulate
 from pipedni.sim.streams import SCHEDULES, effective_microbatches
 
@@ -48,15 +48,12 @@ def link_of(overrides: list[str]) -> LinkSpec:
 
 
 def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
-    """The profiled costs with the bytes this job's stages sent per batch. Stage i sends its
-    activation a_i forward and its input's gradient, as large as a_{i-1}, backward: so a_0 is
-    stage 0's bytes and a_i = stage i's bytes - a_{i-1}."""
+    """The profiled costs with the bytes this job's stages sent per batch (see
+    ``activations_from_sent``)."""
     m = effective_microbatches(row["mode"], row["microbatches"])
     base = from_profile(results["profile"], message_sec=message_sec, together=True, microbatches=m)
     sent = [s["bytes_sent_per_step"] for s in row["stages"]]
-    activation = [0.0] * len(base.stages)
-    for i in range(len(base.stages) - 1):
-        activation[i] = max(sent[i] - (activation[i - 1] if i > 0 else 0.0), 0.0)
+    activation = activations_from_sent(sent)
     predicts = row["mode"] in ("dni", "cdni", "mixed")  # only they run a predictor (its profiled cost)
     stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec if predicts else 0.0,
                         activation[i], activation[i - 1] if i > 0 else 0.0) for i, s in enumerate(base.stages)]
