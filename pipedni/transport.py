@@ -8,7 +8,8 @@ a slow gradient never queues behind activations. Groups are warmed up at start-u
 connects lazily, and a send may block until the matching receive is posted.
 
 Every message is a fixed-size int64 header (kind, step, microbatch, dtype, wire dtype, shape)
-followed by the payload. With ``dist.wire_dtype`` set, floating payloads travel in that dtype
+followed by the payload's bytes, whose receive is posted together with the header's once the
+receiver can guess its size (see [Note: pre-posted payloads] in wire.py). With ``dist.wire_dtype`` set, floating payloads travel in that dtype
 and are cast back to their own on receipt (half the bytes in bf16/fp16; integers and bools
 travel as they are). An edge may be an emulated slow link: see [Note: emulated links] in
 link.py. A receiver thread per incoming direction posts ``irecv`` and blocks on
@@ -39,7 +40,7 @@ from pipedni.boundary import TensorSpec
 from pipedni.errors import TransportError
 from pipedni.link import LinkSpec, make_link
 from pipedni.metrics.timeline import NullTimeline, Timeline
-from pipedni.wire import HEADER_LEN, Header, Kind, describe_message as _what
+from pipedni.wire import HEADER_LEN, Header, Kind, NextSize, describe_message as _what
 
 # Sends in flight per direction. A completed gloo send is only known complete once waited on,
 # so a larger window would keep that many already-delivered tensors alive for nothing.
@@ -64,26 +65,32 @@ class Outbox:
         self.bytes_sent = 0
         self.cuda = wire_device.type == "cuda"
         self.direct = not link.emulated  # sends are posted, and their waits counted, on the caller's thread
+        self.sizes = NextSize()  # the receiver's guess of the next payload's size, kept in step with it
         on_thread = (lambda: torch.cuda.set_device(wire_device)) if self.cuda else (lambda: None)
         self.link = make_link(link, link_capacity, timeout, who, f"to stage {peer}", on_thread)
 
     def send(self, kind: Kind, step: int, microbatch: int, tensor: Optional[torch.Tensor] = None) -> None:
-        tensors = [] if tensor is None else [self._on_wire(tensor)]
-        shape = tuple(tensors[0].shape) if tensors else ()
-        dtype = tensor.dtype if tensor is not None else torch.float32
-        wire = tensors[0].dtype if tensors and tensors[0].dtype != dtype else None
-        header = Header(kind, step, microbatch, dtype, shape, wire).encode().to(self.wire_device)
+        wire = None if tensor is None else self._on_wire(tensor)
+        header = Header(kind, step, microbatch, torch.float32 if tensor is None else tensor.dtype,
+                        () if wire is None else tuple(wire.shape),
+                        None if wire is None or wire.dtype == tensor.dtype else wire.dtype)
+        encoded = header.encode().to(self.wire_device)  # raises before anything is sent or counted
+        # A payload is its bytes; a filler first completes a receive posted for a wrong guess.
+        guess, size = self.sizes.guess, header.nbytes
+        self.sizes.update(size)
+        filler = [] if guess is None or guess == size else [torch.zeros(guess, dtype=torch.uint8, device=self.wire_device)]
+        payload = [wire.reshape(-1).view(torch.uint8)] if size else []
+        tensors = [encoded, *filler, *payload]
         what = _what(kind, step, microbatch)
         ready = None
         if self.cuda and not self.direct:  # the link's thread posts it: after the work that made it
             ready = torch.cuda.Event()
             ready.record()
-        payload_bytes = sum(t.numel() * t.element_size() for t in tensors)
-        nbytes = payload_bytes + header.numel() * header.element_size()
-        waited = self.link.put(nbytes, lambda: self._post([header, *tensors], what, ready))  # may add to wait_sec
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        waited = self.link.put(nbytes, lambda: self._post(tensors, what, ready))  # may add to wait_sec
         self.wait_sec += waited
         self.num_sent += 1
-        self.bytes_sent += payload_bytes
+        self.bytes_sent += nbytes - tensors[0].numel() * tensors[0].element_size()
 
     def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()
@@ -133,6 +140,8 @@ class Inbox:
         self.error: Optional[BaseException] = None
         self.num_received = 0  # every message taken off the wire, the closing one included
         self.peak_queued = 0  # most messages ever waiting in the mailbox at once
+        self.sizes = NextSize()  # guesses the next payload's size as the peer's Outbox does
+        self.num_guessed = 0  # payloads that landed in a buffer posted with their header
         self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
         self.thread.start()
 
@@ -154,15 +163,31 @@ class Inbox:
                 self.cond.notify_all()
 
     def _receive_one(self, stream) -> bool:
-        raw = self._recv(torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device))
+        raw = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
+        receiving_header = dist.irecv(raw, src=self.peer, group=self.group)
+        guess = self.sizes.guess  # posted with the header: see [Note: pre-posted payloads]
+        guessed = None if guess is None else torch.empty(guess, dtype=torch.uint8, device=self.wire_device)
+        receiving_guess = None if guessed is None else dist.irecv(guessed, src=self.peer, group=self.group)
+        receiving_header.wait(_IDLE_WAIT)
         header = Header.decode(raw.cpu())
+        size = header.nbytes
+        self.sizes.update(size)
+        if receiving_guess is not None:
+            receiving_guess.wait(_IDLE_WAIT)  # the payload, or the sender's filler for a wrong guess
         if header.kind == Kind.CLOSE:
             with self.cond:
                 self.closed = True
                 self.num_received += 1
                 self.cond.notify_all()
             return False
-        payload = self._recv(torch.empty(header.shape, dtype=header.payload_dtype, device=self.wire_device))
+        if guess == size:
+            data = guessed
+            self.num_guessed += 1
+        else:  # posted now that its size is known (an empty payload is never sent)
+            data = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
+            if size:
+                self._recv(data)
+        payload = data.view(header.payload_dtype).view(header.shape)
         event = None
         if stream is not None:
             event = torch.cuda.Event()

@@ -2,14 +2,18 @@
 
 Two processes over gloo ping-pong one tensor: rank 0 sends it, rank 1 sends it back, N times
 per size, interleaved between the two ways of sending so that machine noise hits both:
-- pipedni: ``Transport.send`` / ``Transport.recv`` (a header and a payload per message, a
-  receiver thread filing it in a mailbox, the consumer taking it by key);
+- pipedni: ``Transport.send`` / ``Transport.recv`` (a header and a payload per message, both
+  received by a thread that files them in a mailbox, the consumer taking it by key; the
+  payload's receive is posted with the header's once sizes repeat: [Note: pre-posted payloads]);
 - torch: ``dist.isend`` / ``dist.irecv`` of a tensor whose shape both sides know, as
   ``torch.distributed.pipelining`` sends once its shapes are set up (no header).
 Half a round trip is one message's cost, transfer included; the difference between the two
 is what pipedni's message format and threads add.
 
     python scripts/transport_bench.py [--sizes 1024,262144,1048576] [--rounds 200] [--repeats 3]
+
+To compare two versions of the transport, run it alternately from two checkouts, each on its
+own path: ``PYTHONPATH=OTHER_CHECKOUT python OTHER_CHECKOUT/scripts/transport_bench.py``.
 """
 
 from __future__ import annotations

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import time
 
+import pytest
 import torch
 
 from dist_utils import RankFailed, run_distributed
 from pipedni.errors import TransportError
 from pipedni.transport import SEND_WINDOW, Header, Kind, TensorSpec, Transport
+from pipedni.wire import NextSize
 
 CPU = torch.device("cpu")
 
@@ -30,6 +32,58 @@ def recv_error(t: Transport, step: int, microbatch: int) -> tuple[str, float]:
 def test_header_round_trip():
     header = Header(Kind.GRADIENT, 12345, 7, torch.bfloat16, (3, 4, 5))
     assert Header.decode(header.encode()) == header
+    with pytest.raises(TransportError, match="tensors of torch.complex64 cannot be sent between stages"):
+        Header(Kind.ACTIVATION, 0, 0, torch.complex64, (2,)).encode()
+
+
+def test_next_size_guesses_after_three_equal_sizes():
+    sizes = NextSize()
+    guesses = []
+    for nbytes in [4, 4, 4, 4, 8, 4, 4, 4, 0, 0, 0, 0, 32, 28, 32, 28, 32]:
+        guesses.append(sizes.guess)
+        sizes.update(nbytes)
+    # a guess after 3 equal sizes, dropped on a change; never of an empty payload; alternating sizes never guessed
+    assert guesses == [None, None, None, 4, 4, None, None, None, 4, None, None, None, None, None, None, None, None]
+
+
+# (kind, tensor) sent by stage 0: one size repeated (guessed), an evaluation's larger batch (a
+# wrong guess: a filler), back again, then dtypes and shapes whose payload is odd or empty.
+def _changing_messages() -> list[tuple[Kind, torch.Tensor]]:
+    train = [(Kind.ACTIVATION, torch.full((8, 3), float(i))) for i in range(5)]
+    evaluation = [(Kind.EVAL, torch.arange(600.0).view(200, 3) + i) for i in range(4)]
+    odd = [(Kind.ACTIVATION, torch.tensor([True, False, True])), (Kind.ACTIVATION, torch.tensor(7)),
+           (Kind.ACTIVATION, torch.empty(0, 3)), (Kind.ACTIVATION, torch.arange(6.0).view(2, 3).to(torch.bfloat16))]
+    return train + evaluation + train + odd + train
+
+
+def _changing_sizes(rank, world_size):
+    t = _transport(rank, world_size)
+    messages = _changing_messages()
+    if rank == 0:
+        for i, (kind, tensor) in enumerate(messages):
+            t.send("next", kind, i, 0, tensor)
+        t.close()  # while a guess is posted: the close's filler completes it
+        return t.outboxes["next"].bytes_sent
+    got = [t.recv("prev", kind, i, 0) for i, (kind, _) in enumerate(messages)]
+    equal = all(g.dtype == m.dtype and torch.equal(g, m) for g, (_, m) in zip(got, messages))
+    t.close()
+    return equal, t.inboxes["prev"].num_guessed
+
+
+def test_payloads_whose_size_changes_arrive_whole_and_repeated_sizes_are_pre_posted():
+    sent_bytes, (equal, guessed) = run_distributed(_changing_sizes, 2)
+    assert equal
+    sizes, hits, fillers = NextSize(), 0, 0
+    for nbytes in [4] + [t.numel() * t.element_size() for _, t in _changing_messages()] + [0]:  # warm-up, ..., close
+        hits += sizes.guess == nbytes
+        fillers += sizes.guess is not None and sizes.guess != nbytes
+        sizes.update(nbytes)
+    # by hand: the 4th and 5th of each run of 5 training messages (3 runs), the 4th evaluation;
+    # fillers for the first evaluation, the first training message after it, the bool and the close
+    assert (hits, fillers) == (7, 4)
+    assert guessed == hits
+    payload = 4 + sum(t.numel() * t.element_size() for _, t in _changing_messages())
+    assert sent_bytes == payload + 96 + 2400 + 96 + 96  # each filler is the guessed size
 
 
 def _both_directions(rank, world_size, n):
