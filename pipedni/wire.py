@@ -9,8 +9,8 @@ header only needs the right size.
 [Note: pre-posted payloads]
 A point-to-point send on gloo or NCCL moves its data only once the matching receive is posted.
 A receiver that posts the payload's receive only after its header arrives adds a round trip
-through the receiver thread to every message (measured: 0.1-0.6 ms on this machine's gloo,
-scripts/transport_bench.py). torch's pipelining avoids it by fixing every shape at start-up;
+through the receiver thread to every message (0.16-0.19 ms on this machine's gloo, measured
+by scripts/transport_bench.py before and after: docs/benchmarks.md). torch's pipelining avoids it by fixing every shape at start-up;
 our transport knows no schedule, so it guesses instead: both ends of a direction keep the same
 ``NextSize`` over the payload sizes sent so far, and once ``REPEATS_TO_GUESS`` payloads in a
 row had one size, the receiver posts the next header's receive and a payload receive of that
