@@ -114,9 +114,10 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path, capsys):
 
     # the link grid's report reads cells like this one (no new jobs: the cells reuse its results)
     grid = tmp_path / "grid"
-    for cell in ("lat0_bw0", "lat10_bw100"):
+    later = dict(results, machine=dict(results["machine"], commit="abc1234"))  # a cell added at a later commit
+    for cell, cell_results in (("lat0_bw0", results), ("lat10_bw100", later)):
         (grid / cell).mkdir(parents=True)
-        (grid / cell / "results.json").write_text(json.dumps(results))
+        (grid / cell / "results.json").write_text(json.dumps(cell_results))
     from pipedni.bench import grid as link_grid  # in this process: two more interpreters cost 15 s
 
     assert link_grid.main(["configs/bench_mlp_fashion.yaml", "--report", "--latencies=0,10", "--bandwidths=0,100",
@@ -127,7 +128,9 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path, capsys):
                                               key=lambda label: rows[label]["samples_per_sec"]["median"])
     assert cells[0]["decoupled"]["dni"]["label"] == "dni M=2"
     assert cells[0]["decoupled"]["dni"]["time_to_target_sec"] == curves["dni M=2"]["time_to_target_sec"]
-    assert "| 10 ms | 100 Mbit/s |" in (grid / "grid.md").read_text() and (grid / "grid.png").stat().st_size > 0
+    table = (grid / "grid.md").read_text()
+    assert "| 10 ms | 100 Mbit/s |" in table and (grid / "grid.png").stat().st_size > 0
+    assert "commit, date |" in table and f"| {results['machine']['commit']}, " in table and "| abc1234, " in table
     assert docs.read_text().count("<!-- grid:bench_mlp_fashion:begin -->") == 1
     with pytest.raises(SystemExit) as exit_:
         link_grid.main(["configs/bench_mlp_fashion.yaml", "--latencies=-1", f"--out={grid}"])

@@ -80,7 +80,8 @@ def summarize_cell(results: dict, latency: float, bandwidth: float) -> dict:
                 "time_to_target_sec": reached.get(r["label"])}
 
     return {"latency_ms": latency, "bandwidth_mbps": bandwidth, "locked": entry(locked),
-            "decoupled": {mode: entry(r) for mode, r in best.items()}, "target_accuracy": results.get("target_accuracy")}
+            "decoupled": {mode: entry(r) for mode, r in best.items()}, "target_accuracy": results.get("target_accuracy"),
+            "commit": results["machine"].get("commit"), "date": results["machine"].get("date")}
 
 
 def collect(args: argparse.Namespace) -> dict:
@@ -105,6 +106,8 @@ def _bandwidth(mbps: float) -> str:
 
 def markdown(grid: dict) -> str:
     modes = sorted({m for c in grid["cells"] for m in c["decoupled"]})
+    # cells run at different times (a grid resumed, or extended later) name their own commit
+    mixed = len({c.get("commit") for c in grid["cells"]}) > 1
     header = ["one-way latency", "bandwidth", "fastest locked", "samples/s", *[f"{m}: x locked, samples/s" for m in modes]]
     rows = []
     for c in grid["cells"]:
@@ -113,10 +116,12 @@ def markdown(grid: dict) -> str:
         for m in modes:
             d = c["decoupled"].get(m)
             row.append("-" if d is None else f"**{d['samples_per_sec']['median'] / base:.2f}x**: {_rate(d)}, {d['label']}")
-        rows.append(row)
+        rows.append(row + [f"{c.get('commit')}, {c.get('date')}"] * mixed)
+    header += ["commit, date"] * mixed
     m, s = grid["machine"], grid["settings"]
-    text = (f"`{grid['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}; commit {m.get('commit')}, "
-            f"{m['date']}. Per cell: {s['repeats']} interleaved repeats of {s['steps']} steps ({s['warmup']} untimed); "
+    when = "cells run at the commits and dates given" if mixed else f"commit {m.get('commit')}, {m['date']}"
+    text = (f"`{grid['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}; {when}. "
+            f"Per cell: {s['repeats']} interleaved repeats of {s['steps']} steps ({s['warmup']} untimed); "
             "samples/s median (min-max); the locked pipelines re-tuned over the microbatch counts in every cell.\n\n"
             + md_table(header, rows))
     timed = [c for c in grid["cells"] if c["target_accuracy"] is not None]
