@@ -9,15 +9,16 @@ connects lazily, and a send may block until the matching receive is posted.
 
 Every message is a fixed-size int64 header (kind, step, microbatch, dtype, wire dtype, shape)
 followed by the payload's bytes, whose receive is posted together with the header's once the
-receiver can guess its size (see [Note: pre-posted payloads] in wire.py). With ``dist.wire_dtype`` set, floating payloads travel in that dtype
-and are cast back to their own on receipt (half the bytes in bf16/fp16; integers and bools
-travel as they are). An edge may be an emulated slow link: see [Note: emulated links] in
-link.py. A receiver thread per incoming direction posts ``irecv`` and blocks on
-``wait()`` (gloo never reports an unwaited ``irecv`` complete, so polling ``is_completed()``
-would deadlock), then files the tensor in a bounded mailbox keyed by (kind, step,
-microbatch). Consumers take messages by key, in any order, with a finite timeout. A full
-mailbox stops the receiver thread, which stops the sender: back-pressure, not memory growth.
-Sends keep their tensors referenced until complete, and at most ``queue_size`` are in flight.
+receiver can guess its size (see [Note: pre-posted payloads] in wire.py). With
+``dist.wire_dtype`` set, floating payloads travel in that dtype and are cast back to their own
+on receipt (half the bytes in bf16/fp16; integers and bools travel as they are). An edge may be
+an emulated slow link: see [Note: emulated links] in link.py. A receiver thread per incoming
+direction posts ``irecv`` and blocks on ``wait()`` (gloo never reports an unwaited ``irecv``
+complete, so polling ``is_completed()`` would deadlock), then files the tensor in a bounded
+mailbox keyed by (kind, step, microbatch). Consumers take messages by key, in any order, with a
+finite timeout. A full mailbox stops the receiver thread, which stops the sender:
+back-pressure, not memory growth. Sends keep their tensors referenced until complete, and at
+most ``queue_size`` are in flight.
 
 Backends: NCCL when every rank owns its GPU (payloads stay on the device; the receiver thread
 uses its own CUDA stream and hands the consumer an event to wait on), gloo otherwise (CPU

@@ -9,24 +9,26 @@ header only needs the right size.
 [Note: pre-posted payloads]
 A point-to-point send on gloo or NCCL moves its data only once the matching receive is posted.
 A receiver that posts the payload's receive only after its header arrives adds a round trip
-through the receiver thread to every message (0.16-0.19 ms on this machine's gloo, measured
-by scripts/transport_bench.py before and after: docs/benchmarks.md). torch's pipelining avoids it by fixing every shape at start-up;
-our transport knows no schedule, so it guesses instead: both ends of a direction keep the same
-``NextSize`` over the payload sizes sent so far, and once ``REPEATS_TO_GUESS`` payloads in a
-row had one size, the receiver posts the next header's receive and a payload receive of that
-size together. The sender knows the same guess. When its payload has that size it sends header
-and payload as before, and the payload lands in the posted buffer; when it does not (a
-different kind or batch, the closing message), it first sends a filler of the guessed size to
-complete the posted receive, then the payload as usual. Messages are matched in order on each
-direction's own group (NCCL has no tags), so both ends always agree on what comes next. A
-training run sends one size per direction, and misses only where sizes change (into and out of
-an evaluation, a last partial batch, the close); uneven microbatches that alternate sizes never
-repeat long enough to be guessed, and pay the round trip as before, not a filler each.
+through the receiver thread to every message (0.16-0.19 ms on this machine's gloo, measured by
+scripts/transport_bench.py before and after: docs/benchmarks.md). torch's pipelining avoids it
+by fixing every shape at start-up; our transport knows no schedule, so it guesses instead: both
+ends of a direction keep the same ``NextSize`` over the payload sizes sent so far, and once
+``REPEATS_TO_GUESS`` payloads in a row had one size, the receiver posts the next header's
+receive and a payload receive of that size together. The sender knows the same guess. When its
+payload has that size it sends header and payload as before, and the payload lands in the
+posted buffer; when it does not (a different kind or batch, the closing message), it first
+sends a filler of the guessed size to complete the posted receive, then the payload as usual.
+Messages are matched in order on each direction's own group (NCCL has no tags), so both ends
+always agree on what comes next. A training run sends one size per direction, and misses only
+where sizes change (into and out of an evaluation, a last partial batch, the close); uneven
+microbatches that alternate sizes never repeat long enough to be guessed, and pay the round
+trip as before, not a filler each.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 from typing import Optional
 
@@ -61,9 +63,10 @@ class Header:
     def encode(self) -> torch.Tensor:
         if len(self.shape) > MAX_DIMS:
             raise TransportError(f"tensor of {len(self.shape)} dims exceeds the transport's {MAX_DIMS}")
-        for dtype in {self.dtype, self.payload_dtype} - set(DTYPES):
-            raise TransportError(f"tensors of {dtype} cannot be sent between stages; the transport carries "
-                                 f"{', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
+        unsupported = {self.dtype, self.payload_dtype} - set(DTYPES)
+        if unsupported:
+            raise TransportError(f"tensors of {unsupported.pop()} cannot be sent between stages; the transport "
+                                 f"carries {', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
         dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
         values = [int(self.kind), self.step, self.microbatch, DTYPES.index(self.dtype),
                   DTYPES.index(self.wire_dtype or self.dtype), len(self.shape), *dims]
@@ -82,12 +85,7 @@ class Header:
     @property
     def nbytes(self) -> int:
         """The payload's bytes on the wire (none for the closing message)."""
-        if self.kind == Kind.CLOSE:
-            return 0
-        numel = 1
-        for d in self.shape:
-            numel *= d
-        return numel * self.payload_dtype.itemsize
+        return 0 if self.kind == Kind.CLOSE else math.prod(self.shape) * self.payload_dtype.itemsize
 
     def describe(self) -> str:
         return f"{list(self.shape)} {str(self.dtype).replace('torch.', '')}"
