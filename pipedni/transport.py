@@ -18,7 +18,7 @@ complete, so polling ``is_completed()`` would deadlock), then files the tensor i
 mailbox keyed by (kind, step, microbatch). Consumers take messages by key, in any order, with a
 finite timeout. A full mailbox stops the receiver thread, which stops the sender:
 back-pressure, not memory growth. Sends keep their tensors referenced until complete, and at
-most ``queue_size`` are in flight.
+most ``SEND_WINDOW`` (or ``queue_size``, if smaller) are in flight.
 
 Backends: NCCL when every rank owns its GPU (payloads stay on the device; the receiver thread
 uses its own CUDA stream and hands the consumer an event to wait on), gloo otherwise (CPU
@@ -87,11 +87,12 @@ class Outbox:
         if self.cuda and not self.direct:  # the link's thread posts it: after the work that made it
             ready = torch.cuda.Event()
             ready.record()
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        sent_bytes = sum(t.numel() * t.element_size() for t in tensors[1:])  # payload and filler
+        nbytes = sent_bytes + encoded.numel() * encoded.element_size()
         waited = self.link.put(nbytes, lambda: self._post(tensors, what, ready))  # may add to wait_sec
         self.wait_sec += waited
         self.num_sent += 1
-        self.bytes_sent += nbytes - tensors[0].numel() * tensors[0].element_size()
+        self.bytes_sent += sent_bytes
 
     def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach()

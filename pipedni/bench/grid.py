@@ -107,7 +107,7 @@ def _bandwidth(mbps: float) -> str:
 def markdown(grid: dict) -> str:
     modes = sorted({m for c in grid["cells"] for m in c["decoupled"]})
     # cells run at different times (a grid resumed, or extended later) name their own commit
-    mixed = len({c.get("commit") for c in grid["cells"]}) > 1
+    mixed = len({c["commit"] for c in grid["cells"]}) > 1
     header = ["one-way latency", "bandwidth", "fastest locked", "samples/s", *[f"{m}: x locked, samples/s" for m in modes]]
     rows = []
     for c in grid["cells"]:
@@ -116,7 +116,7 @@ def markdown(grid: dict) -> str:
         for m in modes:
             d = c["decoupled"].get(m)
             row.append("-" if d is None else f"**{d['samples_per_sec']['median'] / base:.2f}x**: {_rate(d)}, {d['label']}")
-        rows.append(row + [f"{c.get('commit')}, {c.get('date')}"] * mixed)
+        rows.append(row + [f"{c['commit']}, {c['date']}"] * mixed)
     header += ["commit, date"] * mixed
     m, s = grid["machine"], grid["settings"]
     when = "cells run at the commits and dates given" if mixed else f"commit {m.get('commit')}, {m['date']}"
