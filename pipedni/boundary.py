@@ -1,11 +1,17 @@
-"""What crosses a stage boundary: the spec of the tensor a stage receives and sends."""
+"""What crosses a stage boundary: the spec of what a stage receives and sends, one tensor, or a
+tuple of them where a split model passes several (see [Note: what crosses a boundary] in
+split/stages.py)."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Optional, Sequence, Union
 
 import torch
+
+if TYPE_CHECKING:
+    from pipedni.wire import Header
 
 
 @dataclass(frozen=True)
@@ -14,6 +20,8 @@ class TensorSpec:
 
     shape: tuple[int, ...]
     dtype: torch.dtype
+    requires_grad: bool = False  # in a tuple: the tensor needs a gradient (a bare one always gets one)
+    batched: bool = True  # in a tuple: the first dimension is the batch's (a rotary table is not)
 
     def matches(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         return dtype == self.dtype and tuple(shape[1:]) == tuple(self.shape[1:])
@@ -22,8 +30,88 @@ class TensorSpec:
         return f"[{', '.join(['*', *map(str, self.shape[1:])])}] {str(self.dtype).replace('torch.', '')}"
 
     def num_bytes(self, rows: int) -> int:
-        """Payload bytes of ``rows`` samples of this spec."""
-        return rows * math.prod(self.shape[1:]) * torch.empty((), dtype=self.dtype).element_size()
+        """Payload bytes of ``rows`` samples of this spec (of the tensor as it is, if not batched)."""
+        size = rows * math.prod(self.shape[1:]) if self.batched else math.prod(self.shape)
+        return size * self.dtype.itemsize
+
+
+Value = Union[torch.Tensor, tuple[torch.Tensor, ...]]  # what one message carries
+Spec = Union[TensorSpec, tuple[TensorSpec, ...]]  # what a receiver expects of it
+
+
+PROBE_ROWS = 2  # samples in the start-up probe: a tuple's tensors of another first dimension are not batched
+
+
+def spec_of(value: Value, rows: int = PROBE_ROWS) -> Spec:
+    """The spec of a message of ``rows`` samples (a tuple's tensors whose first dimension is not
+    ``rows`` are marked as not batched)."""
+    if isinstance(value, tuple):
+        return tuple(TensorSpec(tuple(t.shape), t.dtype, t.requires_grad, t.dim() > 0 and t.shape[0] == rows)
+                     for t in value)
+    return TensorSpec(tuple(value.shape), value.dtype)
+
+
+def example(spec: Spec, rows: int, device: torch.device) -> Value:
+    """Zeros of ``rows`` samples shaped by ``spec``; in a tuple, needing a gradient where it
+    says, and a tensor that is not batched keeps its own shape."""
+    if isinstance(spec, tuple):
+        return tuple(torch.zeros((rows, *s.shape[1:]) if s.batched else s.shape, dtype=s.dtype, device=device)
+                     .requires_grad_(s.requires_grad) for s in spec)
+    return torch.zeros((rows, *spec.shape[1:]), dtype=spec.dtype, device=device)
+
+
+def gradient_spec(spec: Spec) -> Spec:
+    """What the gradient message of a boundary with ``spec`` carries: one gradient for a bare
+    tensor, else one per tensor that needs it, in order."""
+    if isinstance(spec, tuple):
+        return tuple(s for s in spec if s.requires_grad)
+    return spec
+
+
+def num_tensors(spec: Spec) -> int:
+    return len(spec) if isinstance(spec, tuple) else 1
+
+
+def trained_index(spec: Spec) -> Optional[int]:
+    """Where in a tuple the tensor a decoupled boundary learns the gradient of sits: the one
+    tensor that needs a gradient (None for a bare tensor). Callers check there is one."""
+    if not isinstance(spec, tuple):
+        return None
+    return next(i for i, s in enumerate(spec) if s.requires_grad)
+
+
+def trained_spec(spec: Spec) -> TensorSpec:
+    return spec if isinstance(spec, TensorSpec) else spec[trained_index(spec)]
+
+
+def value_bytes(value: Optional[Value]) -> int:
+    """Bytes of a tensor, or of every tensor of a tuple (0 for None)."""
+    if value is None:
+        return 0
+    return sum(t.nbytes for t in value) if isinstance(value, tuple) else value.nbytes
+
+
+def describe_spec(spec: Spec) -> str:
+    if isinstance(spec, tuple):
+        return f"({', '.join(s.describe() for s in spec)})"
+    return spec.describe()
+
+
+def spec_matches(spec: Spec, headers: Sequence["Header"]) -> bool:
+    """Whether a message with these headers is what ``spec`` expects (tuple for tuple, and each tensor)."""
+    if isinstance(spec, tuple):
+        if not headers[0].grouped:
+            return False
+        if headers[0].num_parts == 0:
+            return not spec
+        return len(spec) == len(headers) and all(s.matches(h.shape, h.dtype) for s, h in zip(spec, headers))
+    return not headers[0].grouped and spec.matches(headers[0].shape, headers[0].dtype)
+
+
+def describe_headers(headers: Sequence["Header"]) -> str:
+    if headers[0].grouped:
+        return "()" if headers[0].num_parts == 0 else f"({', '.join(h.describe() for h in headers)})"
+    return headers[0].describe()
 
 
 @dataclass(frozen=True)
@@ -31,5 +119,5 @@ class StageShapes:
     """What one stage receives and sends, learnt at start-up by the shape probe
     (``pipedni.schedules.passes.probe_shapes``); workers are built with it."""
 
-    input: TensorSpec
-    output: TensorSpec
+    input: Spec
+    output: Spec

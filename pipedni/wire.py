@@ -1,10 +1,13 @@
 """What one message is on the wire: its kind, the header that precedes its payload, and the
 payload size the receiver guesses before the header arrives.
 
-A header is a fixed-size int64 tensor (kind, step, microbatch, dtype, wire dtype, shape), so
-the receiver can allocate the payload before it arrives and check it against what it expects.
-The payload travels as raw bytes (a uint8 view of the tensor), so a buffer posted before its
-header only needs the right size.
+A header is a fixed-size int64 tensor (kind, step, microbatch, dtype, wire dtype, part, parts,
+flags, shape), so the receiver can allocate the payload before it arrives and check it against
+what it expects. The payload travels as raw bytes (a uint8 view of the tensor), so a buffer
+posted before its header only needs the right size. A message of several tensors (a boundary
+that carries several: see [Note: what crosses a boundary] in split/stages.py) is its parts one
+after the other, each with its own header; its flags say it is a tuple (of one tensor, or of
+none: one empty part), and whether each tensor needs a gradient.
 
 [Note: pre-posted payloads]
 A point-to-point send on gloo or NCCL moves its data only once the matching receive is posted.
@@ -12,7 +15,7 @@ A receiver that posts the payload's receive only after its header arrives adds a
 through the receiver thread to every message (0.16-0.19 ms on this machine's gloo, measured by
 scripts/transport_bench.py before and after: docs/benchmarks.md). torch's pipelining avoids it
 by fixing every shape at start-up; our transport knows no schedule, so it guesses instead: both
-ends of a direction keep the same ``NextSize`` over the payload sizes sent so far, and once
+ends of a direction keep the same ``NextSize`` per part over the payload sizes sent so far, and once
 ``REPEATS_TO_GUESS`` payloads in a row had one size, the receiver posts the next header's
 receive and a payload receive of that size together. The sender knows the same guess. When its
 payload has that size it sends header and payload as before, and the payload lands in the
@@ -37,7 +40,7 @@ import torch
 from pipedni.errors import TransportError
 
 MAX_DIMS = 8
-HEADER_LEN = 6 + MAX_DIMS
+HEADER_LEN = 9 + MAX_DIMS
 REPEATS_TO_GUESS = 3  # equal payload sizes in a row before the next one is guessed: see the note
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
 
@@ -59,6 +62,10 @@ class Header:
     dtype: torch.dtype  # the tensor's own, which the receiver gets
     shape: tuple[int, ...]
     wire_dtype: Optional[torch.dtype] = None  # the payload's on the wire (None: the tensor's own)
+    part: int = 0  # this tensor's place in its message
+    num_parts: int = 1  # the message's tensors (0: an empty tuple, sent as one empty part)
+    grouped: bool = False  # the message is a tuple (else one bare tensor)
+    requires_grad: bool = False  # the receiver gets the tensor as one that needs a gradient
 
     def encode(self) -> torch.Tensor:
         if len(self.shape) > MAX_DIMS:
@@ -68,15 +75,21 @@ class Header:
             raise TransportError(f"tensors of {unsupported.pop()} cannot be sent between stages; the transport "
                                  f"carries {', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
         dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
+        flags = int(self.grouped) | int(self.requires_grad) << 1
         values = [int(self.kind), self.step, self.microbatch, DTYPES.index(self.dtype),
-                  DTYPES.index(self.wire_dtype or self.dtype), len(self.shape), *dims]
+                  DTYPES.index(self.wire_dtype or self.dtype), self.part, self.num_parts, flags, len(self.shape), *dims]
         return torch.tensor(values, dtype=torch.int64)
 
     @staticmethod
     def decode(t: torch.Tensor) -> "Header":
         v = t.tolist()
         dtype, wire = DTYPES[v[3]], DTYPES[v[4]]
-        return Header(Kind(v[0]), v[1], v[2], dtype, tuple(v[6 : 6 + v[5]]), None if wire == dtype else wire)
+        return Header(Kind(v[0]), v[1], v[2], dtype, tuple(v[9 : 9 + v[8]]), None if wire == dtype else wire,
+                      v[5], v[6], bool(v[7] & 1), bool(v[7] & 2))
+
+    @property
+    def last_part(self) -> bool:
+        return self.part >= self.num_parts - 1
 
     @property
     def payload_dtype(self) -> torch.dtype:
@@ -107,3 +120,10 @@ class NextSize:
         self._run = self._run + 1 if nbytes == self._last else 1
         self._last = nbytes
         self.guess = nbytes if nbytes > 0 and self._run >= REPEATS_TO_GUESS else None
+
+
+def next_size(sizes: list[NextSize], part: int) -> NextSize:
+    """The guess for a message's ``part``-th tensor: each position in a message keeps its own."""
+    while len(sizes) <= part:
+        sizes.append(NextSize())
+    return sizes[part]

@@ -1,0 +1,279 @@
+"""The two ends of one direction of an edge between neighbouring stages: ``Outbox`` sends
+messages, ``Inbox`` receives them on its own thread into a mailbox. ``Transport`` (transport.py)
+holds one of each per neighbour; see [Note: transport layout] there."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import threading
+import time
+from collections import deque
+from typing import Container, Optional
+
+import torch
+import torch.distributed as dist
+
+from pipedni.boundary import Value
+from pipedni.errors import TransportError
+from pipedni.link import LinkSpec, make_link
+from pipedni.wire import HEADER_LEN, Header, Kind, NextSize, describe_message as _what, next_size
+
+Part = tuple[Header, torch.Tensor, object]  # one tensor of a message as received: header, payload, CUDA event
+# Receiver threads block until the peer's CLOSE message; consumers enforce the real timeout.
+IDLE_WAIT = datetime.timedelta(days=365)
+
+
+class Outbox:
+    """Send side of one edge direction: async sends, at most ``capacity`` in flight (each holding
+    its tensor alive); the oldest is waited for before another starts. Messages go through the
+    edge's link: posted at once, or held for an emulated link's delivery time on its own thread
+    (which then owns the sends in flight; see [Note: emulated links])."""
+
+    def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str,
+                 link: LinkSpec = LinkSpec(), link_capacity: int = 64, wire_dtype: Optional[torch.dtype] = None):
+        self.group, self.peer, self.wire_device = group, peer, wire_device
+        self.capacity, self.timeout, self.who, self.wire_dtype = capacity, timeout, who, wire_dtype
+        self.pending: deque = deque()  # (works, tensors kept alive, description)
+        self.wait_sec = 0.0
+        self.num_sent = 0
+        self.bytes_sent = 0
+        self.cuda = wire_device.type == "cuda"
+        self.direct = not link.emulated  # sends are posted, and their waits counted, on the caller's thread
+        self.sizes: list[NextSize] = []  # per part, the receiver's guess of the next payload's size, kept in step
+        on_thread = (lambda: torch.cuda.set_device(wire_device)) if self.cuda else (lambda: None)
+        self.link = make_link(link, link_capacity, timeout, who, f"to stage {peer}", on_thread)
+
+    def send(self, kind: Kind, step: int, microbatch: int, value: Optional[Value] = None) -> None:
+        """One message: a tensor, a tuple of them (each part with its own header, an empty tuple
+        as one empty part), or nothing (the close)."""
+        if isinstance(value, tuple):
+            for part, tensor in enumerate(value or (torch.empty(0),)):
+                self._send_part(Header(kind, step, microbatch, tensor.dtype, (), None, part, len(value), True,
+                                       tensor.requires_grad), tensor)
+        else:
+            self._send_part(Header(kind, step, microbatch, torch.float32 if value is None else value.dtype, ()), value)
+        self.num_sent += 1
+
+    def _send_part(self, header: Header, tensor: Optional[torch.Tensor]) -> None:
+        wire = None if tensor is None else self._on_wire(tensor)
+        header = dataclasses.replace(header, shape=() if wire is None else tuple(wire.shape),
+                                     wire_dtype=None if wire is None or wire.dtype == tensor.dtype else wire.dtype)
+        encoded = header.encode().to(self.wire_device)  # raises before anything is sent or counted
+        # A payload is its bytes; a filler first completes a receive posted for a wrong guess.
+        sizes = next_size(self.sizes, header.part)
+        guess, size = sizes.guess, header.nbytes
+        sizes.update(size)
+        filler = [] if guess is None or guess == size else [torch.zeros(guess, dtype=torch.uint8, device=self.wire_device)]
+        payload = [wire.reshape(-1).view(torch.uint8)] if size else []
+        tensors = [encoded, *filler, *payload]
+        what = _what(header.kind, header.step, header.microbatch)
+        ready = None
+        if self.cuda and not self.direct:  # the link's thread posts it: after the work that made it
+            ready = torch.cuda.Event()
+            ready.record()
+        sent_bytes = sum(t.numel() * t.element_size() for t in tensors[1:])  # payload and filler
+        nbytes = sent_bytes + encoded.numel() * encoded.element_size()
+        waited = self.link.put(nbytes, lambda: self._post(tensors, what, ready))  # may add to wait_sec
+        self.wait_sec += waited
+        self.bytes_sent += sent_bytes
+
+    def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
+        tensor = tensor.detach()
+        if self.wire_dtype is not None and tensor.is_floating_point() and tensor.dtype != self.wire_dtype:
+            tensor = tensor.to(self.wire_dtype)  # before the copy to the wire device: fewer bytes to copy
+        return tensor.to(self.wire_device).contiguous()
+
+    def _post(self, tensors: list[torch.Tensor], what: str, ready=None) -> None:
+        while len(self.pending) >= self.capacity:
+            self._retire_oldest()
+        if ready is not None:
+            torch.cuda.current_stream().wait_event(ready)
+        works = [dist.isend(t, dst=self.peer, group=self.group) for t in tensors]
+        self.pending.append((works, tensors, what))
+
+    def _retire_oldest(self) -> None:
+        works, _, what = self.pending.popleft()
+        start = time.perf_counter()
+        try:
+            for work in works:
+                work.wait(datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as err:
+            raise TransportError(
+                f"{self.who} could not send {what} to stage {self.peer} within {self.timeout:.0f}s "
+                f"(is stage {self.peer} alive and receiving?): {str(err).splitlines()[0]}"
+            ) from None
+        if self.direct:
+            self.wait_sec += time.perf_counter() - start
+
+    def flush(self) -> None:
+        """Every message sent is posted and complete (an emulated link's thread is idle after its drain)."""
+        self.link.drain(self.timeout)
+        while self.pending:
+            self._retire_oldest()
+        self.link.close()
+
+
+class Inbox:
+    """Receive side of one edge direction: a thread filling a bounded mailbox keyed by message."""
+
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
+        self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
+        self.capacity, self.who = capacity, who
+        self.mailbox: dict[tuple[int, int, int], list[Part]] = {}  # each message's parts
+        self.cond = threading.Condition()
+        self.closed = False
+        self.error: Optional[BaseException] = None
+        self.num_received = 0  # every message taken off the wire, the closing one included
+        self.peak_queued = 0  # most messages ever waiting in the mailbox at once
+        self.sizes: list[NextSize] = []  # per part, guesses the next payload's size as the peer's Outbox does
+        self.parts: list[Part] = []  # the message being received, so far
+        self.num_guessed = 0  # payloads that landed in a buffer posted with their header
+        self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
+        self.thread.start()
+
+    def _recv(self, tensor: torch.Tensor) -> torch.Tensor:
+        dist.irecv(tensor, src=self.peer, group=self.group).wait(IDLE_WAIT)
+        return tensor
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.wire_device) if self.wire_device.type == "cuda" else None
+        try:
+            if stream is not None:
+                torch.cuda.set_device(self.wire_device)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                while self._receive_one(stream):
+                    pass
+        except BaseException as err:  # handed to the consumer, which raises it with context
+            with self.cond:
+                self.error = err
+                self.cond.notify_all()
+
+    def _receive_one(self, stream) -> bool:
+        """Receive one part; a message is filed once its last part is in."""
+        raw = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
+        receiving_header = dist.irecv(raw, src=self.peer, group=self.group)
+        sizes = next_size(self.sizes, len(self.parts))
+        guess = sizes.guess  # posted with the header: see [Note: pre-posted payloads]
+        guessed = None if guess is None else torch.empty(guess, dtype=torch.uint8, device=self.wire_device)
+        receiving_guess = None if guessed is None else dist.irecv(guessed, src=self.peer, group=self.group)
+        receiving_header.wait(IDLE_WAIT)
+        header = Header.decode(raw.cpu())
+        assert header.part == len(self.parts), f"part {header.part} came after {len(self.parts)} parts"
+        size = header.nbytes
+        sizes.update(size)
+        if receiving_guess is not None:
+            receiving_guess.wait(IDLE_WAIT)  # the payload, or the sender's filler for a wrong guess
+        if header.kind == Kind.CLOSE:
+            with self.cond:
+                self.closed = True
+                self.num_received += 1
+                self.cond.notify_all()
+            return False
+        if guess == size:
+            data = guessed
+            self.num_guessed += 1
+        else:  # posted now that its size is known (an empty payload is never sent)
+            data = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
+            if size:
+                self._recv(data)
+        event = None
+        if stream is not None:
+            event = torch.cuda.Event()
+            event.record(stream)
+        self.parts.append((header, data.view(header.payload_dtype).view(header.shape), event))
+        if header.last_part:
+            self._file(self.parts)
+            self.parts = []
+        return True
+
+    def _file(self, parts: list[Part]) -> None:
+        header = parts[0][0]
+        key = (int(header.kind), header.step, header.microbatch)
+        with self.cond:
+            while len(self.mailbox) >= self.capacity:
+                self.cond.wait()
+            if key in self.mailbox:
+                raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from stage {self.peer}")
+            self.mailbox[key] = parts
+            self.num_received += 1
+            self.peak_queued = max(self.peak_queued, len(self.mailbox))
+            self.cond.notify_all()
+
+    def _check_alive(self, what: str) -> None:
+        if self.error is not None:
+            detail = (str(self.error).splitlines() or [type(self.error).__name__])[0]
+            err = TransportError(
+                f"{self.who} lost the connection from stage {self.peer} while waiting for {what} "
+                f"(stage {self.peer} exited or crashed; its own error says why): {detail[:120]}"
+            )
+            err.neighbour_lost = True  # a consequence: the CLI lets the neighbour's own error go first
+            raise err
+        if self.closed:
+            raise TransportError(f"{self.who} waited for {what} but stage {self.peer} had already closed its side")
+
+    def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[tuple[Header, ...], Value]:
+        """The message with this key (its parts' headers and its value), waiting at most ``timeout`` seconds."""
+        key, what = (int(kind), step, microbatch), _what(kind, step, microbatch)
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while key not in self.mailbox:
+                self._check_alive(what)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TransportError(
+                        f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer} "
+                        f"({len(self.mailbox)} other message(s) queued); is stage {self.peer} stuck or much slower? "
+                        "raise dist.timeout_sec if so"
+                    )
+                self.cond.wait(min(left, 1.0))
+            parts = self.mailbox.pop(key)
+            self.cond.notify_all()
+        return self._assemble(parts)
+
+    def has(self, kind: Kind, step: int, microbatch: int) -> bool:
+        """Whether that message has arrived (it stays in the mailbox)."""
+        with self.cond:
+            return (int(kind), step, microbatch) in self.mailbox
+
+    def take_ready(self, kind: Kind, steps: Container[int]) -> list[tuple[Header, Value]]:
+        """Every message of ``kind`` for one of ``steps`` that has already arrived, without waiting
+        (step order)."""
+        with self.cond:
+            if self.error is not None:
+                self._check_alive(f"any {kind.name.lower()}")
+            keys = sorted(k for k in self.mailbox if k[0] == int(kind) and k[1] in steps)
+            items = [self.mailbox.pop(k) for k in keys]
+            self.cond.notify_all()
+        return [(headers[0], value) for headers, value in map(self._assemble, items)]
+
+    def _assemble(self, parts: list[Part]) -> tuple[tuple[Header, ...], Value]:
+        """A message's headers and its value: the tensor, or the tuple of its parts."""
+        headers = tuple(h for h, _, _ in parts)
+        tensors = tuple(self._to_device(*part) for part in parts)
+        if not headers[0].grouped:
+            return headers, tensors[0]
+        return headers, () if headers[0].num_parts == 0 else tensors
+
+    def _to_device(self, header: Header, payload: torch.Tensor, event) -> torch.Tensor:
+        """The payload on the consumer's device in its own dtype (a wire dtype is cast back),
+        needing a gradient if the sender's did."""
+        if event is not None:
+            torch.cuda.current_stream(self.device).wait_event(event)
+            payload.record_stream(torch.cuda.current_stream(self.device))
+        if payload.device != self.device:
+            payload = payload.to(self.device, non_blocking=True)
+        payload = payload.to(header.dtype) if header.dtype != payload.dtype else payload
+        return payload.requires_grad_() if header.requires_grad else payload
+
+    def join(self, timeout: float) -> None:
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise TransportError(f"{self.who} did not receive the closing message from stage {self.peer} within {timeout:.0f}s")
+        if self.error is not None:
+            self._check_alive("the closing message")
+
+    def pending(self) -> list[str]:
+        with self.cond:
+            return [_what(Kind(k[0]), k[1], k[2]) for k in sorted(self.mailbox)]
