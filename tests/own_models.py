@@ -1,0 +1,139 @@
+"""Models that are not an ``nn.Sequential``, for the tests of ``pipedni.split`` and of the
+config route (``model.factory: own_models:skip_net``): skips across several stages, integer
+tensors crossing a boundary, batch norm, a ResNet with torchvision's module names."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Block(nn.Module):
+    def __init__(self, width: int, batchnorm: bool = False):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+        self.norm = nn.BatchNorm1d(width) if batchnorm else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.norm(self.linear(x))) + x
+
+
+class SkipNet(nn.Module):
+    """A stem whose output skips every block to the head (a gradient across every boundary; not
+    with ``skip=False``), a bucket id computed from the input and embedded at the end (an int64
+    tensor crossing without gradient), a non-persistent buffer and dropout written in forward."""
+
+    def __init__(self, in_features: int = 8, width: int = 16, depth: int = 4, num_classes: int = 10,
+                 batchnorm: bool = False, dropout: float = 0.0, skip: bool = True):
+        super().__init__()
+        self.skip = skip
+        self.stem = nn.Linear(in_features, width)
+        self.blocks = nn.ModuleList(Block(width, batchnorm) for _ in range(depth))
+        self.buckets = nn.Embedding(4, width)
+        self.head = nn.Linear(2 * width, num_classes)
+        self.dropout = dropout
+        self.register_buffer("scale", torch.full((in_features,), 0.5), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.flatten(1)
+        bucket = (x[:, 0] > 0).long() + 2 * (x[:, 1] > 0).long()
+        h = first = self.stem(x * self.scale)
+        for block in self.blocks:
+            h = block(h)
+        h = F.dropout(h, self.dropout, self.training)
+        return self.head(torch.cat([h + self.buckets(bucket), first if self.skip else h], dim=1))
+
+
+def skip_net(**kwargs) -> SkipNet:
+    return SkipNet(**kwargs)
+
+
+class BasicBlock(nn.Module):
+    """torchvision's ResNet BasicBlock, with its module names."""
+
+    def __init__(self, inplanes: int, planes: int, stride: int = 1):
+        super().__init__()
+        self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.downsample = None
+        if stride != 1 or inplanes != planes:
+            self.downsample = nn.Sequential(nn.Conv2d(inplanes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + identity)
+
+
+class ResNet(nn.Module):
+    """torchvision's ResNet-18 layout and module names (conv1, bn1, layer1..layer4, avgpool, fc),
+    at a width and input size a CPU test can afford."""
+
+    def __init__(self, width: int = 8, in_channels: int = 1, num_classes: int = 10, blocks: int = 2):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        planes = [width, 2 * width, 4 * width, 8 * width]
+        inplanes = width
+        for i, p in enumerate(planes):
+            layer = [BasicBlock(inplanes, p, 1 if i == 0 else 2)] + [BasicBlock(p, p) for _ in range(blocks - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*layer))
+            inplanes = p
+        self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8 * width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet18(**kwargs) -> ResNet:
+    return ResNet(**kwargs)
+
+
+def gpt2(vocab_size: int, layers: int = 4, width: int = 32, heads: int = 2, context: int = 64):
+    """A Hugging Face GPT-2 from a small config with random weights (no hub access), its LM
+    head tied to the token embedding as in the real one; no dropout, so that runs can be
+    compared exactly, and no cache (training does not use one)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(vocab_size=vocab_size, n_positions=context, n_embd=width, n_layer=layers, n_head=heads,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False, bos_token_id=0,
+                        eos_token_id=0)
+    return GPT2LMHeadModel(config)
+
+
+def llama(vocab_size: int, layers: int = 4, width: int = 32, heads: int = 2, context: int = 64):
+    """A Hugging Face Llama-style decoder (rotary positions, RMSNorm, grouped-query attention)
+    from a small config with random weights."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=vocab_size, hidden_size=width, intermediate_size=2 * width,
+                         num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=1,
+                         max_position_embeddings=context, use_cache=False, bos_token_id=0, eos_token_id=0,
+                         pad_token_id=0)
+    return LlamaForCausalLM(config)
+
+
+def images(n_train: int = 240, n_test: int = 60, num_classes: int = 10, seed: int = 0):
+    """A user's own data sets (``data.factory: own_models:images``): torch Datasets of random
+    1x28x28 images whose label is the quadrant that holds the most ink."""
+    from torch.utils.data import TensorDataset
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n_train + n_test, 1, 28, 28, generator=g)
+    quadrants = x.unfold(2, 14, 14).unfold(3, 14, 14).sum(dim=(-1, -2)).flatten(1)  # [N, 4]
+    y = quadrants.argmax(dim=1) % num_classes
+    return TensorDataset(x[:n_train], y[:n_train]), TensorDataset(x[n_train:], y[n_train:])
+
+
+def not_data():
+    return torch.zeros(3)
