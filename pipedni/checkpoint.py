@@ -32,6 +32,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from pipedni.errors import CheckpointError
 from pipedni.stage import Stage
@@ -138,12 +139,14 @@ def load_folder(folder: Path) -> list[dict]:
 
 
 def merged_model(states: list[dict], where: Path) -> dict[str, torch.Tensor]:
-    """The whole model's state_dict from its stages' files."""
+    """The whole model's state_dict from its stages' files. A name in two files is a weight
+    tied across stages (an embedding and the head that shares it): kept identical by the locked
+    schedules, so the copies must be equal."""
     merged: dict[str, torch.Tensor] = {}
     for state in states:
         for name, tensor in state["model"].items():
-            if name in merged:
-                raise CheckpointError(f"parameter {name!r} appears in two stage checkpoints of {where}")
+            if name in merged and not torch.equal(merged[name], tensor):
+                raise CheckpointError(f"parameter {name!r} differs between two stage checkpoints of {where}")
             merged[name] = tensor
     return merged
 
@@ -218,7 +221,7 @@ class Checkpointer:
         state = {"model": stage.module.state_dict(), "optimizer_by_name": optimizer_by_name(stage),
                  "scheduler": stage.scheduler.state_dict(), "rng": rng_state(stage.device), **extra,
                  "step": step, "stage_index": stage.stage_index, "num_stages": num_stages,
-                 "run_token": self.run_token, "layers": [name for name, _ in stage.module.named_children()],
+                 "run_token": self.run_token, "layers": stage_layers(stage.module),
                  "config": config}
         failure = ""
         try:
@@ -269,6 +272,15 @@ class Checkpointer:
                                   "the previous complete checkpoint is kept") from None
 
 
+def stage_layers(module: nn.Module) -> list[str]:
+    """What a stage holds, to recognise a checkpoint written under the same split: an
+    ``nn.Sequential`` stage's layer names, a split model's stage's state_dict keys (its
+    top-level names may repeat across stages: see pipedni.split)."""
+    if isinstance(module, nn.Sequential):
+        return [name for name, _ in module.named_children()]
+    return list(module.state_dict().keys())
+
+
 def _own_file(folder: Path, stage_index: int, num_stages: int, layers: list[str]) -> Optional[dict]:
     """This stage's file alone, when the checkpoint was written under this same split (its
     meta.json says so and the file's layers are this stage's); None otherwise."""
@@ -286,7 +298,7 @@ def restore(stage: Stage, folder: Path, num_stages: int) -> tuple[int, Optional[
     LR schedule; returns its step and, when it was written under this same split, this stage's
     own file (its RNG state is restored, and the caller restores the schedule's state from it).
     Under the same split only that file is read; under another, every stage's."""
-    layers = [name for name, _ in stage.module.named_children()]
+    layers = stage_layers(stage.module)
     own = _own_file(folder, stage.stage_index, num_stages, layers)
     states = [own] if own is not None else load_folder(folder)
     if own is None and len(states) == num_stages and states[stage.stage_index]["layers"] == layers:

@@ -10,7 +10,7 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Callable, Optional, TypeVar
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -21,7 +21,9 @@ from pipedni import data as datasets
 from pipedni.boundary import TensorSpec
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
-from pipedni.errors import ConfigError, DivergenceError, LaunchError, PipeDNIError, same_on_every_rank
+from pipedni.cutting import Cut, cut_model
+from pipedni.errors import ConfigError, DivergenceError, LaunchError, same_on_every_rank
+from pipedni.importing import import_function
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.metrics.console import make_console
 from pipedni.metrics.memory import make_meter
@@ -30,14 +32,12 @@ from pipedni.metrics.telemetry import make_telemetry
 from pipedni.metrics.timeline import make_timeline
 from pipedni.link import LinkSpec
 from pipedni.models import build_model
-from pipedni.partition import describe, partition
-from pipedni.partition_cost import time_balance
 from pipedni.runtime import Runtime, restart_attempt
 from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker
-from pipedni.stage import NonFinite, Stage
+from pipedni.stage import Loss, NonFinite, Stage, loss_fn
 from pipedni.transport import NullTransport, Transport
 
 
@@ -68,7 +68,7 @@ def check_layout(cfg: Config, runtime: Runtime) -> ScheduleSpec:
     return spec
 
 
-def build_transport(cfg: Config, runtime: Runtime) -> Transport | NullTransport:
+def build_transport(cfg: Config, runtime: Runtime, tied: list[list[tuple[int, str]]]) -> Transport | NullTransport:
     timeline = make_timeline(runtime.stage_index, cfg.run.timeline_steps)
     if runtime.num_stages == 1:
         return NullTransport(timeline)
@@ -76,16 +76,22 @@ def build_transport(cfg: Config, runtime: Runtime) -> Transport | NullTransport:
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     wire_dtype = None if cfg.dist.wire_dtype == "same" else getattr(torch, cfg.dist.wire_dtype)
     return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
-                     cfg.dist.timeout_sec, link, wire_dtype, timeline)
+                     cfg.dist.timeout_sec, link, wire_dtype, timeline, [[s for s, _ in group] for group in tied])
 
 
-def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, module: nn.Module, steps: int,
-                 train_set: datasets.Dataset) -> Worker:
+def resolve_loss(cfg: Config) -> Loss:
+    """``train.loss``: the built-in cross-entropy, or the user's function."""
+    return loss_fn if cfg.train.loss == "cross_entropy" else import_function("train.loss", cfg.train.loss)
+
+
+def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, steps: int,
+                 train_set: datasets.Dataset, loss: Loss) -> Worker:
     """This rank's stage with its optimizer and transport, its shapes probed end to end, and the
     schedule's worker built around them."""
-    stage = Stage(module, runtime.stage_index, runtime.num_stages, runtime.device, cfg.optim, steps,
-                  cfg.train.on_nonfinite)
-    transport = build_transport(cfg, runtime)
+    i = runtime.stage_index
+    stage = Stage(cut.stages[i], i, runtime.num_stages, runtime.device, cfg.optim, steps, cfg.train.on_nonfinite,
+                  cut.tied_weights(i), loss)
+    transport = build_transport(cfg, runtime, cut.tied)
     sample_spec = TensorSpec((1, *train_set.inputs.shape[1:]), train_set.inputs.dtype)
     shapes = probe_shapes(stage, transport, sample_spec, train_set.num_classes)
     ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]),
@@ -99,57 +105,6 @@ def run_token(runtime: Runtime) -> str:
     if runtime.distributed:
         dist.broadcast_object_list(token, src=0)
     return token[0]
-
-
-T = TypeVar("T")
-
-
-def from_rank_zero(runtime: Runtime, compute: Callable[[], T]) -> T:
-    """``compute()`` run by rank 0 alone and broadcast; its error, if any, is raised on every rank."""
-    box: list = [None]
-    error: Optional[Exception] = None
-    if runtime.rank == 0:
-        try:
-            box[0] = compute()
-        except Exception as err:  # the other ranks wait in the broadcast: they must learn of it
-            error = err
-            box[0] = err if isinstance(err, PipeDNIError) else RuntimeError(f"stage 0 failed: {err!r}")
-    if runtime.distributed:
-        dist.broadcast_object_list(box, src=0)
-    if error is not None:
-        raise error
-    if isinstance(box[0], Exception):
-        raise box[0]
-    return box[0]
-
-
-def partition_method(cfg: Config, num_stages: int) -> str:
-    """``partition.method`` with ``auto`` resolved: ``time`` for a decoupled schedule on several
-    stages (its stages pay what a parameter count cannot see: predictors, weight copies), else
-    ``parameters`` (a split that does not depend on timing)."""
-    if cfg.partition.method != "auto":
-        return cfg.partition.method
-    return "time" if num_stages > 1 and not registry.get(cfg.train.schedule).locked else "parameters"
-
-
-def cut_model(cfg: Config, runtime: Runtime, model: nn.Sequential,
-              train_set: datasets.Dataset) -> tuple[list[nn.Sequential], str]:
-    """This run's stages, cut alike on every rank, and the line rank 0 prints about a timed split
-    (see [Note: partition by time] in partition_cost.py)."""
-    n = runtime.num_stages
-    balance = cfg.partition.balance if n > 1 else None
-    method, note = partition_method(cfg, n), ""
-    if balance is None and method == "time" and isinstance(model, nn.Sequential) and 1 < n <= len(model):
-        balance, note = from_rank_zero(runtime, lambda: time_balance(cfg, model, train_set, runtime.device, n))
-    return partition(model, n, balance, method), note
-
-
-def with_balance(cfg: Config, stages: list[nn.Sequential]) -> Config:
-    """``cfg`` recording the balance the stages were cut by, so that a rerun from the saved
-    config cuts alike without measuring (a balance the user gave is kept as given)."""
-    if len(stages) == 1 or cfg.partition.balance is not None:
-        return cfg
-    return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=[len(s) for s in stages]))
 
 
 def make_run_dir(cfg: Config) -> None:
@@ -198,12 +153,16 @@ def with_saved_balance(cfg: Config, folder: Optional[Path], num_stages: int) -> 
 class Trainer:
     """Runs training, evaluation, checkpointing and the summary for one rank."""
 
-    def __init__(self, cfg: Config, runtime: Runtime, model: Optional[nn.Sequential] = None):
+    def __init__(self, cfg: Config, runtime: Runtime, model: Optional[nn.Module] = None,
+                 data: Optional[tuple[datasets.Dataset, datasets.Dataset]] = None, loss: Optional[Loss] = None):
+        """``model``, ``data`` (train, test) and ``loss``: the caller's, instead of those the
+        config names (``pipedni.fit``)."""
         self.cfg, self.runtime = cfg, runtime
         self.run_dir = cfg.run_dir
         with same_on_every_rank():
             self.spec = check_layout(cfg, runtime)
-            self.train_set, self.test_set = datasets.load_datasets(cfg.data, cfg.run.seed)
+            self.train_set, self.test_set = data if data is not None else datasets.load_datasets(cfg.data, cfg.run.seed)
+            loss = loss if loss is not None else resolve_loss(cfg)
             self.steps = total_steps(cfg, len(self.train_set))
             sample_shape = tuple(self.train_set.inputs.shape[1:])
             if model is None:
@@ -212,18 +171,16 @@ class Trainer:
             resume = resume_from(cfg, runtime)
             folder = checkpoint.find(self.run_dir / "checkpoints", resume) if resume else None
             cfg = with_saved_balance(cfg, folder, runtime.num_stages)
-            stages, note = cut_model(cfg, runtime, model, self.train_set)
-        self.cfg = cfg = with_balance(cfg, stages)
+            cut = cut_model(cfg, runtime, model, self.train_set)
+        self.cfg = cfg = cut.cfg
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
-        self.worker = build_worker(cfg, runtime, self.spec, stages[runtime.stage_index], self.steps, self.train_set)
+        self.worker = build_worker(cfg, runtime, self.spec, cut, self.steps, self.train_set, loss)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, runtime.rank, runtime.distributed,
                                          run_token(runtime))
         self.start_step = self._resume(folder) if folder is not None else 0
         if runtime.is_first:
             save_config(cfg, self.run_dir / "config.yaml")
-            print(describe(stages), flush=True)
-            if note:
-                print(note, flush=True)
+            print(cut.description, flush=True)
         self.metrics = MetricsWriter(self.run_dir, runtime.stage_index, self.start_step if folder else None,
                                      cfg.run.tensorboard)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params,

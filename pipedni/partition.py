@@ -90,7 +90,7 @@ def resolve_balance(
 
     ``time`` times each layer on ``sample`` (one microbatch, on the device to time on) with an
     ``optim`` step (default: plain SGD); ``auto`` is ``time`` when a sample is given, else
-    ``parameters`` (the engine resolves it by schedule instead: see ``engine.partition_method``).
+    ``parameters`` (the engine resolves it by schedule instead: see ``cutting.partition_method``).
     """
     num_layers = len(model)
     if num_stages < 1:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import math
 import warnings
-from typing import Optional
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipedni.boundary import TensorSpec
+from pipedni.boundary import PROBE_ROWS, Spec, Value, example, spec_of
 from pipedni.config import OptimConfig
 from pipedni.errors import PartitionError
 from pipedni.optim import build_optimizer, build_scheduler
@@ -22,6 +23,26 @@ def loss_fn(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean"
     """Cross-entropy of class scores ``[*, C]`` against labels ``[*]``: one label per sample for a
     classifier, one per position for a language model (the mean runs over every label)."""
     return F.cross_entropy(scores.reshape(-1, scores.shape[-1]), targets.reshape(-1), reduction=reduction)
+
+
+Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (scores, labels) -> their mean loss
+
+
+def _leaves(tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """Each tensor cut from its graph, still needing a gradient if it did."""
+    return tuple(t.detach().requires_grad_(t.requires_grad) for t in tensors)
+
+
+@dataclass(frozen=True)
+class TiedWeight:
+    """A parameter this stage shares with other stages (an embedding and the head that reuses
+    it, cut apart by pipedni.split): its name here, the index of its group of holders, and
+    whether this stage counts it in the whole model's gradient norm (the first holder does)."""
+
+    name: str
+    group: int
+    counted: bool
+    holders: int = 2  # how many stages hold it
 
 
 class NonFinite(Exception):
@@ -49,8 +70,14 @@ class Stage:
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
-                 optim: OptimConfig, total_steps: int, on_nonfinite: str = "stop"):
+                 optim: OptimConfig, total_steps: int, on_nonfinite: str = "stop", tied: Sequence[TiedWeight] = (),
+                 loss: Loss = loss_fn):
+        """``loss``: the last stage's, of (scores, labels), their mean (``train.loss``).
+        ``tied``: the parameters other stages hold too. Locked schedules sum their gradients
+        over the holders before each update (``REDUCE_TIED``), so every copy stays the same;
+        decoupled ones sum the copies' updates every few steps (``worker.TiedSync``)."""
         self.module = module.to(device)
+        self.tied, self.loss = tuple(tied), loss
         self.stage_index, self.num_stages, self.device = stage_index, num_stages, device
         self.is_first, self.is_last = stage_index == 0, stage_index == num_stages - 1
         self.optim_cfg = optim
@@ -88,38 +115,49 @@ class Stage:
             return p.clone()
         return {n: copy(n, p).requires_grad_(p.requires_grad) for n, p in self.module.named_parameters()}
 
-    def run(self, x: torch.Tensor, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
-        """The module on ``x``, on its own weights or on ``params`` (from ``stash``); keeps nothing."""
-        return self.module(x) if params is None else torch.func.functional_call(self.module, params, (x,))
+    def run(self, x: Value, params: Optional[dict[str, torch.Tensor]] = None) -> Value:
+        """The module on ``x`` (a tuple is its arguments), on its own weights or on ``params``
+        (from ``stash``); keeps nothing."""
+        args = x if isinstance(x, tuple) else (x,)
+        return self.module(*args) if params is None else torch.func.functional_call(self.module, params, args)
 
-    def forward(self, mb: int, x: torch.Tensor, target: Optional[torch.Tensor] = None,
-                weight: float = 1.0, params: Optional[dict[str, torch.Tensor]] = None) -> torch.Tensor:
+    def forward(self, mb: int, x: Value, target: Optional[torch.Tensor] = None,
+                weight: float = 1.0, params: Optional[dict[str, torch.Tensor]] = None) -> Value:
         """Run microbatch ``mb`` (on ``params``, from ``stash``, when given); returns the detached
-        output (non-last) or the loss value (last)."""
+        output (non-last) or the loss value (last). In a tuple, the tensors that need a gradient
+        say so, received and returned (see [Note: what crosses a boundary] in split/stages.py)."""
         if not self.is_first:
-            x = x.detach().requires_grad_(True)
+            x = _leaves(x) if isinstance(x, tuple) else x.detach().requires_grad_(True)
         self.inputs[mb] = x
         out = self.run(x, params)
         if params is not None:
             self.stashes[mb] = params
         if self.is_last:
-            out = loss_fn(out, target) * weight
+            out = self.loss(out, target) * weight
             self.batch_loss += float(out.detach())
         self.outputs[mb] = out
-        return out.detach()
+        return _leaves(out) if isinstance(out, tuple) else out.detach()
 
-    def backward(self, mb: int, grad: Optional[torch.Tensor] = None) -> Optional[torch.Tensor]:
-        """Backpropagate microbatch ``mb`` (from its loss, or from ``grad`` of its output);
-        returns the gradient of its input (None on the first stage)."""
+    def backward(self, mb: int, grad: Optional[Value] = None) -> Optional[Value]:
+        """Backpropagate microbatch ``mb`` (from its loss, or from ``grad`` of its output: in a
+        tuple, one per output that needs it); returns the gradient of its input (in a tuple, one
+        per input that needs it; None on the first stage)."""
         out, x = self.outputs.pop(mb), self.inputs.pop(mb)
-        out.backward(grad)
+        if isinstance(out, tuple):
+            torch.autograd.backward([o for o in out if o.requires_grad], list(grad))
+        else:
+            out.backward(grad)
         stash = self.stashes.pop(mb, None)
         if stash is not None:  # the gradients landed on the stashed copy: accumulate them on the weights
             for name, p in self.module.named_parameters():
                 g, stash[name].grad = stash[name].grad, None  # one copy may serve several microbatches
                 if g is not None:
                     p.grad = g if p.grad is None else p.grad + g
-        return None if self.is_first else x.grad
+        if self.is_first:
+            return None
+        if isinstance(x, tuple):  # an input this stage did not differentiate into still owes a gradient
+            return tuple(t.grad if t.grad is not None else torch.zeros_like(t) for t in x if t.requires_grad)
+        return x.grad
 
     def input_forward(self, x: torch.Tensor, target: Optional[torch.Tensor] = None,
                       weight: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -127,7 +165,7 @@ class Stage:
         accumulated on the weights): returns ``x`` as differentiated and the output (the loss, last)."""
         x = x.detach().requires_grad_(True)
         out = self.module(x)
-        return x, loss_fn(out, target) * weight if self.is_last else out
+        return x, self.loss(out, target) * weight if self.is_last else out
 
     @staticmethod
     def input_grad(x: torch.Tensor, out: torch.Tensor, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -155,10 +193,12 @@ class Stage:
 
     def grad_sq_norm(self) -> torch.Tensor:
         """The squared norm of this stage's accumulated gradients (float64 on the stage's device,
-        zero without parameters): the schedule sums it over stages for a whole-model norm."""
+        zero without parameters; a tied weight only on the stage that counts it): the schedule
+        sums it over stages for a whole-model norm."""
         sq = torch.zeros((), dtype=torch.float64, device=self.device)
+        elsewhere = {id(self.module.get_parameter(w.name)) for w in self.tied if not w.counted}
         for p in self.module.parameters():
-            if p.grad is not None:
+            if p.grad is not None and id(p) not in elsewhere:
                 sq += p.grad.detach().double().pow(2).sum()
         return sq
 
@@ -214,21 +254,22 @@ class Stage:
         return loss
 
     @torch.no_grad()
-    def evaluate(self, x: torch.Tensor) -> torch.Tensor:
-        return self.module(x)
+    def evaluate(self, x: Value) -> Value:
+        return self.run(x)
 
-    @torch.no_grad()
-    def probe(self, spec: TensorSpec) -> TensorSpec:
-        """This stage's output spec for an input of ``spec`` (one zero sample, eval mode, so no
-        BatchNorm statistics move); the caller turns a failure into a PartitionError."""
+    def probe(self, spec: Spec) -> Spec:
+        """This stage's output spec for an input of ``spec`` (``PROBE_ROWS`` zero samples, eval mode, so no
+        BatchNorm statistics move; with gradients, so a tuple says which tensors need one); the
+        caller turns a failure into a PartitionError."""
         was_training = self.module.training
         self.module.eval()
         try:
-            out = self.module(torch.zeros((1, *spec.shape[1:]), dtype=spec.dtype, device=self.device))
+            out = self.run(example(spec, PROBE_ROWS, self.device))
         finally:
             self.module.train(was_training)
-        if not isinstance(out, torch.Tensor):
+        tensors = out if isinstance(out, tuple) else (out,)
+        if not all(isinstance(t, torch.Tensor) for t in tensors):
             raise PartitionError(
-                f"stage {self.stage_index} returns {type(out).__name__}; a stage must return one tensor"
+                f"stage {self.stage_index} returns {type(out).__name__}; a stage must return a tensor or a tuple of tensors"
             )
-        return TensorSpec(tuple(out.shape), out.dtype)
+        return spec_of(out)

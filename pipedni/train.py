@@ -1,6 +1,7 @@
 """Entry point: ``torchrun --nproc_per_node=N -m pipedni.train cfg.yaml [--section.key=value ...]``.
 
 Without torchrun, ``python -m pipedni.train cfg.yaml`` trains the whole model in one process.
+``run`` is the same from code, with a model, data and loss of the caller's (``pipedni.fit``).
 """
 
 from __future__ import annotations
@@ -12,11 +13,15 @@ import time
 import traceback
 from typing import Optional
 
-from pipedni.config import load_config
+from torch import nn
+
+from pipedni.config import Config, load_config
+from pipedni.data import Dataset
 from pipedni.engine import Trainer
 from pipedni.errors import RUN_FAILURES, USER_ERRORS, DivergenceError, same_on_every_rank
 from pipedni.runtime import init_runtime, shutdown
 from pipedni.schedules.registry import REFERENCE
+from pipedni.stage import Loss
 
 # An error every rank hits alike is printed by rank 0 only; the others wait this long before
 # exiting, since the launcher stops all ranks as soon as one exits.
@@ -45,13 +50,20 @@ def train(argv: list[str]) -> Optional[dict]:
         raise SystemExit(USAGE)
     with same_on_every_rank():
         cfg = load_config(argv[0], argv[1:])
+    return run(cfg)
+
+
+def run(cfg: Config, model: Optional[nn.Module] = None, data: Optional[tuple[Dataset, Dataset]] = None,
+        loss: Optional[Loss] = None) -> Optional[dict]:
+    """Train as ``cfg`` says (its model, data and loss, or the ones given); summary.json's
+    content on the last stage."""
     if "RANK" not in os.environ and cfg.train.schedule != REFERENCE:
         print(f"no torchrun: training the whole model in one process instead of {cfg.train.schedule}")
         cfg.train.schedule = REFERENCE
     # 2. this process: device pinned from LOCAL_RANK, then the process group
     runtime = init_runtime(cfg)
     # 3. this rank's stage: model, partition, transport, shapes checked end to end
-    trainer = Trainer(cfg, runtime)
+    trainer = Trainer(cfg, runtime, model, data, loss)
     # 4. train, evaluate, checkpoint, summarise
     summary = trainer.fit()
     # 5. drain: every message sent was received, then tear down (a failure skips this: see main)

@@ -160,7 +160,8 @@ def test_unknown_key_lists_the_valid_keys_of_its_section():
         load_config(None, ["--train.schedul=gpipe"])
     msg = str(info.value)
     assert "unknown key 'train.schedul'" in msg
-    assert "valid keys of 'train': boundaries, epochs, eval_every, microbatches, on_nonfinite, schedule, steps" in msg
+    assert ("valid keys of 'train': boundaries, epochs, eval_every, loss, microbatches, on_nonfinite, schedule, steps, "
+            "tied_sync_every" in msg)
 
 
 def test_unknown_key_in_file(tmp_path):

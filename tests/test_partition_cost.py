@@ -20,7 +20,8 @@ from dist_utils import RankFailed, run_distributed
 from pipedni import data as datasets
 from pipedni.config import load_config
 from pipedni.dni.sizing import BUDGET
-from pipedni.engine import Trainer, cut_model, partition_method, with_balance
+from pipedni.cutting import cut_model, partition_method
+from pipedni.engine import Trainer
 from pipedni.errors import PartitionError
 from pipedni.models import build_model
 from pipedni.partition import partition
@@ -153,15 +154,15 @@ def test_the_saved_balance_reproduces_the_split_without_timing(tmp_path, monkeyp
     cfg = _config(f"--run.dir={tmp_path}", "--partition.method=time", "--data.synthetic_shape=[32]")
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
     runtime = cpu_runtime(0, 3, backend="none")
-    stages, note = cut_model(cfg, runtime, heavy_in_the_middle(), train_set)
-    assert [len(s) for s in stages] == [2, 1, 2] and "differs from the parameter split [1, 1, 3]" in note
-    recorded = with_balance(cfg, stages)
+    cut = cut_model(cfg, runtime, heavy_in_the_middle(), train_set)
+    recorded = cut.cfg
+    assert [len(s) for s in cut.stages] == [2, 1, 2] and "differs from the parameter split [1, 1, 3]" in cut.description
     assert recorded.partition.balance == [2, 1, 2] and cfg.partition.balance is None  # a copy, not a mutation
 
     monkeypatch.setattr(partition_cost, "_timed_layers", _refuse_timing)
-    again, note = cut_model(recorded, runtime, heavy_in_the_middle(), train_set)
-    assert [len(s) for s in again] == [2, 1, 2] and note == ""
-    assert with_balance(recorded, again) is recorded  # a balance given is kept as given
+    again = cut_model(recorded, runtime, heavy_in_the_middle(), train_set)
+    assert [len(s) for s in again.stages] == [2, 1, 2] and "differs" not in again.description
+    assert again.cfg is recorded  # a balance given is kept as given
 
 
 # --------------------------------------------------------------------------- real processes

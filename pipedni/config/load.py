@@ -172,6 +172,7 @@ def validate(cfg: Config) -> None:
         _require(math.isfinite(value) and value >= 0, f"dist.{key} = {value}; must be >= 0 (0: off)")
     _require(cfg.run.threads >= 0, f"run.threads = {cfg.run.threads}; must be >= 0")
     _require(cfg.run.log_every >= 1, f"run.log_every = {cfg.run.log_every}; must be >= 1")
+    _require(cfg.train.tied_sync_every >= 1, f"train.tied_sync_every = {cfg.train.tied_sync_every}; must be >= 1")
     _require(cfg.run.timeline_steps >= 0, f"run.timeline_steps = {cfg.run.timeline_steps}; must be >= 0 (0: off)")
     _validate_dni(cfg)
     delay = cfg.delayed.delay

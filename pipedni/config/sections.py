@@ -15,9 +15,9 @@ from typing import Any, Literal, Optional
 
 
 def _f(default: Any, doc: str) -> Any:
-    """A dataclass field with a documented default (lists are copied per instance)."""
-    if isinstance(default, list):
-        return field(default_factory=lambda: list(default), metadata={"doc": doc})
+    """A dataclass field with a documented default (lists and dicts are copied per instance)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": doc})
     return field(default=default, metadata={"doc": doc})
 
 
@@ -53,6 +53,15 @@ class ModelConfig:
     batchnorm: bool = _f(False, "mlp / cnn: add BatchNorm after each hidden Linear / conv layer.")
     channels: list[int] = _f([32, 64], "cnn: output channels of each 5x5 conv block.")
     hidden: int = _f(0, "cnn: width of a hidden Linear layer before the classifier (0: none).")
+    factory: str = _f(
+        "", "Your own model instead of model.name: 'package.module:function' returning an nn.Module (called with "
+            "model.factory_args as keywords, weights drawn from run.seed); see docs/own_model.md.",
+    )
+    factory_args: dict = _f({}, "Keyword arguments of model.factory, e.g. {num_classes: 10}.")
+    split_points: list[str] = _f(
+        [], "Module names to cut your model before, one fewer than the stages (e.g. [layer2, layer4]); empty: "
+            "partition.method chooses cuts between its blocks.",
+    )
 
 
 @dataclass
@@ -72,6 +81,12 @@ class DataConfig:
     synthetic_shape: list[int] = _f([1, 28, 28], "synthetic: shape of one input sample.")
     synthetic_classes: int = _f(10, "synthetic: number of classes.")
     synthetic_size: int = _f(8192, "synthetic: number of training samples (test: a quarter).")
+    factory: str = _f(
+        "", "Your own data instead of data.name: 'package.module:function' returning (train, test) torch Datasets "
+            "of (input tensor, integer label) pairs, called with data.factory_args; see docs/own_model.md.",
+    )
+    factory_args: dict = _f({}, "Keyword arguments of data.factory.")
+    num_classes: int = _f(0, "data.factory (and pipedni.fit): the number of classes (0: the largest label seen + 1).")
 
 
 @dataclass
@@ -101,6 +116,16 @@ class TrainConfig:
     epochs: float = _f(1.0, "Passes over the training set when train.steps is 0.")
     microbatches: int = _f(4, "Microbatches per batch for naive / gpipe / 1f1b / mixed and dni's warm-up (M).")
     eval_every: int = _f(0, "Steps between test-set evaluations (0: only at the end).")
+    loss: str = _f(
+        "cross_entropy", "The loss of the model's output against the labels: cross_entropy, or 'package.module:function' "
+                         "taking (scores, labels) and returning their mean (e.g. with label smoothing); accuracy is "
+                         "the argmax's either way.",
+    )
+    tied_sync_every: int = _f(
+        8, "Decoupled schedules on a split model whose tied weight (an embedding and its LM head) is held by several "
+           "stages: every this many steps, each copy takes the sum of every copy's updates since the last sync "
+           "(locked schedules keep the copies identical at every step).",
+    )
     time_limit_sec: float = _f(
         0.0, "Stop at the first evaluation after this many seconds of training, evaluation excluded (0: off)."
     )

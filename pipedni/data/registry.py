@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from pipedni.config import DataConfig
-from pipedni.data import idx, kjv, mnist_5k, synthetic
+from pipedni.data import factory, idx, kjv, mnist_5k, synthetic
 from pipedni.data.dataset import Dataset, Source
 from pipedni.errors import DataError
 
@@ -60,13 +60,22 @@ def _normalize(train: Dataset, test: Dataset) -> None:
 
 
 def load_datasets(cfg: DataConfig, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, test) with data.train_limit / data.test_limit and normalisation applied.
+    """(train, test) of data.name (or the user's data.factory) with data.train_limit /
+    data.test_limit and normalisation applied.
 
     Limits come first, so the normalisation statistics describe the samples actually trained on.
     """
-    source = get_source(cfg.name)
-    train, test = source.load(cfg, seed)
-    assert source.num_classes in (None, train.num_classes), (source.name, train.num_classes)
+    if cfg.factory:
+        train, test = factory.load(cfg)
+    else:
+        source = get_source(cfg.name)
+        train, test = source.load(cfg, seed)
+        assert source.num_classes in (None, train.num_classes), (source.name, train.num_classes)
+    return prepare(cfg, train, test)
+
+
+def prepare(cfg: DataConfig, train: Dataset, test: Dataset) -> tuple[Dataset, Dataset]:
+    """data.train_limit, data.test_limit, then data.normalize, on any (train, test)."""
     train = _limit(train, cfg.train_limit, "train_limit")
     test = _limit(test, cfg.test_limit, "test_limit")
     if cfg.normalize:

@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from pipedni.boundary import TensorSpec
+from pipedni.boundary import Spec, Value, gradient_spec, trained_index, trained_spec
 from pipedni.config import DNIConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose
@@ -53,7 +53,10 @@ class SyntheticLink:
 
     def __init__(self, ctx: WorkerContext, cfg: DNIConfig, microbatches: int):
         self.transport, self.cfg = ctx.transport, cfg
-        self.output: TensorSpec = ctx.shapes.output
+        self.gradient: Spec = gradient_spec(ctx.shapes.output)  # what a true gradient message carries
+        # A boundary of several tensors (pipedni.split) learns the gradient of the one that needs
+        # one (the others, masks and ids, need none): see check_decoupled in schedules/boundaries.py.
+        self.index = trained_index(ctx.shapes.output)
         self.sg = make_predictor(ctx, cfg, microbatches)
         self.store: OrderedDict[int, dict[int, Entry]] = OrderedDict()  # step -> {microbatch: entry}
         self.log, self.step = FitLog(), 0
@@ -65,16 +68,22 @@ class SyntheticLink:
     def labels(self, targets: torch.Tensor) -> Optional[torch.Tensor]:
         return targets if self.cfg.condition_on_labels else None
 
-    def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
-        return self.sg.predict(h, labels)
+    def predict(self, h: Value, labels: Optional[torch.Tensor]) -> Value:
+        """The synthetic gradient of ``h`` (of its trained tensor, as the gradient message would carry it)."""
+        grad = self.sg.predict(self._trained(h), labels)
+        return grad if self.index is None else (grad,)
+
+    def _trained(self, h: Value) -> torch.Tensor:
+        """The tensor of ``h`` whose gradient the predictor learns (``h`` itself, or stored already)."""
+        return h[self.index] if isinstance(h, tuple) else h
 
     @property
     def trusted(self) -> bool:
         """Whether the stage updates from the predictor now (see [Note: trusting the predictor])."""
         return self.sg.trusted
 
-    def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor, staleness: int) -> None:
-        loss, cosine = self.sg.fit(h, labels, grad)
+    def fit(self, h: Value, labels: Optional[torch.Tensor], grad: Value, staleness: int) -> None:
+        loss, cosine = self.sg.fit(self._trained(h), labels, grad[0] if isinstance(grad, tuple) else grad)
         self.log.losses.append(loss)
         self.log.cosines.append(cosine)
         self.log.staleness.append(staleness)
@@ -83,7 +92,7 @@ class SyntheticLink:
         """What fitting the true gradients of ``step``'s microbatches will need (None: nothing yet;
         a microbatch trained on a predicted input is kept when its true activation has come, so
         an older step may be added after a newer one: the store stays in step order)."""
-        entries = {mb: entry for mb, entry in entries.items() if entry is not None}
+        entries = {mb: (self._trained(entry[0]), entry[1]) for mb, entry in entries.items() if entry is not None}
         if not entries:
             return
         newest = next(reversed(self.store), step)
@@ -100,7 +109,7 @@ class SyntheticLink:
     def _wait_oldest(self) -> tuple[int, int, torch.Tensor]:
         step, pending = next(iter(self.store.items()))
         microbatch = next(iter(pending))
-        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.output)
+        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.gradient)
 
     def fit_ready(self, before: Optional[int] = None) -> None:
         """Fit every gradient that has already arrived for a stored step older than ``before``
@@ -138,9 +147,9 @@ class SyntheticLink:
 def make_predictor(ctx: WorkerContext, cfg: DNIConfig, microbatches: int) -> SyntheticGradientTrainer:
     """The predictor for the stage's output: the configured kind, or the one ``auto`` picks by
     cost (printed; see [Note: predictor budget])."""
-    stage, batch_size = ctx.stage, ctx.cfg.data.batch_size
-    feature_shape = tuple(ctx.shapes.output.shape[1:])
-    check_labels(stage.stage_index, ctx.shapes.output.describe(), feature_shape, ctx.labels_shape)
+    stage, batch_size, output = ctx.stage, ctx.cfg.data.batch_size, trained_spec(ctx.shapes.output)
+    feature_shape = tuple(output.shape[1:])
+    check_labels(stage.stage_index, output.describe(), feature_shape, ctx.labels_shape)
     if cfg.kind != "auto":
         return SyntheticGradientTrainer(feature_shape, ctx.num_classes, cfg, stage.device, batch_size,
                                         labels_per_sample(feature_shape))

@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from pipedni.boundary import StageShapes
+from pipedni.boundary import StageShapes, TensorSpec, example, trained_spec
 from pipedni.config import DNIConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.stage import Stage
@@ -55,8 +55,10 @@ def median_sec(fn: Callable[[int], None], iters: int, warmup: int = 1, seconds: 
 def stage_sec(stage: Stage, shapes: StageShapes, rows: int) -> float:
     """Seconds of one forward+backward of ``rows`` samples through the stage; the stage's
     gradients and buffers are left as they were."""
-    x = torch.zeros((rows, *shapes.input.shape[1:]), dtype=shapes.input.dtype, device=stage.device)
-    grad = torch.ones((rows, *shapes.output.shape[1:]), dtype=shapes.output.dtype, device=stage.device)
+    x = example(shapes.input, rows, stage.device)
+    grad = torch.ones((rows, *trained_spec(shapes.output).shape[1:]), dtype=trained_spec(shapes.output).dtype,
+                      device=stage.device)
+    grad = grad if isinstance(shapes.output, TensorSpec) else (grad,)  # a tuple: the trained tensor's
     buffers = {name: b.clone() for name, b in stage.module.named_buffers()}
 
     def run(_: int) -> None:
@@ -74,7 +76,8 @@ def stage_sec(stage: Stage, shapes: StageShapes, rows: int) -> float:
 def predictor_sec(trainer: SyntheticGradientTrainer, shapes: StageShapes, rows: int,
                   labels_shape: tuple[int, ...], device: torch.device) -> float:
     """Seconds of one prediction and one fit for ``rows`` samples."""
-    h = torch.zeros((rows, *shapes.output.shape[1:]), dtype=shapes.output.dtype, device=device)
+    output = trained_spec(shapes.output)
+    h = torch.zeros((rows, *output.shape[1:]), dtype=output.dtype, device=device)
     grad = torch.randn_like(h) / rows
     labels = (torch.zeros((rows, *labels_shape), dtype=torch.int64, device=device)
               if trainer.cfg.condition_on_labels else None)
@@ -90,7 +93,7 @@ def choose(stage: Stage, shapes: StageShapes, cfg: DNIConfig, num_classes: int, 
            microbatches: int, labels_shape: tuple[int, ...]) -> tuple[SyntheticGradientTrainer, str]:
     """The richest predictor within the budget (see [Note: predictor budget]), built, and a line
     saying what was chosen and why."""
-    feature_shape = tuple(shapes.output.shape[1:])
+    feature_shape = tuple(trained_spec(shapes.output).shape[1:])
     rows = max(1, batch_size // microbatches)
     own = stage_sec(stage, shapes, rows)
     tried, costs = [], []

@@ -61,6 +61,7 @@ class DNIWorker(BoundaryWorker):
         if self.link is not None:
             self.link.begin(step)
         stats = self.warmup.run(step, inputs, targets)
+        self.tied.reset()  # the locked warm-up kept the copies equal
         if self.link is not None:
             self.link.write(stats)
         return stats

@@ -13,6 +13,7 @@ from torch import nn
 
 from pipedni.config import ModelConfig
 from pipedni.errors import ConfigError
+from pipedni.importing import call, import_function
 
 ModelBuilder = Callable[[ModelConfig, tuple[int, ...], int], nn.Sequential]
 MODELS: dict[str, ModelBuilder] = {}
@@ -28,13 +29,20 @@ def register_model(name: str) -> Callable[[ModelBuilder], ModelBuilder]:
     return wrap
 
 
-def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Sequential:
-    """The whole model with weights drawn from ``seed`` (on CPU; stages move themselves)."""
-    if cfg.name not in MODELS:
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
+    """The whole model with weights drawn from ``seed`` (on CPU; stages move themselves): a
+    built-in one, or the user's from ``model.factory``."""
+    make = import_function("model.factory", cfg.factory) if cfg.factory else None
+    if make is None and cfg.name not in MODELS:
         raise ConfigError(f"model.name = {cfg.name!r} is unknown; choose one of {', '.join(MODELS)}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+        if make is None:
+            return MODELS[cfg.name](cfg, tuple(input_shape), num_classes)
+        model = call("model.factory", make, cfg.factory_args)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"model.factory = {cfg.factory!r} returned a {type(model).__name__}; it must return an nn.Module")
+    return model
 
 
 def has_batchnorm(model: nn.Module) -> bool:

@@ -3,8 +3,10 @@
 An action is ``F3`` (forward microbatch 3), ``B3`` (backward), ``RECV_F3`` / ``SEND_F3``
 (activation in / out), ``RECV_B3`` / ``SEND_B3`` (gradient in / out), ``FIT3`` (fit a
 synthetic-gradient predictor on microbatch 3's arrived gradient: DNI's warm-up),
-``ALL_REDUCE`` (sum the gradients' squared norm over every stage, for clipping by the whole
-model's norm: a barrier of the whole pipe) or ``STEP`` (optimizer). One executor
+``REDUCE_TIED`` (sum the gradients of a weight tied across stages over the stages that hold it,
+so every copy takes the same update), ``ALL_REDUCE`` (sum the gradients' squared norm over every
+stage, for clipping by the whole model's norm: a barrier of the whole pipe) or ``STEP``
+(optimizer). One executor
 (``pipedni.schedules.executor``) runs any list; ``simulate`` checks a set of lists for
 completeness and deadlock without processes and ``format_grid`` prints the tick x stage grid:
 
@@ -23,8 +25,8 @@ LOCKED_PLANS = ("single", "naive", "gpipe", "1f1b")
 
 
 class Action(NamedTuple):
-    kind: str  # RECV_F, F, SEND_F, RECV_B, FIT, B, SEND_B, ALL_REDUCE, STEP
-    microbatch: int = -1  # -1: the whole batch (ALL_REDUCE, STEP)
+    kind: str  # RECV_F, F, SEND_F, RECV_B, FIT, B, SEND_B, REDUCE_TIED, ALL_REDUCE, STEP
+    microbatch: int = -1  # -1: the whole batch (REDUCE_TIED, ALL_REDUCE, STEP)
 
     def __str__(self) -> str:
         return self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
@@ -43,9 +45,10 @@ def _backward(stage: int, num_stages: int, m: int) -> list[Action]:
 
 
 def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
-                  reduce_norm: bool = False) -> list[Action]:
+                  reduce_norm: bool = False, reduce_tied: bool = False) -> list[Action]:
     """The ordered actions of ``stage`` for one training step (one batch) under ``schedule``;
-    with ``reduce_norm`` an ``ALL_REDUCE`` of the gradient norm precedes the ``STEP``."""
+    with ``reduce_norm`` an ``ALL_REDUCE`` of the gradient norm precedes the ``STEP``, with
+    ``reduce_tied`` (the stage holds a tied weight) a ``REDUCE_TIED`` precedes both."""
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} out of range for {num_stages} stages")
     n, m = num_stages, num_microbatches
@@ -72,7 +75,7 @@ def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: 
             acts += _backward(stage, n, mb)
     else:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(LOCKED_PLANS)}")
-    return acts + [Action("ALL_REDUCE")] * reduce_norm + [Action("STEP")]
+    return acts + [Action("REDUCE_TIED")] * reduce_tied + [Action("ALL_REDUCE")] * reduce_norm + [Action("STEP")]
 
 
 def with_fits(plan: list[Action]) -> list[Action]:
@@ -118,8 +121,8 @@ def simulate(plans: list[list[Action]]) -> list[list[str]]:
                         break
                     did_compute = True
                     grid[s].append(str(act))
-                elif act.kind in ("STEP", "FIT"):
-                    pass
+                elif act.kind in ("STEP", "FIT", "REDUCE_TIED"):
+                    pass  # REDUCE_TIED waits only for holders past their last message: it cannot block one
                 elif act.kind == "ALL_REDUCE":  # a collective: every stage must have reached its own
                     if not _all_reached(plans, pos, reduced, reduced[s]):
                         break

@@ -82,18 +82,42 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
+from pipedni.boundary import describe_spec, gradient_spec, value_bytes
 from pipedni.config import Config
 from pipedni.dni.input_link import METRICS as SI_METRICS
 from pipedni.dni.input_link import InputLink
 from pipedni.dni.link import METRICS, SyntheticLink
-from pipedni.errors import LaunchError
+from pipedni.errors import LaunchError, PartitionError
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.passes import EvalResult
-from pipedni.schedules.worker import Microbatch, Timers, Worker, grad_norm, split_batch
+from pipedni.schedules.worker import Microbatch, TiedSync, Timers, Worker, grad_norm, split_batch
 from pipedni.transport import Kind
 
 MODES = ("locked", "dni", "async")
+
+
+def check_decoupled(ctx: WorkerContext, boundaries: Sequence[str]) -> None:
+    """A boundary of several tensors (a split model's: see [Note: what crosses a boundary] in
+    split/stages.py) can be decoupled when one of its tensors needs a gradient: the synthetic
+    gradient, or the delayed true one, is that tensor's; masks, ids and other tensors without
+    one travel alongside. Synthetic inputs predict one tensor, so they need a bare one."""
+    stage, i = ctx.stage, ctx.stage.stage_index
+    for side, spec, mode in (("receives", ctx.shapes.input, boundaries[i - 1] if i > 0 else "locked"),
+                             ("sends", ctx.shapes.output, boundaries[i] if not stage.is_last else "locked")):
+        needing = [s for s in spec if s.requires_grad] if isinstance(spec, tuple) else [spec]
+        if mode != "locked" and len(needing) != 1:
+            raise PartitionError(
+                f"train.schedule = {ctx.cfg.train.schedule!r}: stage {i} {side} {len(spec)} tensors across a {mode} "
+                f"boundary, {len(needing)} of them needing a gradient, {describe_spec(spec)}; a decoupled boundary "
+                "learns one tensor's gradient: move model.split_points to where one such tensor crosses (masks "
+                "and ids may cross beside it), or use a locked schedule (gpipe, 1f1b)")
+    before = ctx.cfg.dni.for_boundary(i - 1) if i > 0 and boundaries[i - 1] == "dni" else None
+    if before is not None and before.synthetic_inputs and isinstance(ctx.shapes.input, tuple):
+        raise PartitionError(
+            f"dni.synthetic_inputs: stage {i} receives {len(ctx.shapes.input)} tensors, "
+            f"{describe_spec(ctx.shapes.input)}, but a synthetic input predicts one; turn synthetic inputs off "
+            "or cut where one tensor crosses")
 
 
 def delays(boundaries: Sequence[str], delay: int) -> list[int]:
@@ -125,6 +149,7 @@ class BoundaryWorker(Worker):
     def __init__(self, ctx: WorkerContext, boundaries: Sequence[str], microbatches: int):
         super().__init__(ctx)
         stage, cfg, i = self.stage, ctx.cfg, ctx.stage.stage_index
+        check_decoupled(ctx, boundaries)
         self.mode = None if stage.is_last else boundaries[i]
         d = delays(boundaries, cfg.delayed.delay)
         self.delay = d[i]
@@ -137,6 +162,7 @@ class BoundaryWorker(Worker):
             print(f"stage {i}: dni.fallback delayed needs stage {i - 1}'s boundary to be dni too (it is "
                   f"{boundaries[i - 1]}: stage {i - 1} waits for this stage's input gradient); frozen while "
                   "the predictor is untrusted", flush=True)
+        self.tied = TiedSync(stage, ctx.transport, cfg.train.tied_sync_every)
         self.stashing = cfg.delayed.weight_stashing
         self.predicting = cfg.delayed.weight_prediction
         if self.predicting and (self.delay or self.fallback):
@@ -192,6 +218,7 @@ class BoundaryWorker(Worker):
                 stats.extra["sg_untrusted"] = int(not trusted)
         elif not stage.is_last:
             stats.extra.update(staleness=self.delay, store_size=len(self.pending))
+        self.tied.after(step)
         return stats
 
     def _forward(self, step: int, mb: int, piece: Microbatch, at_once: bool, late: int,
@@ -233,7 +260,8 @@ class BoundaryWorker(Worker):
         stage = self.stage
         for mb, kept in enumerate(self.pending.pop(step)[1]):
             key = self._key(step, mb)
-            grad = timers.run("wait_grad", self.transport.recv, "next", Kind.GRADIENT, step, mb, self.shapes.output)
+            grad = timers.run("wait_grad", self.transport.recv, "next", Kind.GRADIENT, step, mb,
+                              gradient_spec(self.shapes.output))
             if kept.replay is not None:  # features replay: the forward again, on the current weights
                 timers.run("compute", stage.forward, key, kept.replay)
             if kept.fit is not None:  # dni warm-up or fallback: the predictor learns from every true gradient
@@ -266,6 +294,7 @@ class BoundaryWorker(Worker):
             self._update(timers)
         if self.link is not None:
             self.link.drain()
+        self.tied.sync()  # a checkpoint or the end: every copy the same
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
         """Catch up on every true input first: a stage upstream may be waiting, within the step
@@ -279,7 +308,7 @@ class BoundaryWorker(Worker):
         (graphs are metered by autograd)."""
         held = [t for _, kept in self.pending.values() for k in kept for t in (k.replay, *(k.fit or ()))]
         links = [link.held_bytes() for link in (self.link, self.inputs) if link is not None]
-        return sum(t.nbytes for t in held if t is not None) + sum(links)
+        return sum(map(value_bytes, held)) + sum(links)
 
     def extra_state(self) -> dict:
         """The predictor (with its optimizer and agreement), and the weights before the last

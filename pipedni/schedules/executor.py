@@ -12,10 +12,11 @@ from typing import Callable, Optional
 
 import torch
 
+from pipedni.boundary import gradient_spec
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.actions import Action, stage_actions, with_fits
 from pipedni.schedules.spec import WorkerContext
-from pipedni.schedules.worker import Microbatch, Timers, grad_norm, split_batch
+from pipedni.schedules.worker import Microbatch, Timers, grad_norm, split_batch, sum_tied
 from pipedni.transport import Kind
 
 # Called with (a microbatch's output, detached; the microbatch; the true gradient of that output).
@@ -32,7 +33,7 @@ class LockedExecutor:
         self.num_microbatches = 1 if schedule == "single" else num_microbatches
         self.whole_model_norm, self.fit = whole_model_norm, fit
         plan = stage_actions(schedule, stage.stage_index, stage.num_stages, num_microbatches,
-                             reduce_norm=stage.clips and whole_model_norm)
+                             reduce_norm=stage.clips and whole_model_norm, reduce_tied=bool(stage.tied))
         self.plan: list[Action] = with_fits(plan) if fit is not None else plan
         self._microbatches: list[Microbatch] = []
         self._received: dict[int, torch.Tensor] = {}
@@ -67,7 +68,7 @@ class LockedExecutor:
 
     def _do_recv_b(self, step: int, mb: int) -> None:
         recv = self.transport.recv
-        self._grads[mb] = self._timed("wait_grad", recv, "next", Kind.GRADIENT, step, mb, self.shapes.output)
+        self._grads[mb] = self._timed("wait_grad", recv, "next", Kind.GRADIENT, step, mb, gradient_spec(self.shapes.output))
 
     def _do_fit(self, step: int, mb: int) -> None:
         self._timed("compute", self.fit, self._outputs[mb], self._microbatches[mb], self._grads[mb])
@@ -78,6 +79,9 @@ class LockedExecutor:
 
     def _do_send_b(self, step: int, mb: int) -> None:
         self.transport.send("prev", Kind.GRADIENT, step, mb, self._grads.pop(mb))
+
+    def _do_reduce_tied(self, step: int, mb: int) -> None:
+        self._timed("compute", sum_tied, self.stage, self.transport)
 
     def _do_all_reduce(self, step: int, mb: int) -> None:
         self._norm = self._timed("compute", grad_norm, self.stage, self.transport)

@@ -9,9 +9,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from pipedni.boundary import StageShapes, TensorSpec
+from pipedni.boundary import PROBE_ROWS, StageShapes, TensorSpec, describe_spec, example, spec_of
 from pipedni.errors import PartitionError
-from pipedni.stage import Stage, loss_fn, num_correct
+from pipedni.stage import Stage, num_correct
 from pipedni.transport import Kind
 
 
@@ -23,13 +23,10 @@ class EvalResult:
 
 
 def probe_shapes(stage: Stage, transport, sample_spec: TensorSpec, num_classes: int) -> StageShapes:
-    """Pass a one-sample probe down the pipe: every stage learns what it receives and sends, and
+    """Pass a probe of ``PROBE_ROWS`` samples down the pipe: every stage learns what it receives and sends, and
     one that cannot take its neighbour's output (or a last stage whose output is no class
     scores) raises PartitionError at start-up, naming both stages."""
-    spec = sample_spec
-    if not stage.is_first:
-        probe = transport.recv("prev", Kind.SHAPE, 0, 0)
-        spec = TensorSpec(tuple(probe.shape), probe.dtype)
+    spec = sample_spec if stage.is_first else spec_of(transport.recv("prev", Kind.SHAPE, 0, 0))
     try:
         out = stage.probe(spec)
     except PartitionError:
@@ -37,15 +34,15 @@ def probe_shapes(stage: Stage, transport, sample_spec: TensorSpec, num_classes: 
     except Exception as err:  # the user's layers reject the input: name both stages
         source = "the data set" if stage.is_first else f"stage {stage.stage_index - 1}"
         raise PartitionError(
-            f"stage {stage.stage_index} cannot take the output of {source}, {spec.describe()}: "
+            f"stage {stage.stage_index} cannot take the output of {source}, {describe_spec(spec)}: "
             f"{type(err).__name__}: {str(err).splitlines()[0]}; move the cut (partition.balance)"
         ) from None
     if not stage.is_last:
-        transport.send("next", Kind.SHAPE, 0, 0, torch.zeros((1, *out.shape[1:]), dtype=out.dtype))
-    elif len(out.shape) < 2 or out.shape[-1] != num_classes:
+        transport.send("next", Kind.SHAPE, 0, 0, example(out, PROBE_ROWS, stage.device))
+    elif isinstance(out, tuple) or len(out.shape) < 2 or out.shape[-1] != num_classes:
         # [B, C] scores for one label per sample, [B, T, C] for one per position (see loss_fn)
         raise PartitionError(
-            f"the last stage (stage {stage.stage_index}) outputs {out.describe()} but the loss needs "
+            f"the last stage (stage {stage.stage_index}) outputs {describe_spec(out)} but the loss needs "
             f"[*, {num_classes}] class scores on the last dimension; end the model with a layer of "
             f"{num_classes} outputs"
         )
@@ -69,7 +66,7 @@ def evaluate(stage: Stage, transport, shapes: StageShapes, eval_id: int,
                 transport.send("next", Kind.EVAL, eval_id, b, out)
                 continue
             targets = targets.to(stage.device)
-            loss_sum += float(loss_fn(out, targets, reduction="sum"))
+            loss_sum += float(stage.loss(out, targets)) * targets.numel()  # the mean over every label
             correct += num_correct(out, targets)
             count += targets.numel()
     finally:

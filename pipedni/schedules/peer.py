@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from pipedni.boundary import TensorSpec
+from pipedni.boundary import Spec, Value, example, gradient_spec
 from pipedni.config import Config
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
-from pipedni.schedules.worker import Worker, grad_norm
+from pipedni.schedules.worker import Worker, grad_norm, sum_tied
 from pipedni.stage import loss_fn
 
 
@@ -44,9 +44,17 @@ class _TimedStage(PipelineStage):
             self.compute_sec += time.perf_counter() - start
 
 
-def _example(spec: TensorSpec, rows: int, device: torch.device, requires_grad: bool) -> torch.Tensor:
-    """A microbatch-shaped example; torch reads from requires_grad which gradients travel back."""
-    return torch.empty((rows, *spec.shape[1:]), dtype=spec.dtype, device=device, requires_grad=requires_grad)
+def _example(spec: Spec, rows: int, device: torch.device, requires_grad: bool) -> Value:
+    """A microbatch-shaped example; torch reads from requires_grad which gradients travel back
+    (in a tuple, those of the tensors that need one)."""
+    value = example(spec, rows, device)
+    if isinstance(value, tuple):
+        return value if requires_grad else tuple(t.detach() for t in value)
+    return value.requires_grad_(requires_grad)
+
+
+def _num_bytes(spec: Spec, rows: int) -> int:
+    return sum(s.num_bytes(rows) for s in (spec if isinstance(spec, tuple) else (spec,)))
 
 
 class PeerWorker(Worker):
@@ -63,8 +71,8 @@ class PeerWorker(Worker):
         self.schedule = schedule(self.pipe, m, loss_fn=loss_fn)
         # What torch's schedule sends per step: M activations forward (but the last stage) and M
         # input gradients backward (but the first); torch keeps no byte counters of its own.
-        out_bytes = 0 if stage.is_last else shapes.output.num_bytes(rows)
-        in_bytes = 0 if stage.is_first else shapes.input.num_bytes(rows)
+        out_bytes = 0 if stage.is_last else _num_bytes(shapes.output, rows)
+        in_bytes = 0 if stage.is_first else _num_bytes(gradient_spec(shapes.input), rows)
         self.bytes_per_step = m * (out_bytes + in_bytes)
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
@@ -75,6 +83,7 @@ class PeerWorker(Worker):
         target = targets.to(stage.device) if stage.is_last else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         step_start = time.perf_counter()
+        sum_tied(stage, self.transport)
         norm = grad_norm(stage, self.transport)  # the whole model's, as pipedni's locked schedules
         stage.step(norm)  # same clipping, optimizer and LR schedule as pipedni's schedules
         end = time.perf_counter()

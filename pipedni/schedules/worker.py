@@ -69,6 +69,48 @@ def split_batch(stage: Stage, inputs: Optional[torch.Tensor], targets: torch.Ten
     return [Microbatch(x, t, t.shape[0] / targets.shape[0]) for x, t in zip(xs, pieces)]
 
 
+def sum_tied(stage: Stage, transport) -> None:
+    """Each tied weight's gradient summed over the stages that hold it (``REDUCE_TIED``): the
+    gradient one process would accumulate on the one parameter, on every copy."""
+    for weight in stage.tied:
+        param = stage.module.get_parameter(weight.name)
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        transport.all_reduce(param.grad, group=weight.group)
+
+
+class TiedSync:
+    """Decoupled schedules' tied weights (``train.tied_sync_every``): each copy trains on its
+    own stage's gradients, and every ``every`` steps (and before a checkpoint) each copy takes
+    the sum of every copy's updates since the last sync: with plain SGD and ``every`` = 1, the
+    update one process makes from the summed gradient. The holders meet in a collective then,
+    the first stage waiting for the last to finish the same step."""
+
+    def __init__(self, stage: Stage, transport, every: int):
+        self.stage, self.transport, self.every = stage, transport, every
+        self.base = {w.name: stage.module.get_parameter(w.name).detach().clone() for w in stage.tied}
+
+    def after(self, step: int) -> None:
+        if self.base and (step + 1) % self.every == 0:
+            self.sync()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """The copies are equal now (a locked step summed their gradients): count updates from here."""
+        for name, base in self.base.items():
+            base.copy_(self.stage.module.get_parameter(name))
+
+    @torch.no_grad()
+    def sync(self) -> None:
+        """Every holder at once (a collective of the holders)."""
+        for weight in self.stage.tied:
+            param, base = self.stage.module.get_parameter(weight.name), self.base[weight.name]
+            delta = param - base
+            self.transport.all_reduce(delta, group=weight.group)
+            param.copy_(base + delta)
+            base.copy_(param)
+
+
 def grad_norm(stage: Stage, transport=None) -> Optional[float]:
     """The gradient norm ``Stage.step`` clips by: None when clipping is off; this stage's alone,
     or the whole model's when given the transport (an all-reduce over every stage)."""

@@ -1,0 +1,104 @@
+"""Cutting the model into this run's stages, alike on every rank: ``partition`` for an
+``nn.Sequential`` (by balance, parameters or measured time), ``pipedni.split`` for any other
+model or for named split points; and where the cut was made, for the saved config."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Optional, TypeVar
+
+import torch.distributed as dist
+from torch import nn
+
+from pipedni import data as datasets
+from pipedni.config import Config
+from pipedni.errors import ConfigError, PipeDNIError
+from pipedni.partition import describe, partition
+from pipedni.partition_cost import time_balance
+from pipedni.runtime import Runtime
+from pipedni.schedules import registry
+from pipedni.split import split
+from pipedni.split.cuts import parse_points
+from pipedni.stage import TiedWeight
+
+T = TypeVar("T")
+
+
+def from_rank_zero(runtime: Runtime, compute: Callable[[], T]) -> T:
+    """``compute()`` run by rank 0 alone and broadcast; its error, if any, is raised on every rank."""
+    box: list = [None]
+    error: Optional[Exception] = None
+    if runtime.rank == 0:
+        try:
+            box[0] = compute()
+        except Exception as err:  # the other ranks wait in the broadcast: they must learn of it
+            error = err
+            box[0] = err if isinstance(err, PipeDNIError) else RuntimeError(f"stage 0 failed: {err!r}")
+    if runtime.distributed:
+        dist.broadcast_object_list(box, src=0)
+    if error is not None:
+        raise error
+    if isinstance(box[0], Exception):
+        raise box[0]
+    return box[0]
+
+
+def partition_method(cfg: Config, num_stages: int) -> str:
+    """``partition.method`` with ``auto`` resolved: ``time`` for a decoupled schedule on several
+    stages (its stages pay what a parameter count cannot see: predictors, weight copies), else
+    ``parameters`` (a split that does not depend on timing)."""
+    if cfg.partition.method != "auto":
+        return cfg.partition.method
+    return "time" if num_stages > 1 and not registry.get(cfg.train.schedule).locked else "parameters"
+
+
+@dataclass
+class Cut:
+    """This run's stages, cut alike on every rank: what rank 0 prints about them; ``cfg``
+    recording where they were cut, so that a rerun from the saved config cuts alike without
+    measuring or choosing (a balance or split points the user gave are kept as given); and the
+    parameters held by several stages, as (stage, name) holders (see ``pipedni.split``)."""
+
+    stages: list[nn.Module]
+    description: str
+    cfg: Config
+    tied: list[list[tuple[int, str]]] = dataclasses.field(default_factory=list)
+
+    def tied_weights(self, stage_index: int) -> list[TiedWeight]:
+        """The tied parameters ``stage_index`` holds: its name for each, its group, and whether
+        it counts the weight in the gradient norm (the first holder does)."""
+        return [TiedWeight(name, group, stage_index == holders[0][0], len(holders))
+                for group, holders in enumerate(self.tied) for s, name in holders if s == stage_index]
+
+
+def cut_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: datasets.Dataset) -> Cut:
+    """The ``Cut`` of ``model`` for this run: ``partition`` for an ``nn.Sequential``,
+    ``pipedni.split`` for any other model or named split points."""
+    n = runtime.num_stages
+    if cfg.model.split_points or not isinstance(model, nn.Sequential):
+        return split_model(cfg, n, model, train_set)
+    balance = cfg.partition.balance if n > 1 else None
+    method, note = partition_method(cfg, n), ""
+    if balance is None and method == "time" and 1 < n <= len(model):
+        balance, note = from_rank_zero(runtime, lambda: time_balance(cfg, model, train_set, runtime.device, n))
+    stages = partition(model, n, balance, method)
+    if n > 1 and cfg.partition.balance is None:
+        cfg = dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=[len(s) for s in stages]))
+    return Cut(stages, "\n".join(filter(None, [describe(stages), note])), cfg)
+
+
+def split_model(cfg: Config, num_stages: int, model: nn.Module, train_set: datasets.Dataset) -> Cut:
+    """``cut_model`` for a model that is not an ``nn.Sequential`` (or is cut at named modules):
+    ``pipedni.split`` on one microbatch of the training set."""
+    if cfg.partition.balance is not None:
+        raise ConfigError(f"partition.balance = {cfg.partition.balance} counts the layers of an nn.Sequential; cut "
+                          f"{type(model).__name__} with model.split_points (module names) instead")
+    rows = max(2, cfg.data.batch_size // max(1, cfg.train.microbatches))  # export: a batch of 1 would be fixed
+    method = cfg.partition.method if cfg.partition.method in ("uniform", "parameters") else "parameters"
+    parse_points(model, cfg.model.split_points)  # a name that is no module is a mistake, however many stages
+    points = cfg.model.split_points if num_stages > 1 else []  # one process runs the whole model
+    plan = split(model, num_stages, train_set.inputs[:rows], points or None, method)
+    if num_stages > 1 and not cfg.model.split_points:
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, split_points=[p for p, _ in plan.split_points]))
+    return Cut(plan.stages, plan.describe(), cfg, plan.tied)
