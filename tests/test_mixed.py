@@ -33,7 +33,7 @@ from pipedni.optim import build_optimizer, build_scheduler
 from pipedni.partition import partition
 from pipedni.runtime import Runtime
 from pipedni.schedules import registry
-from pipedni.schedules.boundaries import delays
+from pipedni.schedules.boundary_rules import delays
 from pipedni.stage import loss_fn
 from test_dni import assert_every_message_received, read_steps
 

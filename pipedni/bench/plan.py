@@ -68,7 +68,7 @@ def parse_counts(text: str, what: str) -> list[int]:
 
 def parse_boundaries(text: str, modes: list[str], num_stages: int) -> list[str]:
     """``--boundaries locked,dni,...``: one mode per boundary, required by (and only by) ``mixed``."""
-    from pipedni.schedules.boundaries import MODES as BOUNDARY_MODES
+    from pipedni.schedules.boundary_rules import MODES as BOUNDARY_MODES
 
     boundaries = [b.strip() for b in text.split(",") if b.strip()]
     if "mixed" not in modes:

@@ -205,7 +205,8 @@ def _validate_checkpoint(cfg: Config) -> None:
 def _validate_boundaries(cfg: Config) -> None:
     """Boundary modes name real modes and are read only by ``mixed`` (their count is checked
     against the stages at launch)."""
-    from pipedni.schedules.boundaries import MODES, MIXED
+    from pipedni.schedules.boundaries import MIXED
+    from pipedni.schedules.boundary_rules import MODES
 
     modes = cfg.train.boundaries
     for i, mode in enumerate(modes):

@@ -55,7 +55,7 @@ class SyntheticLink:
         self.transport, self.cfg = ctx.transport, cfg
         self.gradient: Spec = gradient_spec(ctx.shapes.output)  # what a true gradient message carries
         # A boundary of several tensors (pipedni.split) learns the gradient of the one that needs
-        # one (the others, masks and ids, need none): see check_decoupled in schedules/boundaries.py.
+        # one (the others, masks and ids, need none): see check_decoupled in schedules/boundary_rules.py.
         self.index = trained_index(ctx.shapes.output)
         self.sg = make_predictor(ctx, cfg, microbatches)
         self.store: OrderedDict[int, dict[int, Entry]] = OrderedDict()  # step -> {microbatch: entry}

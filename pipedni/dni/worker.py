@@ -35,7 +35,8 @@ import torch
 from pipedni.config import Config
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.boundaries import DNI_METRICS, BoundaryWorker, check_synthetic_inputs, dni_copies
+from pipedni.schedules.boundaries import DNI_METRICS, BoundaryWorker, dni_copies
+from pipedni.schedules.boundary_rules import check_synthetic_inputs
 from pipedni.schedules.executor import LockedExecutor
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Microbatch

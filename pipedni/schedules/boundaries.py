@@ -82,58 +82,17 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from pipedni.boundary import describe_spec, gradient_spec, value_bytes
+from pipedni.boundary import gradient_spec, value_bytes
 from pipedni.config import Config
 from pipedni.dni.input_link import METRICS as SI_METRICS
 from pipedni.dni.input_link import InputLink
 from pipedni.dni.link import METRICS, SyntheticLink
-from pipedni.errors import LaunchError, PartitionError
 from pipedni.metrics.records import StepStats
+from pipedni.schedules.boundary_rules import check_decoupled, check_mixed, delays, fallback_delay
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.passes import EvalResult
 from pipedni.schedules.worker import Microbatch, TiedSync, Timers, Worker, grad_norm, split_batch
 from pipedni.transport import Kind
-
-MODES = ("locked", "dni", "async")
-
-
-def check_decoupled(ctx: WorkerContext, boundaries: Sequence[str]) -> None:
-    """A boundary of several tensors (a split model's: see [Note: what crosses a boundary] in
-    split/stages.py) can be decoupled when one of its tensors needs a gradient: the synthetic
-    gradient, or the delayed true one, is that tensor's; masks, ids and other tensors without
-    one travel alongside. Synthetic inputs predict one tensor, so they need a bare one."""
-    stage, i = ctx.stage, ctx.stage.stage_index
-    for side, spec, mode in (("receives", ctx.shapes.input, boundaries[i - 1] if i > 0 else "locked"),
-                             ("sends", ctx.shapes.output, boundaries[i] if not stage.is_last else "locked")):
-        needing = [s for s in spec if s.requires_grad] if isinstance(spec, tuple) else [spec]
-        if mode != "locked" and len(needing) != 1:
-            raise PartitionError(
-                f"train.schedule = {ctx.cfg.train.schedule!r}: stage {i} {side} {len(spec)} tensors across a {mode} "
-                f"boundary, {len(needing)} of them needing a gradient, {describe_spec(spec)}; a decoupled boundary "
-                "learns one tensor's gradient: move model.split_points to where one such tensor crosses (masks "
-                "and ids may cross beside it), or use a locked schedule (gpipe, 1f1b)")
-    before = ctx.cfg.dni.for_boundary(i - 1) if i > 0 and boundaries[i - 1] == "dni" else None
-    if before is not None and before.synthetic_inputs and isinstance(ctx.shapes.input, tuple):
-        raise PartitionError(
-            f"dni.synthetic_inputs: stage {i} receives {len(ctx.shapes.input)} tensors, "
-            f"{describe_spec(ctx.shapes.input)}, but a synthetic input predicts one; turn synthetic inputs off "
-            "or cut where one tensor crosses")
-
-
-def delays(boundaries: Sequence[str], delay: int) -> list[int]:
-    """Each stage's delay d_i, in steps, for boundary modes ``boundaries`` (stage i -> i+1)."""
-    d = [0]
-    for mode in reversed(boundaries):
-        d.append({"locked": d[-1], "async": d[-1] + delay, "dni": 0}[mode])
-    return d[::-1]
-
-
-def fallback_delay(boundaries: Sequence[str], i: int, d: Sequence[int], fallback: str) -> int:
-    """Steps after its forward that dni stage ``i`` updates from the true gradient while its
-    predictor is untrusted: 1 + d_{i+1} (0: frozen instead). See [Note: the untrusted fallback]."""
-    possible = i == 0 or boundaries[i - 1] == "dni"
-    return 1 + d[i + 1] if fallback == "delayed" and possible else 0
-
 
 @dataclass
 class _Kept:
@@ -337,58 +296,6 @@ def _build_async(ctx: WorkerContext) -> BoundaryWorker:
 
 def _build_mixed(ctx: WorkerContext) -> BoundaryWorker:
     return BoundaryWorker(ctx, ctx.cfg.train.boundaries, ctx.cfg.train.microbatches)
-
-
-def check_synthetic_inputs(cfg: Config, modes: Sequence[str]) -> None:
-    """A stage predicts its input only across a dni boundary, and updates at once after it: it
-    is the last stage or its own boundary is dni too."""
-    for i, mode in enumerate(modes):
-        if not cfg.dni.for_boundary(i).synthetic_inputs:
-            continue
-        where = f"dni.synthetic_inputs on boundary {i} (stage {i} -> {i + 1})"
-        if mode != "dni":
-            raise LaunchError(f"{where}: the boundary is {mode}, but stage {i + 1} may skip the wait for its input "
-                              f"only across a dni boundary; make train.boundaries[{i}] dni or set "
-                              f"dni.boundaries[{i}].synthetic_inputs=false")
-        if i + 1 < len(modes) and modes[i + 1] != "dni":
-            raise LaunchError(f"{where}: stage {i + 1} trains on a predicted input only if it updates at once, but "
-                              f"its own boundary is {modes[i + 1]}; make train.boundaries[{i + 1}] dni or set "
-                              f"dni.boundaries[{i}].synthetic_inputs=false")
-
-
-def check_mixed(cfg: Config, num_stages: int) -> None:
-    """The boundary list fits the stages, and every dni boundary can wait as long as it must."""
-    modes = cfg.train.boundaries
-    if len(modes) != num_stages - 1:
-        raise LaunchError(
-            f"train.boundaries = {modes} has {len(modes)} entries but {num_stages} stages have {num_stages - 1} "
-            f"boundaries; give one mode (locked, dni or async) per boundary stage i -> i+1")
-    check_synthetic_inputs(cfg, modes)
-    d = delays(modes, cfg.delayed.delay)
-    for i, mode in enumerate(modes):
-        where = f"train.boundaries[{i}] = dni (stage {i} -> {i + 1})"
-        late = fallback_delay(modes, i, d, cfg.dni.for_boundary(i).fallback) if mode == "dni" else 0
-        if i > 0 and late > cfg.dni.max_staleness:
-            raise LaunchError(f"{where}: while its predictor is untrusted stage {i} sends stage {i - 1} its gradients "
-                              f"{late} steps late (dni.fallback: delayed), but dni.max_staleness = "
-                              f"{cfg.dni.max_staleness}; set --dni.max_staleness={late} or more, or "
-                              f"dni.boundaries[{i}].fallback: frozen")
-        if mode != "dni" or d[i + 1] == 0:
-            continue
-        late = f"stage {i + 1} returns gradients {d[i + 1]} step(s) late (async boundaries after it)"
-        staleness = cfg.dni.max_staleness
-        if staleness < d[i + 1]:
-            raise LaunchError(f"{where}: {late}, but dni.max_staleness = {staleness}; "
-                              f"set --dni.max_staleness={d[i + 1]} or more")
-        if cfg.dni.for_boundary(i).warmup_steps > 0:
-            raise LaunchError(f"{where}: {late}, so it cannot warm up locked (dni.warmup_steps = "
-                              f"{cfg.dni.for_boundary(i).warmup_steps}); set its warmup_steps to 0 or make "
-                              "the boundaries after it locked or dni")
-    in_flight = (max(d[i] - d[i + 1] for i in range(num_stages - 1)) + 1) * cfg.train.microbatches
-    if in_flight + 1 > cfg.dist.queue_size:
-        raise LaunchError(f"train.boundaries = {modes} keeps up to {in_flight} messages in flight per direction, "
-                          f"more than dist.queue_size = {cfg.dist.queue_size} holds; raise dist.queue_size to "
-                          f"at least {in_flight + 1}")
 
 
 def _dni_boundaries(cfg: Config, num_stages: int) -> tuple[int, ...]:

@@ -19,7 +19,7 @@ from pipedni.sim.costs import PipelineCost
 from pipedni.sim.replay import StageTrace, replay
 from pipedni.sim.streams import (DECOUPLED, DEFAULT_DELAY, DEFAULT_MAX_STALENESS, SCHEDULES, boundary_modes,
                                  effective_microbatches, pipeline_streams)
-from pipedni.schedules.boundaries import delays
+from pipedni.schedules.boundary_rules import delays
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ Locked schedules repeat ``stage_actions`` every step; decoupled ones come from
 
 [Note: the decoupled stream]
 ``decoupled_stream`` mirrors ``BoundaryWorker.train_step`` (schedules/boundaries.py) with every
-dni predictor trusted. At step t stage i, with delay d_i (``boundaries.delays``), runs for each
+dni predictor trusted. At step t stage i, with delay d_i (``boundary_rules.delays``), runs for each
 microbatch: RECV_F (not stage 0), F, SEND_F (not the last stage); on the last stage B and
 SEND_B at once; across a dni boundary SG (the predictor), B and SEND_B at once. Then an update
 (STEP) if it backpropagated at once, else the true backward of step s = t - d_i (RECV_B, B,
@@ -29,7 +29,7 @@ from typing import Iterator, NamedTuple, Sequence
 from pipedni.config.sections import DelayedConfig, DNIConfig
 from pipedni.errors import ConfigError
 from pipedni.schedules.actions import LOCKED_PLANS, stage_actions
-from pipedni.schedules.boundaries import MODES, delays
+from pipedni.schedules.boundary_rules import MODES, delays
 
 DECOUPLED = ("dni", "cdni", "async", "mixed")  # cdni: dni whose predictor sees labels (its cost, profiled)
 SCHEDULES = tuple(p for p in LOCKED_PLANS if p != "single") + DECOUPLED
