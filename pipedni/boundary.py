@@ -4,6 +4,7 @@ split/stages.py)."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Union
@@ -22,12 +23,14 @@ class TensorSpec:
     dtype: torch.dtype
     requires_grad: bool = False  # in a tuple: the tensor needs a gradient (a bare one always gets one)
     batched: bool = True  # in a tuple: the first dimension is the batch's (a rotary table is not)
+    name: str = ""  # in a tuple of a split model: the tensor's name in the model's graph (for messages)
 
     def matches(self, shape: tuple[int, ...], dtype: torch.dtype) -> bool:
         return dtype == self.dtype and tuple(shape[1:]) == tuple(self.shape[1:])
 
     def describe(self) -> str:
-        return f"[{', '.join(['*', *map(str, self.shape[1:])])}] {str(self.dtype).replace('torch.', '')}"
+        shape = f"[{', '.join(['*', *map(str, self.shape[1:])])}] {str(self.dtype).replace('torch.', '')}"
+        return f"{self.name} {shape}" if self.name else shape
 
     def num_bytes(self, rows: int) -> int:
         """Payload bytes of ``rows`` samples of this spec (of the tensor as it is, if not batched)."""
@@ -58,6 +61,13 @@ def example(spec: Spec, rows: int, device: torch.device) -> Value:
         return tuple(torch.zeros((rows, *s.shape[1:]) if s.batched else s.shape, dtype=s.dtype, device=device)
                      .requires_grad_(s.requires_grad) for s in spec)
     return torch.zeros((rows, *spec.shape[1:]), dtype=spec.dtype, device=device)
+
+
+def named(spec: Spec, names: Sequence[str]) -> Spec:
+    """A tuple's specs with the names of its tensors (a split model's boundary), for messages."""
+    if not isinstance(spec, tuple) or len(names) != len(spec):
+        return spec
+    return tuple(dataclasses.replace(s, name=name) for s, name in zip(spec, names))
 
 
 def gradient_spec(spec: Spec) -> Spec:

@@ -12,6 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 from pipedni import data as datasets
+from pipedni.boundary import StageShapes, named
 from pipedni.config import Config
 from pipedni.errors import ConfigError, PipeDNIError
 from pipedni.partition import describe, partition
@@ -64,6 +65,15 @@ class Cut:
     description: str
     cfg: Config
     tied: list[list[tuple[int, str]]] = dataclasses.field(default_factory=list)
+    boundary_names: list[list[str]] = dataclasses.field(default_factory=list)  # per cut, what crosses it
+
+    def shapes_named(self, stage_index: int, shapes: StageShapes) -> StageShapes:
+        """The probed shapes of ``stage_index`` with the names of the tensors crossing its cuts."""
+        if not self.boundary_names:
+            return shapes
+        before = self.boundary_names[stage_index - 1] if stage_index > 0 else []
+        after = self.boundary_names[stage_index] if stage_index < len(self.boundary_names) else []
+        return StageShapes(named(shapes.input, before), named(shapes.output, after))
 
     def tied_weights(self, stage_index: int) -> list[TiedWeight]:
         """The tied parameters ``stage_index`` holds: its name for each, its group, and whether
@@ -101,4 +111,4 @@ def split_model(cfg: Config, num_stages: int, model: nn.Module, train_set: datas
     plan = split(model, num_stages, train_set.inputs[:rows], points or None, method)
     if num_stages > 1 and not cfg.model.split_points:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, split_points=[p for p, _ in plan.split_points]))
-    return Cut(plan.stages, plan.describe(), cfg, plan.tied)
+    return Cut(plan.stages, plan.describe(), cfg, plan.tied, [[t.name for t in b] for b in plan.boundaries])

@@ -93,7 +93,7 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, st
                   cut.tied_weights(i), loss)
     transport = build_transport(cfg, runtime, cut.tied)
     sample_spec = TensorSpec((1, *train_set.inputs.shape[1:]), train_set.inputs.dtype)
-    shapes = probe_shapes(stage, transport, sample_spec, train_set.num_classes)
+    shapes = cut.shapes_named(i, probe_shapes(stage, transport, sample_spec, train_set.num_classes))
     ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]),
                         sample_spec)
     return spec.build(ctx)

@@ -137,3 +137,21 @@ def images(n_train: int = 240, n_test: int = 60, num_classes: int = 10, seed: in
 
 def not_data():
     return torch.zeros(3)
+
+
+class Ragged(nn.Module):
+    """A boundary tensor whose width follows the batch size (so it changes between the probe's
+    batch and the training microbatches): what the receiving stage must refuse by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.narrow, self.b = nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.a(x)
+        ragged = self.narrow(h[:, : x.shape[0] % 4 + 1])  # crosses a cut before b: used after it
+        return self.b(h) + ragged.sum(dim=1, keepdim=True)
+
+
+def ragged() -> Ragged:
+    return Ragged()

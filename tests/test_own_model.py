@@ -229,3 +229,17 @@ def test_the_script_route_under_torchrun_equals_one_process_with_its_own_data_an
     assert "test accuracy" in piped.stdout and "test accuracy" in alone.stdout
     assert_same_parameters(merge_checkpoints(tmp_path / "piped"), merge_checkpoints(tmp_path / "alone"), "script route")
     assert "loss: __main__:smoothed" in (tmp_path / "piped" / "config.yaml").read_text()
+
+
+def _ragged(rank: int, world_size: int, root: str) -> None:
+    runtime = Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
+    Trainer(make_config(Path(root), "gpipe", 2, "--model.factory=own_models:ragged", "--data.synthetic_shape=[8]",
+                        "--model.split_points=[b]"), runtime).fit()
+
+
+def test_a_boundary_tensor_whose_shape_changes_between_batches_is_refused_by_name(tmp_path):
+    results = run_distributed(_ragged, 2, str(tmp_path), timeout=120, allow_failures=True)
+    errors = [str(r.error) for r in results if isinstance(r, RankFailed) and not getattr(r.error, "neighbour_lost", False)]
+    assert errors and "stage 1/2 expected activation of step 0 microbatch 0 from stage 0 as (" in errors[0]
+    assert "narrow [*, 3] float32" in errors[0] and "but stage 0 sent (" in errors[0]
+
