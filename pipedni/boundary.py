@@ -82,16 +82,17 @@ def num_tensors(spec: Spec) -> int:
     return len(spec) if isinstance(spec, tuple) else 1
 
 
-def trained_index(spec: Spec) -> Optional[int]:
-    """Where in a tuple the tensor a decoupled boundary learns the gradient of sits: the one
-    tensor that needs a gradient (None for a bare tensor). Callers check there is one."""
+def trained_indices(spec: Spec) -> Optional[list[int]]:
+    """Where in a tuple the tensors a decoupled boundary learns the gradients of sit: those that
+    need a gradient (None for a bare tensor)."""
     if not isinstance(spec, tuple):
         return None
-    return next(i for i, s in enumerate(spec) if s.requires_grad)
+    return [i for i, s in enumerate(spec) if s.requires_grad]
 
 
-def trained_spec(spec: Spec) -> TensorSpec:
-    return spec if isinstance(spec, TensorSpec) else spec[trained_index(spec)]
+def trained_specs(spec: Spec) -> list[TensorSpec]:
+    """The specs of the tensors a decoupled boundary learns the gradients of."""
+    return [spec] if isinstance(spec, TensorSpec) else [spec[i] for i in trained_indices(spec)]
 
 
 def value_bytes(value: Optional[Value]) -> int:

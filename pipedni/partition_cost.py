@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 import torch
 from torch import nn
 
-from pipedni.boundary import StageShapes, TensorSpec
+from pipedni.boundary import TensorSpec
 from pipedni.config import Config, DNIConfig, OptimConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import BUDGET, median_sec, predictor_sec
@@ -235,7 +235,6 @@ def _one_predictor_sec(spec: TensorSpec, option: DNIConfig, num_classes: int, ba
     try:
         trainer = SyntheticGradientTrainer(feature_shape, num_classes, option, device, batch_size,
                                            labels_per_sample(feature_shape))
-        shapes = StageShapes(spec, spec)
-        return min(predictor_sec(trainer, shapes, rows, labels_shape, device) for _ in range(ROUNDS)), ""
+        return min(predictor_sec(trainer, spec, rows, labels_shape, device) for _ in range(ROUNDS)), ""
     except ConfigError as err:  # this kind cannot serve this boundary: no stage may end here
         return math.inf, str(err)

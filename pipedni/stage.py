@@ -144,7 +144,9 @@ class Stage:
         per input that needs it; None on the first stage)."""
         out, x = self.outputs.pop(mb), self.inputs.pop(mb)
         if isinstance(out, tuple):
-            torch.autograd.backward([o for o in out if o.requires_grad], list(grad))
+            needing = [o for o in out if o.requires_grad]
+            if needing:  # else nothing this stage computed reaches the next one's loss
+                torch.autograd.backward(needing, list(grad))
         else:
             out.backward(grad)
         stash = self.stashes.pop(mb, None)

@@ -155,3 +155,21 @@ class Ragged(nn.Module):
 
 def ragged() -> Ragged:
     return Ragged()
+
+
+class Bucketed(nn.Module):
+    """Its first part computes integer ids alone: a cut before the embedding carries nothing
+    that needs a gradient."""
+
+    def __init__(self, num_classes: int = 10):
+        super().__init__()
+        self.embed, self.head = nn.Embedding(2, 4), nn.Linear(16, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = (x[:, :4] > 0).long()
+        return self.head(self.embed(ids).flatten(1))
+
+
+def bucketed() -> Bucketed:
+    return Bucketed()
+

@@ -29,8 +29,8 @@ def test_a_cheaper_stage_gets_a_cheaper_predictor():
     small = _stage(nn.Linear(WIDTH, WIDTH))
     large = _stage(nn.Linear(WIDTH, 4096), nn.ReLU(), nn.Linear(4096, 4096), nn.ReLU(), nn.Linear(4096, 4096),
                    nn.ReLU(), nn.Linear(4096, WIDTH))
-    cheap, line = choose(small, _shapes(WIDTH), cfg, 10, 128, 1, ())
-    rich, rich_line = choose(large, _shapes(WIDTH), cfg, 10, 128, 1, ())
+    cheap, line = choose(small, _shapes(WIDTH), _shapes(WIDTH).output, cfg, 10, 128, 1, ())
+    rich, rich_line = choose(large, _shapes(WIDTH), _shapes(WIDTH).output, cfg, 10, 128, 1, ())
     assert cheap.cfg.kind in ("lowrank", "linear") and rich.cfg.kind == "mlp", (line, rich_line)
     assert f"dni.kind auto -> {cheap.cfg.kind}, the cheapest" in line and "mlp" in line  # says what it tried
     assert all(not p.detach().any() for p in cheap.model.net[-1].parameters())  # a fresh, zero-output one

@@ -65,7 +65,7 @@ class _Timed:
             if dni.kind == "auto":
                 shapes = StageShapes(TensorSpec(tuple(self.xs[0].shape), self.xs[0].dtype),
                                      TensorSpec(tuple(self.outs[0].shape), self.outs[0].dtype))
-                self.sg, _ = choose(self.stage, shapes, dni, num_classes, cfg.data.batch_size,
+                self.sg, _ = choose(self.stage, shapes, shapes.output, dni, num_classes, cfg.data.batch_size,
                                     cfg.dni.microbatches, tuple(self.ys[0].shape[1:]))
             else:
                 self.sg = SyntheticGradientTrainer(shape, num_classes, dni, self.stage.device,

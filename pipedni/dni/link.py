@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from pipedni.boundary import Spec, Value, gradient_spec, trained_index, trained_spec
+from pipedni.boundary import Spec, TensorSpec, Value, gradient_spec, trained_indices, trained_specs
 from pipedni.config import DNIConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose
@@ -28,7 +28,7 @@ from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Timers
 from pipedni.transport import Kind
 
-Entry = tuple[torch.Tensor, Optional[torch.Tensor]]  # a microbatch's output and its labels (cDNI)
+Entry = tuple[list[torch.Tensor], Optional[torch.Tensor]]  # a microbatch's trained outputs and its labels (cDNI)
 
 
 class FitLog:
@@ -49,15 +49,19 @@ class FitLog:
 
 class SyntheticLink:
     """The predictor of the boundary after ``ctx.stage`` and the store of steps awaiting their
-    true gradients (oldest first)."""
+    true gradients (oldest first).
+
+    A boundary of several tensors (a model cut by pipedni.split) has a predictor for each tensor
+    that needs a gradient (a hidden state, a skip), each fitted on that tensor's true gradient;
+    the others (masks, ids) need none. One predictor per tensor, not one over their
+    concatenation: the tensors differ in shape (a feature map beside a vector), and each gets
+    the predictor kind that fits it. The stage trusts the link when it trusts every predictor."""
 
     def __init__(self, ctx: WorkerContext, cfg: DNIConfig, microbatches: int):
         self.transport, self.cfg = ctx.transport, cfg
         self.gradient: Spec = gradient_spec(ctx.shapes.output)  # what a true gradient message carries
-        # A boundary of several tensors (pipedni.split) learns the gradient of the one that needs
-        # one (the others, masks and ids, need none): see check_decoupled in schedules/boundary_rules.py.
-        self.index = trained_index(ctx.shapes.output)
-        self.sg = make_predictor(ctx, cfg, microbatches)
+        self.indices = trained_indices(ctx.shapes.output)  # None: a bare tensor
+        self.sgs = [make_predictor(ctx, cfg, microbatches, spec) for spec in trained_specs(ctx.shapes.output)]
         self.store: OrderedDict[int, dict[int, Entry]] = OrderedDict()  # step -> {microbatch: entry}
         self.log, self.step = FitLog(), 0
 
@@ -69,23 +73,26 @@ class SyntheticLink:
         return targets if self.cfg.condition_on_labels else None
 
     def predict(self, h: Value, labels: Optional[torch.Tensor]) -> Value:
-        """The synthetic gradient of ``h`` (of its trained tensor, as the gradient message would carry it)."""
-        grad = self.sg.predict(self._trained(h), labels)
-        return grad if self.index is None else (grad,)
+        """The synthetic gradient of ``h``, as the gradient message would carry it."""
+        grads = tuple(sg.predict(t, labels) for sg, t in zip(self.sgs, self._trained(h)))
+        return grads[0] if self.indices is None else grads
 
-    def _trained(self, h: Value) -> torch.Tensor:
-        """The tensor of ``h`` whose gradient the predictor learns (``h`` itself, or stored already)."""
-        return h[self.index] if isinstance(h, tuple) else h
+    def _trained(self, h: Value | list[torch.Tensor]) -> list[torch.Tensor]:
+        """The tensors of ``h`` whose gradients the predictors learn (a list: stored already)."""
+        if isinstance(h, list):
+            return h
+        return [h[i] for i in self.indices] if isinstance(h, tuple) else [h]
 
     @property
     def trusted(self) -> bool:
-        """Whether the stage updates from the predictor now (see [Note: trusting the predictor])."""
-        return self.sg.trusted
+        """Whether the stage updates from the predictors now (see [Note: trusting the predictor])."""
+        return all(sg.trusted for sg in self.sgs)
 
-    def fit(self, h: Value, labels: Optional[torch.Tensor], grad: Value, staleness: int) -> None:
-        loss, cosine = self.sg.fit(self._trained(h), labels, grad[0] if isinstance(grad, tuple) else grad)
-        self.log.losses.append(loss)
-        self.log.cosines.append(cosine)
+    def fit(self, h: Value | list[torch.Tensor], labels: Optional[torch.Tensor], grad: Value, staleness: int) -> None:
+        grads = grad if isinstance(grad, tuple) else (grad,)
+        fits = [sg.fit(t, labels, g) for sg, t, g in zip(self.sgs, self._trained(h), grads)]
+        self.log.losses.append(sum(loss for loss, _ in fits) / len(fits))
+        self.log.cosines.append(sum(cosine for _, cosine in fits) / len(fits))
         self.log.staleness.append(staleness)
 
     def keep(self, step: int, entries: dict[int, Optional[Entry]]) -> None:
@@ -134,26 +141,34 @@ class SyntheticLink:
 
     def held_bytes(self) -> int:
         """The store: outputs (and labels, for cDNI) of the microbatches awaiting their gradient."""
-        return sum(t.nbytes for pending in self.store.values() for entry in pending.values()
-                   for t in entry if t is not None)
+        return sum(sum(t.nbytes for t in outputs) + (0 if labels is None else labels.nbytes)
+                   for pending in self.store.values() for outputs, labels in pending.values())
+
+    @property
+    def sg(self) -> SyntheticGradientTrainer:
+        """The predictor of a boundary of one trained tensor."""
+        assert len(self.sgs) == 1, f"{len(self.sgs)} predictors"
+        return self.sgs[0]
 
     def state_dict(self) -> dict:
-        return self.sg.state_dict()
+        """One predictor's state (as before boundaries of several tensors), or each one's."""
+        return self.sgs[0].state_dict() if len(self.sgs) == 1 else {"predictors": [sg.state_dict() for sg in self.sgs]}
 
     def load_state_dict(self, state: dict) -> None:
-        self.sg.load_state_dict(state)
+        for sg, own in zip(self.sgs, state["predictors"] if len(self.sgs) > 1 else [state]):
+            sg.load_state_dict(own)
 
 
-def make_predictor(ctx: WorkerContext, cfg: DNIConfig, microbatches: int) -> SyntheticGradientTrainer:
-    """The predictor for the stage's output: the configured kind, or the one ``auto`` picks by
-    cost (printed; see [Note: predictor budget])."""
-    stage, batch_size, output = ctx.stage, ctx.cfg.data.batch_size, trained_spec(ctx.shapes.output)
+def make_predictor(ctx: WorkerContext, cfg: DNIConfig, microbatches: int, output: TensorSpec) -> SyntheticGradientTrainer:
+    """The predictor for the stage's output tensor ``output``: the configured kind, or the one
+    ``auto`` picks by cost (printed; see [Note: predictor budget])."""
+    stage, batch_size = ctx.stage, ctx.cfg.data.batch_size
     feature_shape = tuple(output.shape[1:])
     check_labels(stage.stage_index, output.describe(), feature_shape, ctx.labels_shape)
     if cfg.kind != "auto":
         return SyntheticGradientTrainer(feature_shape, ctx.num_classes, cfg, stage.device, batch_size,
                                         labels_per_sample(feature_shape))
-    sg, choice = choose(stage, ctx.shapes, cfg, ctx.num_classes, batch_size, microbatches, ctx.labels_shape)
+    sg, choice = choose(stage, ctx.shapes, output, cfg, ctx.num_classes, batch_size, microbatches, ctx.labels_shape)
     print(choice, flush=True)
     return sg
 

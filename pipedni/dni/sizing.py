@@ -21,7 +21,7 @@ from typing import Callable
 
 import torch
 
-from pipedni.boundary import StageShapes, TensorSpec, example, trained_spec
+from pipedni.boundary import StageShapes, TensorSpec, example, trained_specs
 from pipedni.config import DNIConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.stage import Stage
@@ -56,9 +56,9 @@ def stage_sec(stage: Stage, shapes: StageShapes, rows: int) -> float:
     """Seconds of one forward+backward of ``rows`` samples through the stage; the stage's
     gradients and buffers are left as they were."""
     x = example(shapes.input, rows, stage.device)
-    grad = torch.ones((rows, *trained_spec(shapes.output).shape[1:]), dtype=trained_spec(shapes.output).dtype,
-                      device=stage.device)
-    grad = grad if isinstance(shapes.output, TensorSpec) else (grad,)  # a tuple: the trained tensor's
+    grads = [torch.ones((rows, *s.shape[1:]) if s.batched else s.shape, dtype=s.dtype, device=stage.device)
+             for s in trained_specs(shapes.output)]
+    grad = grads[0] if isinstance(shapes.output, TensorSpec) else tuple(grads)  # a tuple: each trained tensor's
     buffers = {name: b.clone() for name, b in stage.module.named_buffers()}
 
     def run(_: int) -> None:
@@ -73,10 +73,9 @@ def stage_sec(stage: Stage, shapes: StageShapes, rows: int) -> float:
     return seconds
 
 
-def predictor_sec(trainer: SyntheticGradientTrainer, shapes: StageShapes, rows: int,
+def predictor_sec(trainer: SyntheticGradientTrainer, output: TensorSpec, rows: int,
                   labels_shape: tuple[int, ...], device: torch.device) -> float:
-    """Seconds of one prediction and one fit for ``rows`` samples."""
-    output = trained_spec(shapes.output)
+    """Seconds of one prediction and one fit for ``rows`` samples of the tensor ``output``."""
     h = torch.zeros((rows, *output.shape[1:]), dtype=output.dtype, device=device)
     grad = torch.randn_like(h) / rows
     labels = (torch.zeros((rows, *labels_shape), dtype=torch.int64, device=device)
@@ -89,18 +88,18 @@ def predictor_sec(trainer: SyntheticGradientTrainer, shapes: StageShapes, rows: 
     return median_sec(run, iters=3)
 
 
-def choose(stage: Stage, shapes: StageShapes, cfg: DNIConfig, num_classes: int, batch_size: int,
+def choose(stage: Stage, shapes: StageShapes, output: TensorSpec, cfg: DNIConfig, num_classes: int, batch_size: int,
            microbatches: int, labels_shape: tuple[int, ...]) -> tuple[SyntheticGradientTrainer, str]:
-    """The richest predictor within the budget (see [Note: predictor budget]), built, and a line
-    saying what was chosen and why."""
-    feature_shape = tuple(trained_spec(shapes.output).shape[1:])
+    """The richest predictor within the budget (see [Note: predictor budget]) for the stage's
+    output tensor ``output``, built, and a line saying what was chosen and why."""
+    feature_shape = tuple(output.shape[1:])
     rows = max(1, batch_size // microbatches)
     own = stage_sec(stage, shapes, rows)
     tried, costs = [], []
     for option in candidates(feature_shape, cfg):
         trainer = SyntheticGradientTrainer(feature_shape, num_classes, option, stage.device, batch_size,
                                            labels_per_sample(feature_shape))
-        costs.append((predictor_sec(trainer, shapes, rows, labels_shape, stage.device), option))
+        costs.append((predictor_sec(trainer, output, rows, labels_shape, stage.device), option))
         tried.append(f"{option.kind} {costs[-1][0] * 1e3:.1f} ms")
         if costs[-1][0] <= BUDGET * own:
             break

@@ -83,19 +83,18 @@ def check_mixed(cfg: Config, num_stages: int) -> None:
 
 def check_decoupled(ctx: WorkerContext, boundaries: Sequence[str]) -> None:
     """A boundary of several tensors (a split model's: see [Note: what crosses a boundary] in
-    split/stages.py) can be decoupled when one of its tensors needs a gradient: the synthetic
-    gradient, or the delayed true one, is that tensor's; masks, ids and other tensors without
-    one travel alongside. Synthetic inputs predict one tensor, so they need a bare one."""
+    split/stages.py) can be decoupled when some of its tensors need a gradient: a dni boundary
+    predicts each one's (see ``SyntheticLink``), an async one delays them all; masks, ids and
+    other tensors without one travel alongside. Synthetic inputs predict one tensor, so they
+    need a bare one."""
     stage, i = ctx.stage, ctx.stage.stage_index
     for side, spec, mode in (("receives", ctx.shapes.input, boundaries[i - 1] if i > 0 else "locked"),
                              ("sends", ctx.shapes.output, boundaries[i] if not stage.is_last else "locked")):
-        needing = [s for s in spec if s.requires_grad] if isinstance(spec, tuple) else [spec]
-        if mode != "locked" and len(needing) != 1:
+        if mode != "locked" and isinstance(spec, tuple) and not any(s.requires_grad for s in spec):
             raise PartitionError(
-                f"train.schedule = {ctx.cfg.train.schedule!r}: stage {i} {side} {len(spec)} tensors across a {mode} "
-                f"boundary, {len(needing)} of them needing a gradient, {describe_spec(spec)}; a decoupled boundary "
-                "learns one tensor's gradient: move model.split_points to where one such tensor crosses (masks "
-                "and ids may cross beside it), or use a locked schedule (gpipe, 1f1b)")
+                f"train.schedule = {ctx.cfg.train.schedule!r}: stage {i} {side} {len(spec)} tensor(s) across a {mode} "
+                f"boundary, none of them needing a gradient, {describe_spec(spec)}: there is nothing to learn "
+                "across it; move model.split_points to where the model's computation crosses")
     before = ctx.cfg.dni.for_boundary(i - 1) if i > 0 and boundaries[i - 1] == "dni" else None
     if before is not None and before.synthetic_inputs and isinstance(ctx.shapes.input, tuple):
         raise PartitionError(

@@ -78,9 +78,11 @@ def _cut(model: nn.Module, gm: fx.GraphModule, cuts: list[int], num_stages: int,
     graphs = []
     for s in range(num_stages):
         inputs = placeholders if s == 0 else across[s - 1]
-        outputs = across[s] if s < num_stages - 1 else [result]
+        last = s == num_stages - 1
+        outputs = [result] if last else across[s]
         members = {n for n, at in stage_of.items() if at == s} | needs.copies[s]
-        graphs.append(stage_graph(graph, inputs, members, outputs))
+        bare = last or (len(outputs) == 1 and values[outputs[0]].requires_grad)  # see [Note: what crosses a boundary]
+        graphs.append(stage_graph(graph, inputs, members, outputs, bare))
     return graphs, across, values
 
 

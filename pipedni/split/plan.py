@@ -28,7 +28,7 @@ class BoundaryTensor:
 
 @dataclass
 class SplitPlan:
-    """Stage modules that take and return tensors (one bare, several as a tuple) and keep the
+    """Stage modules that take and return tensors (one that needs a gradient bare, else a tuple) and keep the
     model's own parameter names. ``boundaries[b]`` is what stage b hands stage b + 1, in the
     order it is passed; ``tied`` lists each parameter held by several stages, as (stage, name)
     pairs; ``split_points`` are the cuts as module names (the resolved ones when a method chose)."""

@@ -9,7 +9,9 @@ unchanged: the transport only ever talks to neighbours. Only tensors cross. Anyt
 later stage uses (a size, a tuple that is indexed later, a parameter read by name) is computed
 again where it is used, from the tensors that do cross; a module whose output is not a tensor
 cannot be computed twice, so a cut must not separate it from its users. A stage takes the
-crossing tensors, and returns them, in the graph's order: one tensor bare, several as a tuple.
+crossing tensors, and returns them, in the graph's order: one tensor that needs a gradient
+bare (as an ``nn.Sequential``'s stage would), otherwise a tuple, whose tensors say whether they
+need a gradient (integer ids, a mask, a network input relayed on do not).
 """
 
 from __future__ import annotations
@@ -109,15 +111,17 @@ def crossings(graph: fx.Graph, stage_of: dict[fx.Node, int], values: dict[fx.Nod
     return [sorted(nodes, key=order.get) for nodes in across], needs
 
 
-def stage_graph(graph: fx.Graph, inputs: list[fx.Node], members: set[fx.Node], outputs: list[fx.Node]) -> fx.Graph:
-    """A graph taking ``inputs``, computing ``members`` in the original order, returning ``outputs``."""
+def stage_graph(graph: fx.Graph, inputs: list[fx.Node], members: set[fx.Node], outputs: list[fx.Node],
+                bare: bool) -> fx.Graph:
+    """A graph taking ``inputs``, computing ``members`` in the original order, returning
+    ``outputs`` (the one output itself if ``bare``, else a tuple)."""
     g = fx.Graph()
     env = {n: g.placeholder(n.name) for n in inputs}
     for node in graph.nodes:
         if node in members:
             env[node] = g.node_copy(node, lambda a: env[a])
     outs = [env[n] for n in outputs]
-    g.output(outs[0] if len(outs) == 1 else tuple(outs))
+    g.output(outs[0] if bare else tuple(outs))
     return g
 
 
