@@ -105,10 +105,15 @@ def split_model(cfg: Config, num_stages: int, model: nn.Module, train_set: datas
         raise ConfigError(f"partition.balance = {cfg.partition.balance} counts the layers of an nn.Sequential; cut "
                           f"{type(model).__name__} with model.split_points (module names) instead")
     rows = max(2, cfg.data.batch_size // max(1, cfg.train.microbatches))  # export: a batch of 1 would be fixed
-    method = cfg.partition.method if cfg.partition.method in ("uniform", "parameters") else "parameters"
+    asked = partition_method(cfg, num_stages)
+    method = asked if asked in ("uniform", "parameters") else "parameters"
+    timed = asked != method and num_stages > 1 and not cfg.model.split_points
+    note = (f"partition.method = {cfg.partition.method} times the layers of an nn.Sequential; {type(model).__name__} "
+            "is cut between its blocks by parameters instead" if timed else "")
     parse_points(model, cfg.model.split_points)  # a name that is no module is a mistake, however many stages
     points = cfg.model.split_points if num_stages > 1 else []  # one process runs the whole model
     plan = split(model, num_stages, train_set.inputs[:rows], points or None, method)
     if num_stages > 1 and not cfg.model.split_points:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, split_points=[p for p, _ in plan.split_points]))
-    return Cut(plan.stages, plan.describe(), cfg, plan.tied, [[t.name for t in b] for b in plan.boundaries])
+    return Cut(plan.stages, "\n".join(filter(None, [plan.describe(), note])), cfg, plan.tied,
+               [[t.name for t in b] for b in plan.boundaries])

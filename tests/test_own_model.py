@@ -16,9 +16,10 @@ import pytest
 import torch
 
 from dist_utils import RankFailed, free_port, run_distributed
-from own_models import ResNet
+from own_models import ResNet, SkipNet
 from pipedni import data as datasets
 from pipedni.config import load_config
+from pipedni.cutting import cut_model
 from pipedni.engine import Trainer
 from pipedni.errors import PartitionError, PipeDNIError
 from pipedni.export import merge_checkpoints
@@ -249,4 +250,14 @@ def test_a_boundary_tensor_whose_shape_changes_between_batches_is_refused_by_nam
     errors = [str(r.error) for r in results if isinstance(r, RankFailed) and not getattr(r.error, "neighbour_lost", False)]
     assert errors and "stage 1/2 expected activation of step 0 microbatch 0 from stage 0 as (" in errors[0]
     assert "narrow [*, 3] float32" in errors[0] and "but stage 0 sent (" in errors[0]
+
+
+def test_a_timed_split_of_a_model_that_is_no_sequential_is_cut_by_parameters_and_says_so(tmp_path):
+    """partition.method: auto is time for decoupled schedules; split models are not timed yet."""
+    cfg = make_config(tmp_path, "dni", 2, *SKIP_NET)
+    train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
+    cut = cut_model(cfg, Runtime(0, 2, 0, 2, torch.device("cpu"), "none"), SkipNet(), train_set)
+    assert "partition.method = auto times the layers of an nn.Sequential; SkipNet is cut between its blocks by " \
+           "parameters instead" in cut.description
+    assert cut.cfg.model.split_points == ["blocks.2"] and cfg.model.split_points == []  # recorded for a rerun
 
