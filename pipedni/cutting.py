@@ -14,7 +14,7 @@ from torch import nn
 from pipedni import data as datasets
 from pipedni.boundary import StageShapes, named
 from pipedni.config import Config
-from pipedni.errors import ConfigError, PipeDNIError
+from pipedni.errors import ConfigError, PipeDNIError, among_stages
 from pipedni.partition import describe, partition
 from pipedni.partition_cost import time_balance
 from pipedni.runtime import Runtime
@@ -37,7 +37,8 @@ def from_rank_zero(runtime: Runtime, compute: Callable[[], T]) -> T:
             error = err
             box[0] = err if isinstance(err, PipeDNIError) else RuntimeError(f"stage 0 failed: {err!r}")
     if runtime.distributed:
-        dist.broadcast_object_list(box, src=0)
+        with among_stages(runtime.who, "a broadcast from stage 0"):
+            dist.broadcast_object_list(box, src=0)
     if error is not None:
         raise error
     if isinstance(box[0], Exception):

@@ -22,7 +22,7 @@ from pipedni.boundary import TensorSpec
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.cutting import Cut, cut_model
-from pipedni.errors import ConfigError, DivergenceError, LaunchError, same_on_every_rank
+from pipedni.errors import ConfigError, DivergenceError, LaunchError, among_stages, same_on_every_rank
 from pipedni.importing import import_function
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
 from pipedni.metrics.console import make_console
@@ -103,7 +103,8 @@ def run_token(runtime: Runtime) -> str:
     """An id of this launch, the same on every rank: checkpoints of one run carry the same one."""
     token = [uuid.uuid4().hex]
     if runtime.distributed:
-        dist.broadcast_object_list(token, src=0)
+        with among_stages(runtime.who, "the start-up broadcast of the run's id"):
+            dist.broadcast_object_list(token, src=0)
     return token[0]
 
 
@@ -224,7 +225,8 @@ class Trainer:
         result = self.worker.evaluate(datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size))
         if self.runtime.distributed:
             clock = torch.tensor([train_sec], dtype=torch.float64, device=self.runtime.device)
-            dist.all_reduce(clock, op=dist.ReduceOp.MAX)
+            with among_stages(self.runtime.who, "the all-reduce that ends an evaluation"):
+                dist.all_reduce(clock, op=dist.ReduceOp.MAX)
             train_sec = float(clock)
         self.paused_sec += time.perf_counter() - eval_start
         if result is not None:
@@ -308,7 +310,8 @@ class Trainer:
         gathered: list = [mine]
         if self.runtime.distributed:
             gathered = [None] * self.runtime.world_size
-            dist.all_gather_object(gathered, mine)
+            with among_stages(self.runtime.who, "the gathering of every stage's summary"):
+                dist.all_gather_object(gathered, mine)
         stages = [stage for stage, _ in gathered]
         self.metrics.close()
         if not self.runtime.is_last:

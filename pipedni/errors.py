@@ -51,3 +51,20 @@ def same_on_every_rank():
     except PipeDNIError as err:
         err.on_every_rank = True
         raise
+
+
+@contextlib.contextmanager
+def among_stages(who: str, what: str):
+    """A collective of every stage (``who`` waits in it for ``what``): a stage that has gone, and
+    whose own error says why, becomes one line here instead of gloo's or NCCL's traceback."""
+    try:
+        yield
+    except RuntimeError as err:
+        if isinstance(err, PipeDNIError):
+            raise
+        detail = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        lost = TransportError(f"{who} lost another stage during {what} (it exited or crashed; its own error says "
+                              f"why): {detail[:120]}")
+        lost.neighbour_lost = True  # a consequence: the CLI lets the other stage's own error go first
+        raise lost from None
+

@@ -35,6 +35,11 @@ class Runtime:
         return self.world_size
 
     @property
+    def who(self) -> str:
+        """This stage in messages: ``stage i/N``."""
+        return f"stage {self.stage_index}/{self.num_stages}"
+
+    @property
     def is_first(self) -> bool:
         return self.rank == 0
 

@@ -261,3 +261,17 @@ def test_a_timed_split_of_a_model_that_is_no_sequential_is_cut_by_parameters_and
            "parameters instead" in cut.description
     assert cut.cfg.model.split_points == ["blocks.2"] and cfg.model.split_points == []  # recorded for a rerun
 
+
+
+def test_a_stage_failing_at_start_up_ends_the_others_with_one_line_each_not_a_traceback(tmp_path):
+    """The last stage refuses the model's 10 scores for 4 classes; stage 0 used to die with
+    gloo's traceback in the start-up broadcast that followed. Now stage 1 says why in one line,
+    and stage 0, whose loss is a consequence, at most one line after it (torchrun may stop it first)."""
+    args = ["configs/mlp_fashion.yaml", "--data.factory=own_models:images", "--data.num_classes=4", "--train.steps=1",
+            f"--run.dir={tmp_path}", *RESNET[:2], "--model.split_points=[layer4]"]
+    proc = run_cli(args, nproc=2)
+    stages = [line for line in proc.stderr.splitlines() if line.startswith("[stage ")]
+    assert "[stage 0/2] Traceback" not in proc.stderr and "RuntimeError" not in proc.stderr, proc.stderr[-3000:]
+    assert stages[0].startswith("[stage 1/2] error: the last stage (stage 1) outputs [*, 10] float32 but the loss "
+                                "needs [*, 4]"), stages
+    assert all(s.startswith("[stage 0/2] error: stage 0/2 lost another stage during") for s in stages[1:]), stages
