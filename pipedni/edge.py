@@ -5,7 +5,6 @@ holds one of each per neighbour; see [Note: transport layout] there."""
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime
 import threading
 import time
@@ -50,16 +49,18 @@ class Outbox:
         as one empty part), or nothing (the close)."""
         if isinstance(value, tuple):
             for part, tensor in enumerate(value or (torch.empty(0),)):
-                self._send_part(Header(kind, step, microbatch, tensor.dtype, (), None, part, len(value), True,
-                                       tensor.requires_grad), tensor)
+                self._send_part(kind, step, microbatch, tensor, part, len(value), True)
         else:
-            self._send_part(Header(kind, step, microbatch, torch.float32 if value is None else value.dtype, ()), value)
+            self._send_part(kind, step, microbatch, value)
         self.num_sent += 1
 
-    def _send_part(self, header: Header, tensor: Optional[torch.Tensor]) -> None:
+    def _send_part(self, kind: Kind, step: int, microbatch: int, tensor: Optional[torch.Tensor], part: int = 0,
+                   num_parts: int = 1, grouped: bool = False) -> None:
         wire = None if tensor is None else self._on_wire(tensor)
-        header = dataclasses.replace(header, shape=() if wire is None else tuple(wire.shape),
-                                     wire_dtype=None if wire is None or wire.dtype == tensor.dtype else wire.dtype)
+        header = Header(kind, step, microbatch, torch.float32 if tensor is None else tensor.dtype,
+                        () if wire is None else tuple(wire.shape),
+                        None if wire is None or wire.dtype == tensor.dtype else wire.dtype,
+                        part, num_parts, grouped, grouped and tensor.requires_grad)  # a bare tensor: see Stage.forward
         encoded = header.encode().to(self.wire_device)  # raises before anything is sent or counted
         # A payload is its bytes; a filler first completes a receive posted for a wrong guess.
         sizes = next_size(self.sizes, header.part)
