@@ -102,6 +102,46 @@ def value_bytes(value: Optional[Value]) -> int:
     return sum(t.nbytes for t in value) if isinstance(value, tuple) else value.nbytes
 
 
+# A batch of network inputs is a Value too: one tensor, or a tuple of tensors (the model's
+# inputs in its forward's order), every one with the batch on its first dimension.
+
+
+def input_rows(value: Value, index: torch.Tensor) -> Value:
+    """The samples at ``index`` of every tensor of a batch."""
+    return tuple(t.index_select(0, index) for t in value) if isinstance(value, tuple) else value.index_select(0, index)
+
+
+def input_slice(value: Value, start: int, stop: Optional[int]) -> Value:
+    """Samples ``start:stop`` of every tensor of a batch (views)."""
+    return tuple(t[start:stop] for t in value) if isinstance(value, tuple) else value[start:stop]
+
+
+def input_to(value: Value, device: torch.device, non_blocking: bool = False) -> Value:
+    if isinstance(value, tuple):
+        return tuple(t.to(device, non_blocking=non_blocking) for t in value)
+    return value.to(device, non_blocking=non_blocking)
+
+
+def input_split(value: Value, parts: int) -> list[Value]:
+    """A batch in ``parts`` microbatches, as ``torch.tensor_split`` cuts each tensor."""
+    if isinstance(value, tuple):
+        return list(zip(*(torch.tensor_split(t, parts) for t in value)))
+    return list(torch.tensor_split(value, parts))
+
+
+def num_inputs(value: Value) -> int:
+    return len(value) if isinstance(value, tuple) else 1
+
+
+def input_spec(value: Value, names: Sequence[str] = ()) -> Spec:
+    """The spec of one sample of a batch (every tensor batched, none needing a gradient), with
+    the inputs' ``names`` where they have them."""
+    if isinstance(value, tuple):
+        labels = list(names) or [""] * len(value)
+        return tuple(TensorSpec((1, *t.shape[1:]), t.dtype, name=name) for t, name in zip(value, labels))
+    return TensorSpec((1, *value.shape[1:]), value.dtype)
+
+
 def describe_spec(spec: Spec) -> str:
     if isinstance(spec, tuple):
         return f"({', '.join(s.describe() for s in spec)})"

@@ -105,7 +105,7 @@ def find(root: Path, which: str) -> Path:
 
 
 def read_meta(folder: Path) -> dict:
-    """``meta.json`` of a checkpoint folder (step, stages, balance, schedule), or {} for none."""
+    """``meta.json`` of a checkpoint folder (step, stages, balance or split points, schedule), or {} for none."""
     try:
         return json.loads((folder / "meta.json").read_text())
     except (OSError, ValueError):
@@ -238,7 +238,8 @@ class Checkpointer:
             raise err
         if self.rank == 0:
             meta = {"step": step, "num_stages": num_stages, "balance": config["partition"]["balance"],
-                    "schedule": config["train"]["schedule"], "run_token": self.run_token}
+                    "split_points": config["model"]["split_points"], "schedule": config["train"]["schedule"],
+                    "run_token": self.run_token}
             self._complete(partial, step, meta)
         self.last_step, self.last_train_sec = step, train_sec
 

@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Optional, TypeVar
+from typing import Any, Callable, Optional, TypeVar
 
+import torch
 import torch.distributed as dist
 from torch import nn
 
 from pipedni import data as datasets
-from pipedni.boundary import StageShapes, named
+from pipedni.boundary import StageShapes, input_slice, input_to, named
 from pipedni.config import Config
 from pipedni.errors import ConfigError, PipeDNIError, among_stages
 from pipedni.partition import describe, partition
-from pipedni.partition_cost import time_balance
+from pipedni.partition_cost import run_costs, time_balance
 from pipedni.runtime import Runtime
 from pipedni.schedules import registry
-from pipedni.split import split
+from pipedni.split import SplitPlan, split
 from pipedni.split.cuts import parse_points
 from pipedni.stage import TiedWeight
 
@@ -67,6 +68,7 @@ class Cut:
     cfg: Config
     tied: list[list[tuple[int, str]]] = dataclasses.field(default_factory=list)
     boundary_names: list[list[str]] = dataclasses.field(default_factory=list)  # per cut, what crosses it
+    input_names: list[str] = dataclasses.field(default_factory=list)  # the first stage's inputs, in its order
 
     def shapes_named(self, stage_index: int, shapes: StageShapes) -> StageShapes:
         """The probed shapes of ``stage_index`` with the names of the tensors crossing its cuts."""
@@ -88,7 +90,11 @@ def cut_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: datase
     ``pipedni.split`` for any other model or named split points."""
     n = runtime.num_stages
     if cfg.model.split_points or not isinstance(model, nn.Sequential):
-        return split_model(cfg, n, model, train_set)
+        return split_model(cfg, runtime, model, train_set)
+    if isinstance(train_set.inputs, tuple):
+        raise ConfigError(f"the data gives {len(train_set.inputs)} inputs per sample, {train_set.describe_inputs()}, "
+                          f"but {type(model).__name__} is an nn.Sequential, which takes one; return a model whose "
+                          "forward takes them from model.factory")
     balance = cfg.partition.balance if n > 1 else None
     method, note = partition_method(cfg, n), ""
     if balance is None and method == "time" and 1 < n <= len(model):
@@ -99,22 +105,48 @@ def cut_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: datase
     return Cut(stages, "\n".join(filter(None, [describe(stages), note])), cfg)
 
 
-def split_model(cfg: Config, num_stages: int, model: nn.Module, train_set: datasets.Dataset) -> Cut:
+def split_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: datasets.Dataset) -> Cut:
     """``cut_model`` for a model that is not an ``nn.Sequential`` (or is cut at named modules):
-    ``pipedni.split`` on one microbatch of the training set."""
+    ``pipedni.split`` on one microbatch of the training set; ``partition.method: time`` times
+    its runs of blocks on rank 0, which tells the others where it cut."""
+    n = runtime.num_stages
     if cfg.partition.balance is not None:
         raise ConfigError(f"partition.balance = {cfg.partition.balance} counts the layers of an nn.Sequential; cut "
                           f"{type(model).__name__} with model.split_points (module names) instead")
     rows = max(2, cfg.data.batch_size // max(1, cfg.train.microbatches))  # export: a batch of 1 would be fixed
-    asked = partition_method(cfg, num_stages)
-    method = asked if asked in ("uniform", "parameters") else "parameters"
-    timed = asked != method and num_stages > 1 and not cfg.model.split_points
-    note = (f"partition.method = {cfg.partition.method} times the layers of an nn.Sequential; {type(model).__name__} "
-            "is cut between its blocks by parameters instead" if timed else "")
+    example, method = example_inputs(train_set, rows), partition_method(cfg, n)
     parse_points(model, cfg.model.split_points)  # a name that is no module is a mistake, however many stages
-    points = cfg.model.split_points if num_stages > 1 else []  # one process runs the whole model
-    plan = split(model, num_stages, train_set.inputs[:rows], points or None, method)
-    if num_stages > 1 and not cfg.model.split_points:
+    points = cfg.model.split_points if n > 1 else []  # one process runs the whole model
+    if method == "time" and n > 1 and not points:
+        plan = timed_split(cfg, runtime, model, example, train_set.targets[:rows], train_set.num_classes)
+    else:
+        plan = split(model, n, example, points or None, method)
+    if n > 1 and not cfg.model.split_points:
         cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, split_points=[p for p, _ in plan.split_points]))
-    return Cut(plan.stages, "\n".join(filter(None, [plan.describe(), note])), cfg, plan.tied,
-               [[t.name for t in b] for b in plan.boundaries])
+    return Cut(plan.stages, plan.describe(), cfg, plan.tied, [[t.name for t in b] for b in plan.boundaries],
+               plan.input_names)
+
+
+def timed_split(cfg: Config, runtime: Runtime, model: nn.Module, example: Any, labels: torch.Tensor,
+                num_classes: int) -> SplitPlan:
+    """``split`` by ``method="time"`` with this run's costs (``run_costs``: its optimizer,
+    microbatches, weight copies and predictors, on its device), measured on rank 0 alone; the
+    others cut where it did (timings differ between ranks)."""
+    n, device, timed = runtime.num_stages, runtime.device, []
+
+    def costs(runs, sample):
+        return run_costs(cfg, runs, (input_to(sample[0], device), labels.to(device)), num_classes, n)
+
+    def on_rank_zero() -> list[str]:
+        timed.append(split(model, n, example, None, "time", timer=costs))
+        return [name for name, _ in timed[0].split_points]
+
+    points = from_rank_zero(runtime, on_rank_zero)
+    return timed[0] if timed else split(model, n, example, points)
+
+
+def example_inputs(train_set: datasets.Dataset, rows: int) -> Any:
+    """The first ``rows`` samples' inputs as ``pipedni.split`` takes them: by name if the data
+    names them, else in order."""
+    inputs = input_slice(train_set.inputs, 0, rows)
+    return dict(zip(train_set.input_names, inputs)) if train_set.input_names else inputs

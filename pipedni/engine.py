@@ -18,7 +18,7 @@ from torch import nn
 
 from pipedni import checkpoint
 from pipedni import data as datasets
-from pipedni.boundary import TensorSpec
+from pipedni.boundary import input_spec
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.cutting import Cut, cut_model
@@ -84,6 +84,15 @@ def resolve_loss(cfg: Config) -> Loss:
     return loss_fn if cfg.train.loss == "cross_entropy" else import_function("train.loss", cfg.train.loss)
 
 
+def one_input_shape(cfg: Config, train_set: datasets.Dataset) -> tuple[int, ...]:
+    """The shape of a sample's one input, which a built-in model is built for."""
+    if isinstance(train_set.inputs, tuple) and not cfg.model.factory:
+        raise ConfigError(f"the data gives {len(train_set.inputs)} inputs per sample, {train_set.describe_inputs()}, but "
+                          f"model.name = {cfg.model.name!r} takes one tensor; build a model that takes them with "
+                          "model.factory")
+    return tuple(train_set.inputs.shape[1:]) if isinstance(train_set.inputs, torch.Tensor) else ()
+
+
 def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, steps: int,
                  train_set: datasets.Dataset, loss: Loss) -> Worker:
     """This rank's stage with its optimizer and transport, its shapes probed end to end, and the
@@ -92,7 +101,7 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, st
     stage = Stage(cut.stages[i], i, runtime.num_stages, runtime.device, cfg.optim, steps, cfg.train.on_nonfinite,
                   cut.tied_weights(i), loss)
     transport = build_transport(cfg, runtime, cut.tied)
-    sample_spec = TensorSpec((1, *train_set.inputs.shape[1:]), train_set.inputs.dtype)
+    sample_spec = input_spec(train_set.inputs, train_set.input_names)
     shapes = cut.shapes_named(i, probe_shapes(stage, transport, sample_spec, train_set.num_classes))
     ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]),
                         sample_spec)
@@ -141,12 +150,17 @@ def resume_from(cfg: Config, runtime: Runtime) -> str:
 
 
 def with_saved_balance(cfg: Config, folder: Optional[Path], num_stages: int) -> Config:
-    """``cfg`` cutting the model as the checkpoint being resumed was cut, where the stage count
-    is the same and no balance is given: a timed split would otherwise measure anew and may cut
-    elsewhere, and the predictors only carry over to the same split."""
+    """``cfg`` cutting the model as the checkpoint being resumed was cut (its balance, or a split
+    model's split points), where the stage count is the same and no cut is given: a timed split
+    would otherwise measure anew and may cut elsewhere, and the predictors only carry over to
+    the same split."""
     meta = checkpoint.read_meta(folder) if folder is not None else {}
-    balance = meta.get("balance")
-    if cfg.partition.balance is not None or num_stages == 1 or meta.get("num_stages") != num_stages or not balance:
+    if num_stages == 1 or meta.get("num_stages") != num_stages:
+        return cfg
+    balance, points = meta.get("balance"), meta.get("split_points")
+    if points and not cfg.model.split_points and cfg.partition.balance is None:
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, split_points=list(points)))
+    if cfg.partition.balance is not None or not balance:
         return cfg
     return dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=list(balance)))
 
@@ -165,15 +179,16 @@ class Trainer:
             self.train_set, self.test_set = data if data is not None else datasets.load_datasets(cfg.data, cfg.run.seed)
             loss = loss if loss is not None else resolve_loss(cfg)
             self.steps = total_steps(cfg, len(self.train_set))
-            sample_shape = tuple(self.train_set.inputs.shape[1:])
             if model is None:
-                model = build_model(cfg.model, sample_shape, self.train_set.num_classes, cfg.run.seed)
+                model = build_model(cfg.model, one_input_shape(cfg, self.train_set), self.train_set.num_classes,
+                                    cfg.run.seed)
             make_run_dir(cfg)
             resume = resume_from(cfg, runtime)
             folder = checkpoint.find(self.run_dir / "checkpoints", resume) if resume else None
             cfg = with_saved_balance(cfg, folder, runtime.num_stages)
             cut = cut_model(cfg, runtime, model, self.train_set)
         self.cfg = cfg = cut.cfg
+        self.train_set, self.test_set = (d.in_order(cut.input_names) for d in (self.train_set, self.test_set))
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
         self.worker = build_worker(cfg, runtime, self.spec, cut, self.steps, self.train_set, loss)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, runtime.rank, runtime.distributed,

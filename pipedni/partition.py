@@ -8,7 +8,7 @@ whole model's keys for those layers (checkpoints merge back by name, for any spl
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import nn
@@ -79,7 +79,7 @@ def part_costs(costs: Sequence[float], balance: Sequence[int], cut_costs: Option
 
 
 METHODS = ("uniform", "parameters", "time", "auto")
-Sample = tuple[torch.Tensor, torch.Tensor]  # one microbatch: inputs and their labels
+Sample = tuple[Any, Optional[torch.Tensor]]  # one microbatch: its inputs (a tensor or a tuple) and labels (or None)
 
 
 def resolve_balance(

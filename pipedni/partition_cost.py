@@ -22,12 +22,12 @@ import contextlib
 import copy
 import math
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
-from pipedni.boundary import TensorSpec
+from pipedni.boundary import Spec, TensorSpec, Value, describe_spec, input_slice, input_to, spec_of, trained_specs
 from pipedni.config import Config, DNIConfig, OptimConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import BUDGET, median_sec, predictor_sec
@@ -89,36 +89,48 @@ def _ms(seconds: float) -> str:
     return f"{seconds * 1e3:.2f}"
 
 
-def layer_costs(model: nn.Sequential, sample: Sample, optim: Optional[OptimConfig] = None,
+Layers = Union[nn.Sequential, Sequence[tuple[str, nn.Module]]]  # named, in order: a split model's runs of blocks
+
+
+def _named(layers: Layers) -> list[tuple[str, nn.Module]]:
+    return list(layers.named_children()) if isinstance(layers, nn.Sequential) else list(layers)
+
+
+def layer_costs(layers: Layers, sample: Sample, optim: Optional[OptimConfig] = None,
                 num_microbatches: int = 1, copies: int = 0) -> LayerCosts:
-    """Each layer's forward+backward on ``sample`` (on its device) plus its share of an ``optim``
-    step; the model, its gradients and the global RNG are left as they were."""
-    with _own_rng(sample[0].device):
-        seconds, _ = _timed_layers(model, sample, optim or OptimConfig(), num_microbatches, copies)
-    return LayerCosts(tuple(name for name, _ in model.named_children()), tuple(seconds),
-                      (0.0,) * len(model), len(sample[0]))
+    """Each layer's forward+backward on ``sample`` (on its device; without labels, the last
+    layer's backward starts from ones) plus its share of an ``optim`` step; the layers, their
+    gradients and the global RNG are left as they were."""
+    named = _named(layers)
+    with _own_rng(_device(sample[0])):
+        seconds, _ = _timed_layers(named, sample, optim or OptimConfig(), num_microbatches, copies)
+    return LayerCosts(tuple(name for name, _ in named), tuple(seconds), (0.0,) * len(named), _rows(sample[0]))
 
 
-def run_costs(cfg: Config, model: nn.Sequential, train_set: Dataset, device: torch.device,
-              num_stages: int) -> LayerCosts:
-    """What each layer and cut costs a stage of this run (see [Note: partition by time])."""
-    m = cfg.train.microbatches
-    rows = max(1, cfg.data.batch_size // m)
-    sample = (train_set.inputs[:rows].to(device), train_set.targets[:rows].to(device))
+def run_costs(cfg: Config, layers: Layers, sample: Sample, num_classes: int, num_stages: int) -> LayerCosts:
+    """What each layer and cut costs a stage of this run, on ``sample``, one microbatch (see
+    [Note: partition by time])."""
+    named, device = _named(layers), _device(sample[0])
     spec = registry.get(cfg.train.schedule)  # what its stages pay beyond their layers
     copies = spec.copies_weights(cfg)
     predictors = spec.predictor_boundaries(cfg, num_stages)
     with _own_rng(device):
-        seconds, outputs = _timed_layers(model, sample, cfg.optim, m, copies)
-        costs = LayerCosts(tuple(name for name, _ in model.named_children()), tuple(seconds),
-                           (0.0,) * len(model), len(sample[0]))
+        seconds, outputs = _timed_layers(named, sample, cfg.optim, cfg.train.microbatches, copies)
+        costs = LayerCosts(tuple(name for name, _ in named), tuple(seconds), (0.0,) * len(named), _rows(sample[0]))
         if predictors:
-            costs = _with_predictors(costs, cfg, outputs[:-1], train_set, device, predictors)
+            costs = _with_predictors(costs, cfg, outputs[:-1], num_classes, tuple(sample[1].shape[1:]), device,
+                                     predictors)
     return costs
 
 
-def _with_predictors(costs: LayerCosts, cfg: Config, outputs: Sequence[TensorSpec], train_set: Dataset,
-                     device: torch.device, predictors: Sequence[int]) -> LayerCosts:
+def microbatch_of(cfg: Config, train_set: Dataset, device: torch.device) -> Sample:
+    """The first microbatch of the training set (inputs and labels) on ``device``."""
+    rows = max(1, cfg.data.batch_size // cfg.train.microbatches)
+    return input_to(input_slice(train_set.inputs, 0, rows), device), train_set.targets[:rows].to(device)
+
+
+def _with_predictors(costs: LayerCosts, cfg: Config, outputs: Sequence[Spec], num_classes: int,
+                     labels_shape: tuple[int, ...], device: torch.device, predictors: Sequence[int]) -> LayerCosts:
     """``costs`` with the synthetic-gradient predictors of boundaries ``predictors``: timed at
     every cut for an explicit ``dni.kind`` (the costliest where ``dni.boundaries`` differ), or the
     ``auto`` budget. Every cut and stage pays it, even under ``mixed`` where only some boundaries
@@ -126,8 +138,8 @@ def _with_predictors(costs: LayerCosts, cfg: Config, outputs: Sequence[TensorSpe
     boundaries = [cfg.dni.for_boundary(i) for i in predictors]
     explicit = [b for i, b in enumerate(boundaries) if b.kind != "auto" and b not in boundaries[:i]]
     if explicit:
-        cuts, error = _predictor_costs(outputs, explicit, train_set.num_classes, cfg.data.batch_size, costs.rows,
-                                       tuple(train_set.targets.shape[1:]), device)
+        cuts, error = _predictor_costs(outputs, explicit, num_classes, cfg.data.batch_size, costs.rows,
+                                       labels_shape, device)
         costs = replace(costs, cut_sec=(0.0, *cuts), cut_error=error)
     if any(b.kind == "auto" for b in boundaries):  # see [Note: predictor budget] in dni/sizing.py
         costs = replace(costs, scale=1.0 + BUDGET)
@@ -137,13 +149,13 @@ def _with_predictors(costs: LayerCosts, cfg: Config, outputs: Sequence[TensorSpe
 def time_balance(cfg: Config, model: nn.Sequential, train_set: Dataset, device: torch.device,
                  num_stages: int) -> tuple[list[int], str]:
     """The balance ``partition.method: time`` gives this run, and the line saying why."""
-    costs = run_costs(cfg, model, train_set, device, num_stages)
+    costs = run_costs(cfg, model, microbatch_of(cfg, train_set, device), train_set.num_classes, num_stages)
     balance = costs.balance(num_stages)
     return balance, costs.describe(balance, min_max_balance([num_params(layer) for layer in model], num_stages))
 
 
-def _timed_layers(model: nn.Sequential, sample: Sample, optim: OptimConfig, num_microbatches: int,
-                  copies: int) -> tuple[list[float], list[TensorSpec]]:
+def _timed_layers(layers: list[tuple[str, nn.Module]], sample: Sample, optim: OptimConfig, num_microbatches: int,
+                  copies: int) -> tuple[list[float], list[Spec]]:
     """Per layer: seconds of forward+backward plus a ``1 / num_microbatches`` share of its
     optimizer step (and weight copies), and the spec of its output.
 
@@ -151,24 +163,43 @@ def _timed_layers(model: nn.Sequential, sample: Sample, optim: OptimConfig, num_
     other work can stretch every call of one short measurement, but rarely the same layer in
     every pass.
     """
-    passes = [_one_pass(model, sample, optim, num_microbatches, copies) for _ in range(ROUNDS)]
+    passes = [_one_pass(layers, sample, optim, num_microbatches, copies) for _ in range(ROUNDS)]
     return [min(times) for times in zip(*(seconds for seconds, _ in passes))], passes[0][1]
 
 
-def _one_pass(model: nn.Sequential, sample: Sample, optim: OptimConfig, num_microbatches: int,
-              copies: int) -> tuple[list[float], list[TensorSpec]]:
+def _one_pass(layers: list[tuple[str, nn.Module]], sample: Sample, optim: OptimConfig, num_microbatches: int,
+              copies: int) -> tuple[list[float], list[Spec]]:
     x, targets = sample
     seconds, outputs = [], []
-    for index, original in enumerate(model):
-        layer = copy.deepcopy(original).to(x.device)  # its buffers and gradients change, not the model's
-        x = x.detach().requires_grad_(index > 0 and x.is_floating_point())
-        is_last = index == len(model) - 1
+    for index, (_, original) in enumerate(layers):
+        layer = copy.deepcopy(original).to(_device(x))  # its buffers and gradients change, not the model's
+        x = _differentiable(x, index > 0)
+        is_last = index == len(layers) - 1
         step = _step_sec(layer, optim, copies) / num_microbatches
         seconds.append(_forward_backward_sec(layer, x, targets if is_last else None) + step)
-        with torch.no_grad():
-            x = layer(x)
-        outputs.append(TensorSpec(tuple(x.shape), x.dtype))
+        x = _call(layer, x)  # with autograd on: a tuple's tensors say which need a gradient
+        outputs.append(spec_of(x, _rows(x)))
     return seconds, outputs
+
+
+def _call(layer: nn.Module, x: Value) -> Value:
+    return layer(*x) if isinstance(x, tuple) else layer(x)
+
+
+def _differentiable(x: Value, inner: bool) -> Value:
+    """``x`` as a layer receives it: detached; past the first layer, a float tensor needs a
+    gradient (in a tuple, a tensor that needed one)."""
+    if isinstance(x, tuple):
+        return tuple(t.detach().requires_grad_(inner and t.requires_grad) for t in x)
+    return x.detach().requires_grad_(inner and x.is_floating_point())
+
+
+def _device(x: Value) -> torch.device:
+    return (x[0] if isinstance(x, tuple) else x).device
+
+
+def _rows(x: Value) -> int:
+    return len(x[0] if isinstance(x, tuple) else x)
 
 
 @contextlib.contextmanager
@@ -179,16 +210,17 @@ def _own_rng(device: torch.device) -> Iterator[None]:
         yield
 
 
-def _forward_backward_sec(layer: nn.Module, x: torch.Tensor, targets: Optional[torch.Tensor]) -> float:
-    with torch.no_grad():
-        grad = torch.ones_like(layer(x))  # a gradient of the output's shape (dense compute ignores values)
+def _forward_backward_sec(layer: nn.Module, x: Value, targets: Optional[torch.Tensor]) -> float:
+    out = _call(layer, x)
+    needing = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+    grads = [torch.ones_like(o) for o in needing]  # gradients of the outputs' shapes (dense compute ignores values)
 
     def run(_: int) -> None:
-        out = layer(x)
+        out = _call(layer, x)
         if targets is not None:
             loss_fn(out, targets).backward()
-        elif out.requires_grad:
-            out.backward(grad)
+        elif needing:
+            torch.autograd.backward([o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad], grads)
 
     return median_sec(run, iters=ITERS)
 
@@ -210,20 +242,27 @@ def _step_sec(layer: nn.Module, optim: OptimConfig, copies: int) -> float:
     return median_sec(run, iters=ITERS)
 
 
-def _predictor_costs(outputs: Sequence[TensorSpec], options: Sequence[DNIConfig], num_classes: int,
+def _predictor_costs(outputs: Sequence[Spec], options: Sequence[DNIConfig], num_classes: int,
                      batch_size: int, rows: int, labels_shape: tuple[int, ...],
                      device: torch.device) -> tuple[list[float], str]:
-    """Per layer output: the costliest of ``options``' predict+fit on it (infinite where one
-    cannot run), and the first reason one could not."""
+    """Per layer output: the costliest of ``options``' predict+fit on it, summed over a tuple's
+    tensors that need a gradient (a predictor each), infinite where one cannot run; and the
+    first reason one could not."""
     costs, known, error = [], {}, ""
-    for spec in outputs:
-        key = (spec.shape[1:], spec.dtype)
-        if key not in known:
-            timed = [_one_predictor_sec(spec, option, num_classes, batch_size, rows, labels_shape, device)
-                     for option in options]
-            known[key] = max(seconds for seconds, _ in timed)
-            error = error or next((reason for _, reason in timed if reason), "")
-        costs.append(known[key])
+    for output in outputs:
+        trained = trained_specs(output)
+        if not trained:
+            costs.append(math.inf)
+            error = error or f"nothing in {describe_spec(output)} needs a gradient to predict"
+        for spec in trained:
+            key = (spec.shape[1:], spec.dtype)
+            if key not in known:
+                timed = [_one_predictor_sec(spec, option, num_classes, batch_size, rows, labels_shape, device)
+                         for option in options]
+                known[key] = max(seconds for seconds, _ in timed)
+                error = error or next((reason for _, reason in timed if reason), "")
+        if trained:
+            costs.append(sum(known[(spec.shape[1:], spec.dtype)] for spec in trained))
     return costs, error
 
 

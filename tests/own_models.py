@@ -173,3 +173,110 @@ class Bucketed(nn.Module):
 def bucketed() -> Bucketed:
     return Bucketed()
 
+
+
+class NamedInputs(torch.utils.data.Dataset):
+    """A user's data set whose items are ({name: tensor}, label): a tokenizer's output."""
+
+    def __init__(self, inputs: dict[str, torch.Tensor], labels: torch.Tensor):
+        self.inputs, self.labels = inputs, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return {name: t[i] for name, t in self.inputs.items()}, self.labels[i]
+
+
+def padded_tokens(vocab_size: int = 24, n_train: int = 96, n_test: int = 32, seq: int = 16, seed: int = 0):
+    """Left-padded token sequences of random lengths with their attention masks (so that the
+    mask changes every real token's attention), named as a tokenizer names them but with the
+    mask first (not forward's order); each sequence counts up from a random token, and the label
+    of each position is the next token (0, the pad, before the start)."""
+    g = torch.Generator().manual_seed(seed)
+    n = n_train + n_test
+    start = torch.randint(1, vocab_size, (n, 1), generator=g)
+    ids = (start + torch.arange(seq + 1)) % (vocab_size - 1) + 1
+    lengths = torch.randint(seq // 2, seq + 1, (n, 1), generator=g)
+    mask = (torch.arange(seq + 1) >= seq + 1 - lengths).long()
+    ids = ids * mask
+    labels, ids, mask = ids[:, 1:], ids[:, :-1], mask[:, :-1]
+    sets = [NamedInputs({"attention_mask": mask[s], "input_ids": ids[s]}, labels[s])
+            for s in (slice(0, n_train), slice(n_train, n))]
+    return sets[0], sets[1]
+
+
+class Tagged(nn.Module):
+    """Two positional inputs: features, and a categorical tag per sample embedded beside them."""
+
+    def __init__(self, in_features: int = 8, tags: int = 5, width: int = 16, num_classes: int = 10):
+        super().__init__()
+        self.tag = nn.Embedding(tags, width)
+        self.body = nn.Sequential(nn.Linear(in_features, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh())
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor, tag: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x) + self.tag(tag))
+
+
+def tagged() -> Tagged:
+    return Tagged()
+
+
+class Pairs(torch.utils.data.Dataset):
+    """Items ((x, tag), label): a model's two positional inputs and the label."""
+
+    def __init__(self, x: torch.Tensor, tag: torch.Tensor, labels: torch.Tensor):
+        self.x, self.tag, self.labels = x, tag, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return (self.x[i], self.tag[i]), self.labels[i]
+
+
+def tagged_data(n_train: int = 240, n_test: int = 60, seed: int = 0):
+    """(features, tag) inputs with labels that need both: the sign of the first feature and the tag."""
+    g = torch.Generator().manual_seed(seed)
+    x, tag = torch.randn(n_train + n_test, 8, generator=g), torch.randint(0, 5, (n_train + n_test,), generator=g)
+    y = (x[:, 0] > 0).long() * 5 + tag
+    return Pairs(x[:n_train], tag[:n_train], y[:n_train]), Pairs(x[n_train:], tag[n_train:], y[n_train:])
+
+
+class Lopsided(nn.Module):
+    """Parameters mislead about time: its first block repeats a small layer many times (few
+    parameters, most of the compute); the others each hold a large embedding table they barely
+    touch (most of the parameters, little compute)."""
+
+    class Heavy(nn.Module):
+        def __init__(self, width: int, repeats: int):
+            super().__init__()
+            self.layer, self.repeats = nn.Linear(width, width), repeats
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            for _ in range(self.repeats):
+                x = torch.tanh(self.layer(x))
+            return x
+
+    class Light(nn.Module):
+        def __init__(self, width: int, table: int):
+            super().__init__()
+            self.table, self.layer = nn.Embedding(table, width), nn.Linear(width, width)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.layer(x) + self.table.weight[:1]
+
+    def __init__(self, width: int = 64, repeats: int = 60, table: int = 4000, num_classes: int = 10):
+        super().__init__()
+        self.blocks = nn.ModuleList([Lopsided.Heavy(width, repeats), *(Lopsided.Light(width, table) for _ in range(3))])
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return self.head(x)
+
+
+def lopsided(**kwargs) -> Lopsided:
+    return Lopsided(**kwargs)

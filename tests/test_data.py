@@ -586,3 +586,62 @@ def test_eval_batches_cover_the_whole_set_in_order():
     assert [len(t) for _, t in batches] == [4, 4, 2]
     assert torch.equal(torch.cat([t for _, t in batches]), dataset.targets)
     assert torch.equal(torch.cat([x for x, _ in batches]), dataset.inputs)
+
+
+class _Items(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def test_a_users_data_may_give_several_inputs_as_a_tuple_or_by_name_and_batches_keep_them_together():
+    """data.factory's items may be ((x, tag), label) or ({name: tensor}, label): every input is
+    stacked, the limit, the batch order and the evaluation slices cut all of them alike, the
+    normalisation leaves them alone, and named inputs reorder to the first stage's order."""
+    from pipedni.data.factory import from_torch
+    from pipedni.data.registry import prepare
+
+    x, tag = torch.randn(10, 3) * 5 + 2, torch.arange(10)
+    pairs = _Items([((x[i], tag[i]), tag[i] % 3) for i in range(10)])
+    train, test = prepare(DataConfig(train_limit=8), *from_torch(pairs, pairs, "pairs"))
+    assert len(train) == 8 and train.input_names == () and train.num_classes == 3
+    assert torch.equal(train.inputs[0], x[:8]) and torch.equal(train.inputs[1], tag[:8])  # not standardised
+    for _, (bx, btag), labels in train_batches(train, 4, seed=1, num_steps=2):
+        assert torch.equal(bx, x[btag]) and torch.equal(labels, btag % 3)  # rows of one sample stay together
+    (ex, etag), _ = next(eval_batches(test, 6))
+    assert torch.equal(ex, x[:6]) and torch.equal(etag, tag[:6])
+    assert train.describe_inputs() == "([*, 3] float32, [*] int64)"
+
+    named = _Items([({"mask": tag[i] > 4, "ids": tag[i]}, tag[i] % 2) for i in range(10)])
+    train, _ = from_torch(named, named, "named")
+    assert train.input_names == ("mask", "ids") and train.inputs[0].dtype == torch.bool
+    ordered = train.in_order(["ids", "mask"])
+    assert ordered.input_names == ("ids", "mask") and ordered.inputs[0] is train.inputs[1]
+    assert train.describe_inputs() == "(mask [*] bool, ids [*] int64)"
+
+
+@pytest.mark.parametrize("items, message", [
+    ([({"a": torch.zeros(2)}, 0), ({"b": torch.zeros(2)}, 1)], "inputs are dicts, but not all with the same keys"),
+    ([((torch.zeros(2), torch.zeros(1)), 0), ((torch.zeros(2),), 1)], "inputs are sequences, but not all of 2"),
+    ([((torch.zeros(2), torch.zeros(1)), 0), ((torch.zeros(2), torch.zeros(3)), 1)], "items' input 1 differ in shape"),
+    ([({"a": torch.zeros(2)}, 0.5)], "labels must be integers from 0"),
+])
+def test_inconsistent_inputs_of_a_users_data_name_what_differs(items, message):
+    from pipedni.data.factory import from_torch
+
+    with pytest.raises(DataError, match=message):
+        from_torch(_Items(items), _Items(items), "mine")
+
+
+def test_a_test_set_whose_inputs_differ_from_the_train_sets_is_refused():
+    from pipedni.data.factory import from_torch
+
+    train = _Items([((torch.zeros(2), torch.tensor(1)), 0)])
+    with pytest.raises(DataError, match=r"test set's inputs are \[\*, 2\] float32 but its train set's are "
+                                        r"\(\[\*, 2\] float32, \[\*\] int64\)"):
+        from_torch(train, _Items([(torch.zeros(2), 0)]), "mine")

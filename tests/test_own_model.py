@@ -16,11 +16,12 @@ import pytest
 import torch
 
 from dist_utils import RankFailed, free_port, run_distributed
-from own_models import ResNet, SkipNet
+from own_models import Lopsided, ResNet
 from pipedni import data as datasets
+from pipedni.boundary import input_split
 from pipedni.config import load_config
 from pipedni.cutting import cut_model
-from pipedni.engine import Trainer
+from pipedni.engine import Trainer, with_saved_balance
 from pipedni.errors import PartitionError, PipeDNIError
 from pipedni.export import merge_checkpoints
 from pipedni.models import build_model
@@ -46,9 +47,13 @@ def make_config(run_dir: Path, schedule: str, microbatches: int, *extra: str):
 
 
 CASES = [("skip", "naive", 1), ("skip", "gpipe", 4), ("skip", "1f1b", 4), ("skip", "torch_1f1b", 3),
-         ("resnet", "gpipe", 3), ("resnet", "1f1b", 3), ("ids", "1f1b", 3)]
-# ids: the first cut carries integer ids alone (no gradient travels back over it)
-MODELS = {"skip": SKIP_NET, "resnet": RESNET,
+         ("resnet", "gpipe", 3), ("resnet", "1f1b", 3), ("ids", "1f1b", 3), ("tagged", "1f1b", 3),
+         ("tagged", "torch_gpipe", 3)]
+# ids: the first cut carries integer ids alone (no gradient travels back over it); tagged: the
+# data gives two inputs, features and an integer tag, that the model's forward takes
+TAGGED = ("--model.factory=own_models:tagged", "--data.factory=own_models:tagged_data",
+          "--model.split_points=[body.2, head]")
+MODELS = {"skip": SKIP_NET, "resnet": RESNET, "tagged": TAGGED,
           "ids": ("--model.factory=own_models:bucketed", "--data.synthetic_shape=[8]", "--model.split_points=[embed, head]")}
 
 
@@ -66,11 +71,11 @@ def one_process_over_microbatches(cfg) -> dict[str, torch.Tensor]:
     """The exact reference for a model with batch norm: one process running the same
     microbatches in order, accumulating their weighted losses, one SGD step per batch."""
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
-    model = build_model(cfg.model, tuple(train_set.inputs.shape[1:]), train_set.num_classes, cfg.run.seed)
+    model = build_model(cfg.model, (), train_set.num_classes, cfg.run.seed)
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     for _, inputs, targets in datasets.train_batches(train_set, cfg.data.batch_size, cfg.run.seed, cfg.train.steps, 0):
-        for x, t in zip(torch.tensor_split(inputs, cfg.train.microbatches), torch.tensor_split(targets, cfg.train.microbatches)):
-            (loss_fn(model(x), t) * (t.shape[0] / targets.shape[0])).backward()
+        for x, t in zip(input_split(inputs, cfg.train.microbatches), torch.tensor_split(targets, cfg.train.microbatches)):
+            (loss_fn(model(*x) if isinstance(x, tuple) else model(x), t) * (t.shape[0] / targets.shape[0])).backward()
         optimizer.step()
         optimizer.zero_grad()
     return model.state_dict()
@@ -84,7 +89,7 @@ def test_locked_schedules_on_split_models_match_one_process(tmp_path):
     expected = merge_checkpoints(tmp_path / "single")
     for i, (model, schedule, m) in enumerate(CASES):
         merged = merge_checkpoints(tmp_path / f"{model}-{schedule}")
-        if model != "skip":  # batch norm: the reference runs the same microbatches; buffers must match too
+        if model != "skip":  # the reference runs the same microbatches (batch norm: buffers must match too)
             expected = one_process_over_microbatches(make_config(tmp_path / "ref", schedule, m, *MODELS[model]))
             assert merged.keys() == expected.keys()
         if model == "resnet":
@@ -159,6 +164,7 @@ def test_the_config_route_trains_a_resnet_on_its_own_data_under_torchrun_and_exp
     assert "split_points:\n  - layer2\n  - layer4" in saved and "own_models:resnet18" in saved
 
 
+TAGGED_DATA = ("--data.factory=own_models:tagged_data", "--data.num_classes=10")
 MISTAKES = [
     ("--model.factory=own_models", "model.factory = 'own_models' is not 'package.module:function'"),
     ("--model.factory=no_such_pkg:build", "cannot import no_such_pkg"),
@@ -169,7 +175,30 @@ MISTAKES = [
     ("--data.factory=own_models:not_data", "data.factory = 'own_models:not_data' returned a Tensor; it must return (train, test)"),
     ("--data.factory=own_models:images", "data.num_classes = 3 but data.factory's data has label 3"),
     ("--train.loss=own_models:nope", "train.loss = 'own_models:nope': own_models has no function 'nope'"),
+    (("--model.factory=", *TAGGED_DATA), "the data gives 2 inputs per sample, ([*, 8] float32, [*] int64), but "
+                                         "model.name = 'mlp' takes one tensor; build a model that takes them with "
+                                         "model.factory"),
+    (("--model.factory=own_models:skip_net", "--model.split_points=[]", *TAGGED_DATA),
+     "example_inputs has 2 values but SkipNet.forward takes 1 (x)"),
+    (("--model.factory=own_models:tagged", "--model.factory_args={}", "--model.split_points=[]",
+      "--data.factory=own_models:padded_tokens",
+      "--data.num_classes=24"), "example_inputs names 'attention_mask', which Tagged.forward does not take; its "
+                                "parameters are x, tag"),
 ]
+
+
+def _predicted_from_two_inputs(rank: int, world_size: int, root: str) -> None:
+    runtime = Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
+    Trainer(make_config(Path(root), "dni", 2, *TAGGED[:2], "--model.split_points=[head]",
+                        "--dni.synthetic_inputs=true"), runtime)
+
+
+def test_synthetic_inputs_from_a_network_input_of_several_tensors_are_one_clear_error(tmp_path):
+    results = run_distributed(_predicted_from_two_inputs, 2, str(tmp_path), timeout=120, allow_failures=True)
+    errors = [r.error for r in results if isinstance(r, RankFailed) and isinstance(r.error, PartitionError)]
+    assert errors and str(errors[0]) == (
+        "dni.synthetic_inputs: stage 1 would predict its input from the network's, but the data gives 2 inputs, "
+        "(x [*, 8] float32, tag [*] int64), and an input model reads one; turn synthetic inputs off")
 
 
 def test_mistakes_in_the_config_route_are_one_line_errors_and_exit_2(tmp_path):
@@ -177,9 +206,10 @@ def test_mistakes_in_the_config_route_are_one_line_errors_and_exit_2(tmp_path):
     line turns such an error into one line on stderr and exit code 2 (checked once)."""
     base = ["--data.name=synthetic", f"--run.dir={tmp_path}", "--train.steps=1", "--data.num_classes=3", *RESNET]
     for override, message in MISTAKES:
+        overrides = [override] if isinstance(override, str) else list(override)
         with pytest.raises(PipeDNIError) as info:
             Trainer(load_config(REPO / "configs/mlp_fashion.yaml",
-                                [*base, override]), Runtime(0, 1, 0, 1, torch.device("cpu"), "none"))
+                                [*base, *overrides]), Runtime(0, 1, 0, 1, torch.device("cpu"), "none"))
         assert message in str(info.value) and "\n" not in str(info.value), override
     proc = run_cli(["configs/mlp_fashion.yaml", *base, MISTAKES[1][0]], nproc=1)
     assert proc.returncode == 2 and MISTAKES[1][1] in one_line_error(proc)
@@ -252,15 +282,28 @@ def test_a_boundary_tensor_whose_shape_changes_between_batches_is_refused_by_nam
     assert "narrow [*, 3] float32" in errors[0] and "but stage 0 sent (" in errors[0]
 
 
-def test_a_timed_split_of_a_model_that_is_no_sequential_is_cut_by_parameters_and_says_so(tmp_path):
-    """partition.method: auto is time for decoupled schedules; split models are not timed yet."""
-    cfg = make_config(tmp_path, "dni", 2, *SKIP_NET)
+def test_a_decoupled_run_times_a_split_model_and_records_the_cut_for_a_rerun(tmp_path):
+    """partition.method: auto is time for decoupled schedules: Lopsided's costly first block gets
+    a stage of its own (parameters would give it two), the printed split says what was
+    measured, and the saved config records the cut."""
+    cfg = make_config(tmp_path, "dni", 2, "--model.factory=own_models:lopsided", "--model.factory_args={repeats: 30}",
+                      "--data.synthetic_shape=[64]")
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
-    cut = cut_model(cfg, Runtime(0, 2, 0, 2, torch.device("cpu"), "none"), SkipNet(), train_set)
-    assert "partition.method = auto times the layers of an nn.Sequential; SkipNet is cut between its blocks by " \
-           "parameters instead" in cut.description
-    assert cut.cfg.model.split_points == ["blocks.2"] and cfg.model.split_points == []  # recorded for a rerun
+    cut = cut_model(cfg, Runtime(0, 2, 0, 2, torch.device("cpu"), "none"), Lopsided(repeats=30), train_set)
+    assert "partition.method time: stage costs " in cut.description
+    assert "x 1.12 for its dni.kind auto predictor); differs from the parameter split [2, 3]" in cut.description
+    assert cut.cfg.model.split_points == ["blocks.1"] and cfg.model.split_points == []  # recorded for a rerun
 
+
+def test_a_resumed_split_model_is_cut_where_its_checkpoint_was_cut(tmp_path):
+    """A timed split may cut elsewhere when measured again: a resumed run takes the checkpoint's
+    split points (same stage count, none given), as a Sequential takes its balance."""
+    (tmp_path / "meta.json").write_text(json.dumps({"num_stages": 2, "balance": None, "split_points": ["blocks.1"]}))
+    cfg = make_config(tmp_path, "dni", 2, *SKIP_NET)
+    assert with_saved_balance(cfg, tmp_path, 2).model.split_points == ["blocks.1"]
+    assert with_saved_balance(cfg, tmp_path, 3).model.split_points == []  # another stage count: cut afresh
+    given = make_config(tmp_path, "dni", 2, *SKIP_NET, "--model.split_points=[blocks.2]")
+    assert with_saved_balance(given, tmp_path, 2).model.split_points == ["blocks.2"]  # the user's cut wins
 
 
 def test_a_stage_failing_at_start_up_ends_the_others_with_one_line_each_not_a_traceback(tmp_path):

@@ -25,7 +25,7 @@ from pipedni.engine import Trainer
 from pipedni.errors import PartitionError
 from pipedni.models import build_model
 from pipedni.partition import partition
-from pipedni.partition_cost import LayerCosts, run_costs
+from pipedni.partition_cost import LayerCosts, microbatch_of, run_costs
 from pipedni.runtime import Runtime
 
 
@@ -100,7 +100,7 @@ def _config(*overrides: str):
 def _costs(cfg, num_stages: int) -> LayerCosts:
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
     model = build_model(cfg.model, tuple(train_set.inputs.shape[1:]), train_set.num_classes, cfg.run.seed)
-    return run_costs(cfg, model, train_set, torch.device("cpu"), num_stages)
+    return run_costs(cfg, model, microbatch_of(cfg, train_set, torch.device("cpu")), train_set.num_classes, num_stages)
 
 
 def test_no_stage_ends_where_its_dni_predictor_cannot_run():

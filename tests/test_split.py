@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from own_models import ResNet, SkipNet
+from own_models import Lopsided, ResNet, SkipNet
 from pipedni.errors import PartitionError
 from pipedni.split import split
 
@@ -154,7 +154,8 @@ def test_tied_weights_are_listed_with_the_stages_that_hold_them():
     ({"blocks.1": "middle"}, {}, "'middle' is not a place to cut"),
     ("blocks.1", {}, "is one string; give a list"),
     (None, {"num_stages": 9}, "cannot cut SkipNet into 9 stages: cut between its blocks (stem, blocks.0, blocks.1, blocks.2, blocks.3, buckets, head) it makes at most 8"),
-    (None, {"method": "time"}, "method = 'time' cannot split a model that is not an nn.Sequential"),
+    (None, {"method": "balanced"}, "method = 'balanced' is no way to cut a model between its blocks; use 'uniform', "
+                                   "'parameters', 'time', or name split_points"),
     (None, {"example_inputs": {"y": torch.zeros(2, 8)}}, "example_inputs names 'y', which SkipNet.forward does not take"),
     (None, {"example_inputs": ["text"]}, "example_inputs holds no tensor"),
     (None, {"example_inputs": {"x": [1]}}, "example_inputs['x'] is a list"),
@@ -176,6 +177,23 @@ def test_a_model_no_tracer_can_follow_names_each_tracer():
 
     with pytest.raises(PartitionError, match=r"cannot split Branchy: no tracer .*fx: TraceError.*; chain: calling its "):
         split(Branchy(), 2, torch.randn(3, 4) + 10, method="uniform")
+
+
+def test_a_timed_split_cuts_by_measured_time_and_leaves_the_model_and_the_rng_as_they_were():
+    """Lopsided's first block has few parameters but most of the compute: by parameters the cut
+    falls after two blocks, by time right after the first; timing runs copies, so the weights,
+    the gradients and the global RNG are untouched."""
+    torch.manual_seed(0)
+    model, x = Lopsided(repeats=30), torch.randn(16, 64)
+    before, rng = {k: v.clone() for k, v in model.state_dict().items()}, torch.random.get_rng_state()
+    timed = split(model, 2, x, method="time")
+    assert timed.split_points == [("blocks.1", "beginning")]
+    assert split(model, 2, x).split_points == [("blocks.2", "beginning")]
+    assert timed.note.startswith("partition.method time: stage costs ") and "layer costs ms: blocks.0 " in timed.note
+    assert timed.note.endswith("differs from the parameter split [2, 3]") and timed.note in timed.describe()
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters()) and torch.equal(rng, torch.random.get_rng_state())
+    assert torch.equal(run_stages(timed.stages, x), model(x))
 
 
 def test_a_sequential_splits_like_partition():

@@ -3,7 +3,6 @@ and the RNN experiments' script on tiny settings."""
 
 from __future__ import annotations
 
-import copy
 import json
 import subprocess
 import sys

@@ -30,6 +30,7 @@ import torch
 from pipedni import data as datasets
 from pipedni.config import Config, load_config
 from pipedni.bench.plan import parse_counts
+from pipedni.engine import one_input_shape
 from pipedni.errors import USER_ERRORS
 from pipedni.models import build_model
 from pipedni.partition import partition
@@ -127,7 +128,7 @@ class _Timed:
 def _batches(cfg: Config) -> tuple[list, list, int, tuple]:
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
     batches = list(datasets.train_batches(train_set, cfg.data.batch_size, cfg.run.seed, NUM_BATCHES))
-    return [b[1] for b in batches], [b[2] for b in batches], train_set.num_classes, tuple(train_set.inputs.shape[1:])
+    return [b[1] for b in batches], [b[2] for b in batches], train_set.num_classes, one_input_shape(cfg, train_set)
 
 
 def profile_stages(cfg: Config, num_stages: int, iters: int = 5, only: Optional[int] = None,

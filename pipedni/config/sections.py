@@ -74,7 +74,8 @@ class DataConfig:
     root: str = _f("data", "Directory searched first for data files (IDX files, mnist_5k.csv.gz, kjv.jsonl).")
     batch_size: int = _f(128, "Training batch size (split into train.microbatches).")
     eval_batch_size: int = _f(1000, "Batch size of the forward-only evaluation pass.")
-    normalize: bool = _f(True, "Standardise float inputs with the training set's mean and std (not token ids).")
+    normalize: bool = _f(True, "Standardise a float input with the training set's mean and std (not token ids, "
+                               "nor a model's several inputs).")
     train_limit: int = _f(0, "Use only the first N training samples (0: all).")
     test_limit: int = _f(0, "Evaluate on only the first N test samples (0: all).")
     seq_len: int = _f(128, "kjv: characters per sample; targets are the same characters shifted by one.")
@@ -83,7 +84,8 @@ class DataConfig:
     synthetic_size: int = _f(8192, "synthetic: number of training samples (test: a quarter).")
     factory: str = _f(
         "", "Your own data instead of data.name: 'package.module:function' returning (train, test) torch Datasets "
-            "of (input tensor, integer label) pairs, called with data.factory_args; see docs/own_model.md.",
+            "of (input, integer label) pairs, called with data.factory_args; an input is a tensor, a tuple of them "
+            "(forward's arguments in order) or a dict by forward's parameter names; see docs/own_model.md.",
     )
     factory_args: dict = _f({}, "Keyword arguments of data.factory.")
     num_classes: int = _f(0, "data.factory (and pipedni.fit): the number of classes (0: the largest label seen + 1).")
@@ -95,8 +97,9 @@ class PartitionConfig:
     method: Literal["auto", "uniform", "parameters", "time"] = _f(
         "auto",
         "uniform: equal layer counts; parameters: exact min-max parameter split; time: exact min-max split of "
-        "measured forward+backward+optimizer time (rank 0 times one microbatch; the balance is saved in "
-        "config.yaml); auto: time for decoupled schedules (dni, async, mixed) on several stages, else parameters.",
+        "measured forward+backward+optimizer time (rank 0 times one microbatch; the balance, or a split model's "
+        "split points, is saved in config.yaml); auto: time for decoupled schedules (dni, async, mixed) on several "
+        "stages, else parameters. A model that is no nn.Sequential is cut between its blocks.",
     )
 
 

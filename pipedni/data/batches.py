@@ -6,6 +6,7 @@ from typing import Iterator
 
 import torch
 
+from pipedni.boundary import Value, input_rows, input_slice
 from pipedni.data.dataset import Dataset
 from pipedni.errors import DataError
 
@@ -36,7 +37,7 @@ def batch_indices(num_samples: int, batch_size: int, seed: int, epoch: int) -> l
 
 def train_batches(
     dataset: Dataset, batch_size: int, seed: int, num_steps: int, start_step: int = 0
-) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+) -> Iterator[tuple[int, Value, torch.Tensor]]:
     """(step, inputs, targets) for steps start_step .. num_steps-1, epoch = step // steps_per_epoch."""
     if start_step < 0:
         raise DataError(f"start step {start_step}; must be >= 0")
@@ -47,12 +48,12 @@ def train_batches(
             epoch = step // per_epoch
             batches = batch_indices(len(dataset), batch_size, seed, epoch)
         index = batches[step % per_epoch]
-        yield step, dataset.inputs.index_select(0, index), dataset.targets.index_select(0, index)
+        yield step, input_rows(dataset.inputs, index), dataset.targets.index_select(0, index)
 
 
-def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def eval_batches(dataset: Dataset, batch_size: int) -> Iterator[tuple[Value, torch.Tensor]]:
     """The data set in order, in batches of batch_size (the last may be smaller)."""
     if batch_size < 1:
         raise DataError(f"eval batch size {batch_size}; must be >= 1")
     for start in range(0, len(dataset), batch_size):
-        yield dataset.inputs[start : start + batch_size], dataset.targets[start : start + batch_size]
+        yield input_slice(dataset.inputs, start, start + batch_size), dataset.targets[start : start + batch_size]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import torch
+
+from pipedni.boundary import Value, describe_spec, input_spec
 
 from pipedni.config import DataConfig
 from pipedni.errors import DataError
@@ -14,13 +17,31 @@ from pipedni.errors import DataError
 
 @dataclass
 class Dataset:
-    inputs: torch.Tensor  # one sample per row: float32 (N, *shape), normalised if asked, or int64 token ids (N, T)
+    # One sample per row: float32 (N, *shape), normalised if asked, or int64 token ids (N, T); a
+    # user's data (data.factory) may give several inputs, a tuple of such tensors in the order
+    # the model's first stage takes them (named by input_names when they came as a dict).
+    inputs: Value
     targets: torch.Tensor  # int64 labels in 0..num_classes-1: (N,) one per sample, or (N, T) one per position
     num_classes: int  # classes, or the vocabulary size of a text set
     name: str
+    input_names: tuple[str, ...] = ()  # the names of a tuple's inputs (forward's parameters), if given by name
 
     def __len__(self) -> int:
         return int(self.targets.shape[0])
+
+    def in_order(self, names: Sequence[str]) -> Dataset:
+        """This set with its inputs named by ``names`` (the first stage's, in its order): named
+        inputs are put in that order, a tuple's take the names in turn."""
+        if not isinstance(self.inputs, tuple) or list(names) == list(self.input_names):
+            return self
+        if not self.input_names:
+            return dataclasses.replace(self, input_names=tuple(names))
+        where = {name: i for i, name in enumerate(self.input_names)}
+        return dataclasses.replace(self, inputs=tuple(self.inputs[where[n]] for n in names), input_names=tuple(names))
+
+    def describe_inputs(self) -> str:
+        """One sample's inputs, e.g. ``[1, 28, 28] float32`` or ``(input_ids [64] int64, ...)``."""
+        return describe_spec(input_spec(self.inputs, self.input_names))
 
     @classmethod
     def from_images(

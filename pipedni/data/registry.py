@@ -5,10 +5,12 @@ Adding a data set is one module that builds its `Source` plus one line in `DATAS
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
 
+from pipedni.boundary import input_slice
 from pipedni.config import DataConfig
 from pipedni.data import factory, idx, kjv, mnist_5k, synthetic
 from pipedni.data.dataset import Dataset, Source
@@ -44,14 +46,16 @@ def _limit(dataset: Dataset, limit: int, key: str) -> Dataset:
     if limit == 0 or limit >= len(dataset):
         return dataset
     # clone: a view would keep the whole set alive and be normalised in place through it.
-    inputs, targets = dataset.inputs[:limit].clone(), dataset.targets[:limit].clone()
-    return Dataset(inputs=inputs, targets=targets, num_classes=dataset.num_classes, name=dataset.name)
+    inputs = input_slice(dataset.inputs, 0, limit)
+    inputs = tuple(t.clone() for t in inputs) if isinstance(inputs, tuple) else inputs.clone()
+    return dataclasses.replace(dataset, inputs=inputs, targets=dataset.targets[:limit].clone())
 
 
 def _normalize(train: Dataset, test: Dataset) -> None:
-    """Standardise both sets in place with the training set's scalar mean and std (float inputs
-    only: token ids are indices, not measurements)."""
-    if not train.inputs.is_floating_point():
+    """Standardise both sets in place with the training set's scalar mean and std (a single
+    float input only: token ids are indices, not measurements, and of several inputs, a mask or
+    a position would be ruined by it)."""
+    if isinstance(train.inputs, tuple) or not train.inputs.is_floating_point():
         return
     std, mean = torch.std_mean(train.inputs, correction=0)
     std = std if std > 0 else torch.ones(())  # a constant input: centre it, do not divide by 0

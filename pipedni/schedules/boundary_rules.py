@@ -85,8 +85,8 @@ def check_decoupled(ctx: WorkerContext, boundaries: Sequence[str]) -> None:
     """A boundary of several tensors (a split model's: see [Note: what crosses a boundary] in
     split/stages.py) can be decoupled when some of its tensors need a gradient: a dni boundary
     predicts each one's (see ``SyntheticLink``), an async one delays them all; masks, ids and
-    other tensors without one travel alongside. Synthetic inputs predict one tensor, so they
-    need a bare one."""
+    other tensors without one travel alongside. Synthetic inputs predict one tensor from one
+    network input, so they need a bare one of each."""
     stage, i = ctx.stage, ctx.stage.stage_index
     for side, spec, mode in (("receives", ctx.shapes.input, boundaries[i - 1] if i > 0 else "locked"),
                              ("sends", ctx.shapes.output, boundaries[i] if not stage.is_last else "locked")):
@@ -101,3 +101,8 @@ def check_decoupled(ctx: WorkerContext, boundaries: Sequence[str]) -> None:
             f"dni.synthetic_inputs: stage {i} receives {len(ctx.shapes.input)} tensors, "
             f"{describe_spec(ctx.shapes.input)}, but a synthetic input predicts one; turn synthetic inputs off "
             "or cut where one tensor crosses")
+    if before is not None and before.synthetic_inputs and isinstance(ctx.network_input, tuple):
+        raise PartitionError(
+            f"dni.synthetic_inputs: stage {i} would predict its input from the network's, but the data gives "
+            f"{len(ctx.network_input)} inputs, {describe_spec(ctx.network_input)}, and an input model reads one; "
+            "turn synthetic inputs off")

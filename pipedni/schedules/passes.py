@@ -9,7 +9,7 @@ from typing import Iterable, Optional
 
 import torch
 
-from pipedni.boundary import PROBE_ROWS, StageShapes, TensorSpec, describe_spec, example, spec_of
+from pipedni.boundary import PROBE_ROWS, Spec, StageShapes, Value, describe_spec, example, input_to, spec_of
 from pipedni.errors import PartitionError
 from pipedni.stage import Stage, num_correct
 from pipedni.transport import Kind
@@ -22,7 +22,7 @@ class EvalResult:
     num_samples: int
 
 
-def probe_shapes(stage: Stage, transport, sample_spec: TensorSpec, num_classes: int) -> StageShapes:
+def probe_shapes(stage: Stage, transport, sample_spec: Spec, num_classes: int) -> StageShapes:
     """Pass a probe of ``PROBE_ROWS`` samples down the pipe: every stage learns what it receives and sends, and
     one that cannot take its neighbour's output (or a last stage whose output is no class
     scores) raises PartitionError at start-up, naming both stages."""
@@ -50,7 +50,7 @@ def probe_shapes(stage: Stage, transport, sample_spec: TensorSpec, num_classes: 
 
 
 def evaluate(stage: Stage, transport, shapes: StageShapes, eval_id: int,
-             batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
+             batches: Iterable[tuple[Value, torch.Tensor]]) -> Optional[EvalResult]:
     """Forward-only pass over ``batches`` through the whole pipe; the last stage returns the result.
 
     Every stage must pass the same batches (each uses the half it needs); the first stage's
@@ -60,7 +60,8 @@ def evaluate(stage: Stage, transport, shapes: StageShapes, eval_id: int,
     loss_sum, correct, count = 0.0, 0, 0
     try:
         for b, (inputs, targets) in enumerate(batches):
-            x = inputs.to(stage.device) if stage.is_first else transport.recv("prev", Kind.EVAL, eval_id, b, shapes.input)
+            x = input_to(inputs, stage.device) if stage.is_first else transport.recv("prev", Kind.EVAL, eval_id, b,
+                                                                                    shapes.input)
             out = stage.evaluate(x)
             if not stage.is_last:
                 transport.send("next", Kind.EVAL, eval_id, b, out)

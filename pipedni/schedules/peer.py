@@ -15,7 +15,7 @@ from typing import Optional
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from pipedni.boundary import Spec, Value, example, gradient_spec
+from pipedni.boundary import Spec, Value, example, gradient_spec, input_to
 from pipedni.config import Config
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
@@ -75,11 +75,12 @@ class PeerWorker(Worker):
         in_bytes = 0 if stage.is_first else _num_bytes(gradient_spec(shapes.input), rows)
         self.bytes_per_step = m * (out_bytes + in_bytes)
 
-    def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
+    def train_step(self, step: int, inputs: Optional[Value], targets: torch.Tensor) -> StepStats:
         stage, start = self.stage, time.perf_counter()
         compute_before = self.pipe.compute_sec
         losses: Optional[list] = [] if stage.is_last else None
-        args = (inputs.to(stage.device),) if stage.is_first else ()
+        args = () if not stage.is_first else (tuple(input_to(inputs, stage.device)) if isinstance(inputs, tuple)
+                                              else (inputs.to(stage.device),))
         target = targets.to(stage.device) if stage.is_last else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         step_start = time.perf_counter()

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Union
 
-from pipedni.boundary import StageShapes, TensorSpec
+from pipedni.boundary import Spec, StageShapes
 from pipedni.config import Config
 from pipedni.metrics.records import MetricSpec
 from pipedni.stage import Stage
@@ -25,7 +25,7 @@ class WorkerContext:
     cfg: Config
     num_classes: int
     labels_shape: tuple[int, ...]  # one sample's labels: () for a classifier, (T,) per position
-    network_input: TensorSpec  # one sample of the network's input (synthetic inputs predict from it)
+    network_input: Spec  # one sample of the network's input, or its inputs (synthetic inputs predict from one)
 
 
 def no_checks(cfg: Config, num_stages: int) -> None:

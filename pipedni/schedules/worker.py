@@ -16,6 +16,7 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from pipedni.boundary import Value, input_split, input_to
 from pipedni.metrics.records import StepStats
 from pipedni.metrics.timeline import WAITS, category_of
 from pipedni.schedules.passes import EvalResult, evaluate
@@ -30,7 +31,7 @@ class Worker:
         self.stage, self.transport, self.shapes = ctx.stage, ctx.transport, ctx.shapes
         self.num_evals = 0
 
-    def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
+    def train_step(self, step: int, inputs: Optional[Value], targets: torch.Tensor) -> StepStats:
         raise NotImplementedError
 
     def finish(self) -> None:
@@ -53,18 +54,18 @@ class Worker:
 
 @dataclass
 class Microbatch:
-    inputs: Optional[torch.Tensor]  # the network's: the first stage's, or one that predicts its input
+    inputs: Optional[Value]  # the network's: the first stage's, or one that predicts its input
     targets: torch.Tensor
     weight: float  # its share of the batch: the last stage weights its loss by it
 
 
-def split_batch(stage: Stage, inputs: Optional[torch.Tensor], targets: torch.Tensor, m: int,
+def split_batch(stage: Stage, inputs: Optional[Value], targets: torch.Tensor, m: int,
                 keep_inputs: bool = False) -> list[Microbatch]:
     """The batch in ``m`` microbatches on the stage's device, each with its loss weight, so that
     accumulated gradients equal those of one full-batch step. Network inputs go to the first
     stage, and to a later one that predicts its input from them (``keep_inputs``)."""
     pieces = list(torch.tensor_split(targets.to(stage.device, non_blocking=True), m))
-    xs = (list(torch.tensor_split(inputs.to(stage.device, non_blocking=True), m)) if stage.is_first or keep_inputs
+    xs = (input_split(input_to(inputs, stage.device, non_blocking=True), m) if stage.is_first or keep_inputs
           else [None] * len(pieces))
     return [Microbatch(x, t, t.shape[0] / targets.shape[0]) for x, t in zip(xs, pieces)]
 

@@ -3,31 +3,43 @@ where to cut; stages.py: what crosses and the stage modules; plan.py: what comes
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch.fx as fx
 from torch import nn
 
 from pipedni.errors import PartitionError
-from pipedni.split.cuts import SplitPoints, ancestors, belongs, blocks, compute_nodes, parse_points, resolve_cuts
+from pipedni.split.cuts import (SplitPoints, ancestors, belongs, block_starts, blocks, check_segments, compute_nodes,
+                                cuts_of, parameter_balance, parse_points, resolve_cuts, segment_names)
 from pipedni.split.plan import BoundaryTensor, SplitPlan, tied_groups
 from pipedni.split.stages import crossings, install, make_stage_module, model_output, stage_graph, stage_of_nodes
 from pipedni.split.trace import TRACERS, Traced, describe_values, trace
+
+if TYPE_CHECKING:
+    from pipedni.partition_cost import LayerCosts
+
+Timer = Callable[[list[tuple[str, nn.Module]], tuple[Any, Any]], "LayerCosts"]  # see split's timer
 
 __all__ = ["BoundaryTensor", "SplitPlan", "split"]
 
 
 def split(model: nn.Module, num_stages: int, example_inputs: Any, split_points: Optional[SplitPoints] = None,
-          method: str = "parameters", output: Any = None, tracer: Optional[str] = None) -> SplitPlan:
+          method: str = "parameters", output: Any = None, tracer: Optional[str] = None,
+          timer: Optional[Timer] = None) -> SplitPlan:
     """Cut ``model`` into ``num_stages`` stage modules.
 
     ``example_inputs``: one microbatch (a tensor, a tuple in ``forward``'s order, or a dict by
     name); the first stage takes these inputs in that order. ``split_points``: module names to
     cut before (a list), or a dict naming "beginning" or "end" for each; without them
-    ``method`` ("parameters" or "uniform") chooses cuts between blocks. ``output``: which item
-    of a tuple or dict the model returns is the last stage's output (default: the first).
+    ``method`` chooses cuts between blocks: "parameters", "uniform" (block counts) or "time"
+    (each run of blocks' forward+backward on the example, timed: see [Note: partition by time]
+    in partition_cost.py; ``plan.note`` says what was measured). ``output``: which item of a
+    tuple or dict the model returns is the last stage's output (default: the first).
     ``tracer``: "fx", "export" or "chain" alone (default: each in turn, see trace.py).
-    The stages share the model's parameters and buffers (no copies).
+    ``timer``: what "time" measures, ``(runs, example) -> LayerCosts`` over (name, module)
+    runs of blocks (default: ``partition_cost.layer_costs``, forward+backward and an SGD step).
+    The stages share the model's parameters and buffers (no copies); timing leaves them as
+    they were.
     """
     if tracer is not None and tracer not in TRACERS:
         raise PartitionError(f"tracer = {tracer!r} is unknown; use one of {', '.join(map(repr, TRACERS))} or None (each in turn)")
@@ -35,7 +47,11 @@ def split(model: nn.Module, num_stages: int, example_inputs: Any, split_points: 
     targets = [name for name, _ in points] if points is not None else blocks(model)
     expanded = set().union(*(ancestors(t) for t in targets)) if targets else {""}
     traced = trace(model, example_inputs, expanded, output, TRACERS if tracer is None else (tracer,))
-    cuts = resolve_cuts(model, traced.train.graph, num_stages, points, method)
+    note = ""
+    if method == "time" and points is None and num_stages > 1:
+        cuts, note = _timed_cuts(model, traced, num_stages, output, timer)
+    else:
+        cuts = resolve_cuts(model, traced.train.graph, num_stages, points, method)
     resolved = points if points is not None else _points_at(model, traced.train.graph, cuts)
     modes = [traced.train] if traced.eval is traced.train else [traced.train, traced.eval]
     built = [_cut(model, gm, resolve_cuts(model, gm.graph, num_stages, resolved, method) if gm is not traced.train
@@ -50,7 +66,28 @@ def split(model: nn.Module, num_stages: int, example_inputs: Any, split_points: 
     _adopt_unused(model, stages, keys)
     boundaries = [[BoundaryTensor(n.name, values[n].shape, values[n].dtype, values[n].requires_grad) for n in nodes]
                   for nodes in across]
-    return SplitPlan(stages, boundaries, traced.input_names, resolved, traced.tracer, keys, tied_groups(stages))
+    return SplitPlan(stages, boundaries, traced.input_names, resolved, traced.tracer, keys, tied_groups(stages), note)
+
+
+def _timed_cuts(model: nn.Module, traced: Traced, num_stages: int, output: Any,
+                timer: Optional[Timer]) -> tuple[list[int], str]:
+    """The cuts between blocks whose slowest stage is fastest, from each run of blocks timed as
+    a stage of its own on the example (the runs' outputs feed the next, as in the pipeline),
+    and the line saying what was measured."""
+    graph = traced.train.graph
+    bounds, first = block_starts(model, graph)
+    check_segments(model, first, len(bounds) - 1, num_stages)
+    graphs, _, _ = _cut(model, traced.train, bounds[1:-1], len(bounds) - 1, traced, output)
+    names = [name or "(before the blocks)" for name in segment_names(bounds, first)]
+    runs = [(name, make_stage_module(model, g, None, f"Run{i}")) for i, (name, g) in enumerate(zip(names, graphs))]
+    example = tuple(traced.example[name] for name in traced.input_names)
+    if timer is None:
+        from pipedni.partition_cost import layer_costs  # here: it builds on the engine's modules
+
+        timer = layer_costs
+    costs = timer(runs, (example, None))
+    balance = costs.balance(num_stages)
+    return cuts_of(bounds, balance), costs.describe(balance, parameter_balance(model, bounds, first, num_stages))
 
 
 def _signature(built) -> list[list]:

@@ -19,7 +19,7 @@ from pipedni.partition import min_max_balance, num_params, uniform_balance
 
 SplitPoints = Union[Sequence[str], Mapping[str, str]]
 WHERE = ("beginning", "end")
-METHODS = ("uniform", "parameters")
+METHODS = ("uniform", "parameters", "time")
 
 
 def parse_points(model: nn.Module, split_points: SplitPoints) -> list[tuple[str, str]]:
@@ -96,32 +96,51 @@ def cuts_at_points(graph: fx.Graph, points: list[tuple[str, str]], num_stages: i
     return cuts
 
 
+def block_starts(model: nn.Module, graph: fx.Graph) -> tuple[list[int], dict[str, int]]:
+    """Where a method may cut: the bounds of the runs of nodes between block starts (0 first,
+    the node count last), and each block's first node."""
+    nodes = compute_nodes(graph)
+    first = {b: next(i for i, n in enumerate(nodes) if belongs(n, b)) for b in blocks(model)
+             if any(belongs(n, b) for n in nodes)}
+    return [0, *sorted(set(first.values()) - {0}), len(nodes)], first
+
+
+def segment_names(bounds: list[int], first: dict[str, int]) -> list[str]:
+    """Each run named by the blocks it starts with ("" for computation before the first block)."""
+    return ["+".join(b for b, at in first.items() if at == start) for start in bounds[:-1]]
+
+
+def check_segments(model: nn.Module, first: dict[str, int], num_segments: int, num_stages: int) -> None:
+    if num_stages > num_segments:
+        names = sorted(first, key=first.get)
+        raise PartitionError(f"cannot cut {type(model).__name__} into {num_stages} stages: cut between its blocks "
+                             f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''}) it makes at most "
+                             f"{num_segments}; use at most {num_segments} stages or name split_points")
+
+
+def cuts_of(bounds: list[int], balance: Sequence[int]) -> list[int]:
+    """The cut positions that give stage i ``balance[i]`` of the runs between ``bounds``."""
+    return [bounds[sum(balance[: i + 1])] for i in range(len(balance) - 1)]
+
+
+def parameter_balance(model: nn.Module, bounds: list[int], first: dict[str, int], num_stages: int) -> list[int]:
+    """Runs per stage minimising the largest stage's parameters (a run counts the parameters of
+    the blocks it starts with: export's graphs call no modules)."""
+    costs = [sum(num_params(model.get_submodule(b)) for b, at in first.items() if at == start) for start in bounds[:-1]]
+    return min_max_balance(costs, num_stages)
+
+
 def cuts_by_method(model: nn.Module, graph: fx.Graph, num_stages: int, method: str) -> list[int]:
     """Cut positions before blocks, minimising the largest stage's cost (``parameters``) or
     block count (``uniform``)."""
     if method not in METHODS:
-        raise PartitionError(f"method = {method!r} cannot split a model that is not an nn.Sequential; use "
-                             f"{' or '.join(map(repr, METHODS))}, or name split_points")
-    nodes = compute_nodes(graph)
-    first = {b: next(i for i, n in enumerate(nodes) if belongs(n, b)) for b in blocks(model)
-             if any(belongs(n, b) for n in nodes)}
-    bounds = [0, *sorted(set(first.values()) - {0}), len(nodes)]
-    segments = [nodes[a:b] for a, b in zip(bounds, bounds[1:])]
-    if num_stages > len(segments):
-        names = sorted(first, key=first.get)
-        raise PartitionError(f"cannot cut {type(model).__name__} into {num_stages} stages: cut between its blocks "
-                             f"({', '.join(names[:8])}{'...' if len(names) > 8 else ''}) it makes at most "
-                             f"{len(segments)}; use at most {len(segments)} stages or name split_points")
-    if method == "uniform":
-        balance = uniform_balance(len(segments), num_stages)
-    else:  # a segment costs the parameters of the blocks it starts with (export's graphs call no modules)
-        costs = [sum(num_params(model.get_submodule(b)) for b, at in first.items() if at == start) for start in bounds[:-1]]
-        balance = min_max_balance(costs, num_stages)
-    cuts, at = [], 0
-    for count in balance[:-1]:
-        at += count
-        cuts.append(bounds[at])
-    return cuts
+        raise PartitionError(f"method = {method!r} is no way to cut a model between its blocks; use "
+                             f"{', '.join(map(repr, METHODS))}, or name split_points")
+    bounds, first = block_starts(model, graph)
+    check_segments(model, first, len(bounds) - 1, num_stages)
+    balance = (uniform_balance(len(bounds) - 1, num_stages) if method == "uniform"
+               else parameter_balance(model, bounds, first, num_stages))
+    return cuts_of(bounds, balance)
 
 
 def resolve_cuts(model: nn.Module, graph: fx.Graph, num_stages: int, points: Optional[list[tuple[str, str]]],

@@ -40,6 +40,7 @@ class SplitPlan:
     tracer: str
     keys: list[str] = field(repr=False)  # the model's state_dict keys, in its order
     tied: list[list[tuple[int, str]]] = field(default_factory=list)
+    note: str = ""  # how method="time" chose the cuts: what each run of blocks cost
 
     def merge(self, state_dicts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """The model's ``state_dict`` from one state dict per stage: exactly its keys, in its order."""
@@ -61,7 +62,7 @@ class SplitPlan:
             lines.append(f"stage {i}: {num_params(stage):>10,d} params  [{names}]")
             if i < len(self.boundaries):
                 lines.append(f"  -> {'; '.join(t.describe() for t in self.boundaries[i])}")
-        return "\n".join(lines)
+        return "\n".join([*lines, self.note] if self.note else lines)
 
 
 def tied_groups(stages: list[nn.Module]) -> list[list[tuple[int, str]]]:
