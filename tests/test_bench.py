@@ -132,6 +132,10 @@ def test_tiny_end_to_end_run_writes_every_figure(tmp_path, capsys):
     assert "| 10 ms | 100 Mbit/s |" in table and (grid / "grid.png").stat().st_size > 0
     assert "commit, date |" in table and f"| {results['machine']['commit']}, " in table and "| abc1234, " in table
     assert docs.read_text().count("<!-- grid:bench_mlp_fashion:begin -->") == 1
+    assert link_grid.main(["configs/bench_mlp_fashion.yaml", "--report", "--latencies=10", "--bandwidths=100",
+                           f"--out={grid}", f"--docs={docs}", "--name=slow"]) == 0  # a second grid beside the first
+    text = docs.read_text()
+    assert text.count("<!-- grid:bench_mlp_fashion:begin -->") == 1 and text.count("<!-- grid:slow:begin -->") == 1
     with pytest.raises(SystemExit) as exit_:
         link_grid.main(["configs/bench_mlp_fashion.yaml", "--latencies=-1", f"--out={grid}"])
     assert exit_.value.code == 2 and "must be >= 0" in capsys.readouterr().err

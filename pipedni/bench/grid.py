@@ -34,6 +34,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--out", required=True, help="output directory: one sub-directory per cell")
     p.add_argument("--report", action="store_true", help="only rebuild the table and plot from the cells run")
     p.add_argument("--docs", help="also replace this docs page's grid section for the config")
+    p.add_argument("--name", help="the docs section's name (default: the config's; another keeps a second grid of "
+                                  "the same workload beside the first)")
     args, passed = p.parse_known_args(argv)
     try:
         args.latencies = [float(v) for v in args.latencies.split(",")]
@@ -95,7 +97,7 @@ def collect(args: argparse.Namespace) -> dict:
         raise SystemExit(f"error: no cell of the grid has results in {args.out}; run it without --report first")
     first = json.loads((cell_dir(Path(args.out), cells[0]["latency_ms"], cells[0]["bandwidth_mbps"])
                         / "results.json").read_text())
-    return {"config": args.config, "workload": Path(args.config).stem, "machine": first["machine"],
+    return {"config": args.config, "workload": args.name or Path(args.config).stem, "machine": first["machine"],
             "settings": first["settings"], "command": args.command,
             "cells": cells}
 
