@@ -10,7 +10,6 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from pipedni.boundary import Value, describe_spec, input_spec
-
 from pipedni.config import DataConfig
 from pipedni.errors import DataError
 
