@@ -13,7 +13,10 @@ each predictor to at most ``sizing.BUDGET`` of its stage, so every stage but the
 1 + BUDGET times its layers. The exact min-max split (``partition.min_max_balance``) then
 minimises the slowest stage. Timings differ between ranks and runs, so only rank 0 measures and
 broadcasts the balance (``engine``), and the saved config.yaml records it: a rerun from that
-file cuts alike without timing anything.
+file cuts alike without timing anything. A model that is no Sequential is timed the same way,
+its "layers" being the runs of blocks ``pipedni.split`` may cut between (each a stage module
+that takes and returns tuples; a tuple's predictors are summed), and the split points are
+broadcast and recorded instead of a balance.
 """
 
 from __future__ import annotations
