@@ -189,6 +189,11 @@ def _call(layer: nn.Module, x: Value) -> Value:
     return layer(*x) if isinstance(x, tuple) else layer(x)
 
 
+def _needing(out: Value) -> list[torch.Tensor]:
+    """The outputs a backward starts from: those that need a gradient."""
+    return [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
+
+
 def _differentiable(x: Value, inner: bool) -> Value:
     """``x`` as a layer receives it: detached; past the first layer, a float tensor needs a
     gradient (in a tuple, a tensor that needed one)."""
@@ -214,16 +219,14 @@ def _own_rng(device: torch.device) -> Iterator[None]:
 
 
 def _forward_backward_sec(layer: nn.Module, x: Value, targets: Optional[torch.Tensor]) -> float:
-    out = _call(layer, x)
-    needing = [o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad]
-    grads = [torch.ones_like(o) for o in needing]  # gradients of the outputs' shapes (dense compute ignores values)
+    grads = [torch.ones_like(o) for o in _needing(_call(layer, x))]  # dense compute ignores the values
 
     def run(_: int) -> None:
         out = _call(layer, x)
         if targets is not None:
             loss_fn(out, targets).backward()
-        elif needing:
-            torch.autograd.backward([o for o in (out if isinstance(out, tuple) else (out,)) if o.requires_grad], grads)
+        elif grads:
+            torch.autograd.backward(_needing(out), grads)
 
     return median_sec(run, iters=ITERS)
 

@@ -79,8 +79,8 @@ class PeerWorker(Worker):
         stage, start = self.stage, time.perf_counter()
         compute_before = self.pipe.compute_sec
         losses: Optional[list] = [] if stage.is_last else None
-        args = () if not stage.is_first else (tuple(input_to(inputs, stage.device)) if isinstance(inputs, tuple)
-                                              else (inputs.to(stage.device),))
+        x = input_to(inputs, stage.device) if stage.is_first else ()
+        args = x if isinstance(x, tuple) else (x,)
         target = targets.to(stage.device) if stage.is_last else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         step_start = time.perf_counter()
