@@ -2,7 +2,7 @@
 and emulated links, giving throughput, busy fractions and a timeline without running a process.
 
 costs (what work and messages cost) -> streams (what each stage does, step after step) ->
-replay (the event core) -> pipeline (``simulate``: a run, measured as the engine's) ->
+replay (the event core; shared: stages sharing fewer cores than there are stages) -> pipeline (``simulate``: a run, measured as the engine's) ->
 ``python -m pipedni.sim`` (one run or a sweep over stage counts).
 """
 

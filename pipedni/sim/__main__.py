@@ -53,6 +53,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--message-ms", type=float, default=0.0, help="sender's CPU time per message, default 0")
     p.add_argument("--latency-ms", type=float, default=0.0, help="one way, per link, default 0")
     p.add_argument("--bandwidth-mbps", type=float, default=0.0, help="per link direction (0: unlimited)")
+    p.add_argument("--cores", type=int, default=0, help="processors the stages share, as stage processes on one "
+                   "machine do (default 0: one per stage, as on one device each)")
     p.add_argument("--boundaries", default="", help="mixed: one mode per boundary, e.g. locked,dni,async")
     p.add_argument("--delay", type=int, default=DEFAULT_DELAY, help="async: steps of delay per boundary")
     p.add_argument("--max-staleness", type=int, default=DEFAULT_MAX_STALENESS, help="dni: back-pressure bound")
@@ -76,6 +78,8 @@ def _numbers(args: argparse.Namespace) -> None:
             raise ConfigError(f"--{name.replace('_', '-')} = {value}; must be >= 0")
     if args.stages is not None and args.stages < 1:
         raise ConfigError(f"--stages = {args.stages}; must be >= 1")
+    if args.cores < 0:
+        raise ConfigError(f"--cores = {args.cores}; give 0 (a processor per stage) or more")
     if args.timeline_steps < 1:
         raise ConfigError(f"--timeline-steps = {args.timeline_steps}; must be >= 1")
 
@@ -112,7 +116,8 @@ def run_one(args: argparse.Namespace, costs: PipelineCost, schedule: str, record
     link = LinkSpec.from_config(args.latency_ms, args.bandwidth_mbps)
     boundaries = [b.strip() for b in args.boundaries.split(",") if b.strip()]
     return simulate(schedule, costs, args.microbatches, args.steps, link, _batch_size(args), args.warmup,
-                    boundaries, args.delay, args.max_staleness, args.reduce_norm, record, not args.untrusted)
+                    boundaries, args.delay, args.max_staleness, args.reduce_norm, record, not args.untrusted,
+                    args.cores)
 
 
 def _write_timeline(result: SimResult, args: argparse.Namespace, num_stages: int) -> None:
@@ -130,7 +135,7 @@ def single(args: argparse.Namespace) -> None:
     result = run_one(args, costs, args.schedule, record=args.timeline is not None)
     link = LinkSpec.from_config(args.latency_ms, args.bandwidth_mbps)
     print(f"simulated {costs.num_stages} stages, {args.steps} steps ({args.warmup} untimed), batch "
-          f"{_batch_size(args)}, links {link.describe()}")
+          f"{_batch_size(args)}, links {link.describe()}" + (f", on {args.cores} shared cores" if args.cores else ""))
     print(result.describe())
     if args.timeline:
         _write_timeline(result, args, costs.num_stages)

@@ -69,7 +69,7 @@ def measure(schedule: str, m: int, traces: list[StageTrace], steps: int, batch_s
 
 
 def check(schedule: str, num_stages: int, num_microbatches: int, steps: int, batch_size: int,
-          warmup_steps: int, link: LinkSpec, delay: int, max_staleness: int) -> None:
+          warmup_steps: int, link: LinkSpec, delay: int, max_staleness: int, cores: int = 0) -> None:
     """Every input a simulation could fail on, with the value and the fix."""
     if schedule not in SCHEDULES:
         raise ConfigError(f"schedule {schedule!r} is not simulated; choose one of {', '.join(SCHEDULES)}")
@@ -77,7 +77,7 @@ def check(schedule: str, num_stages: int, num_microbatches: int, steps: int, bat
         raise ConfigError(f"schedule {schedule!r} needs at least 2 stages, got {num_stages}")
     for name, value, low in (("num_microbatches", num_microbatches, 1), ("batch_size", batch_size, 1),
                              ("warmup_steps", warmup_steps, 0), ("delay", delay, 1),
-                             ("max_staleness", max_staleness, 0)):
+                             ("max_staleness", max_staleness, 0), ("cores", cores, 0)):
         if value < low:
             raise ConfigError(f"{name} = {value}; must be >= {low}")
     if steps < warmup_steps + 2:
@@ -103,15 +103,16 @@ def simulate(schedule: str, costs: PipelineCost, num_microbatches: int = 1, step
              link: LinkSpec = LinkSpec(), batch_size: int = 256, warmup_steps: int = 1,
              boundaries: Sequence[str] = (), delay: int = DEFAULT_DELAY,
              max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False,
-             record: bool = True, trusted: bool = True) -> SimResult:
+             record: bool = True, trusted: bool = True, cores: int = 0) -> SimResult:
     """``steps`` training steps of ``schedule`` on ``costs.num_stages`` stages, every edge direction
     a link of ``link``; ``boundaries``: the modes under ``mixed``; ``record``: keep the events;
-    ``trusted``: every dni predictor trusted (else each dni stage in the untrusted fallback)."""
+    ``trusted``: every dni predictor trusted (else each dni stage in the untrusted fallback);
+    ``cores``: 0, a processor per stage; else the stages share that many ([Note: shared cores])."""
     n = costs.num_stages
-    check(schedule, n, num_microbatches, steps, batch_size, warmup_steps, link, delay, max_staleness)
+    check(schedule, n, num_microbatches, steps, batch_size, warmup_steps, link, delay, max_staleness, cores)
     if schedule in DECOUPLED:
         _check_staleness(boundary_modes(schedule, n, boundaries), delay, max_staleness)
     m = effective_microbatches(schedule, num_microbatches)
     streams = pipeline_streams(schedule, n, m, steps, boundaries, delay, max_staleness, reduce_norm, trusted)
-    traces = replay(streams, costs, m, link, record)
+    traces = replay(streams, costs, m, link, record, cores)
     return measure(schedule, m, traces, steps, batch_size, warmup_steps)

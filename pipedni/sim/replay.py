@@ -11,7 +11,8 @@ for one named message, so running each stage as far as it can go until it must w
 message not sent yet, in any order, gives exactly the times a global event queue would. No
 stream asks "what has arrived by now?" (see [Note: the decoupled stream] in streams.py): that
 would need the queue. When no stage can move and some have actions left, the streams
-deadlock, and the error says who waits for what.
+deadlock, and the error says who waits for what. This holds while every stage has a processor
+of its own; stages sharing fewer cores need the one clock of shared.py ([Note: shared cores]).
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ class StageTrace:
     events: list[Event] = field(default_factory=list)
 
 
-class _Process:
+class StageProcess:
     """One stage being replayed: where it is in its stream, and its clock."""
 
     def __init__(self, index: int, stream: Stream, cost: StageCost):
@@ -77,7 +78,7 @@ class Replay:
         if len(streams) != costs.num_stages:
             raise ValueError(f"{len(streams)} streams for {costs.num_stages} stages' costs")
         self.n, self.m, self.costs, self.spec, self.record = len(streams), num_microbatches, costs, link, record
-        self.procs = [_Process(i, list(s), c) for i, (s, c) in enumerate(zip(streams, costs.stages))]
+        self.procs = [StageProcess(i, list(s), c) for i, (s, c) in enumerate(zip(streams, costs.stages))]
         self.links: dict[tuple[int, int], LinkModel] = {}
         self.mailbox: dict[Key, float] = {}  # sent, not yet received: when it is delivered
         self.sent: set[Key] = set()
@@ -88,6 +89,10 @@ class Replay:
     def run(self) -> list[StageTrace]:
         while self.runnable:
             self._advance(self.procs[self.runnable.popleft()])
+        return self._traces()
+
+    def _traces(self) -> list[StageTrace]:
+        """Every stage's trace once no stage can move; raises if one is stuck or a message is left."""
         stuck = [p for p in self.procs if not p.done]
         if stuck:
             raise DeadlockError("simulated deadlock, no stage can move: " + "; ".join(map(self._describe, stuck)))
@@ -96,27 +101,29 @@ class Replay:
             raise DeadlockError(f"{len(self.mailbox)} message(s) sent but never received, e.g. {left}")
         return [p.trace for p in self.procs]
 
-    def _advance(self, p: _Process) -> None:
+    def _advance(self, p: StageProcess) -> None:
         while not p.done:
-            action = p.action
             start = p.clock
-            if not self._try(p, action):
+            if not self._try(p, p.action):
                 return
-            if self.record:
-                p.trace.events.append(Event(action.name(p.step), CATEGORY[action.kind], start, p.clock - start, p.step))
-            p.pos += 1
-            p.close_steps()
+            self._complete(p, start)
 
-    def _try(self, p: _Process, action: SimAction) -> bool:
+    def _complete(self, p: StageProcess, start: float) -> None:
+        """``p``'s action ran from ``start`` to ``p.clock``: count it, record it, go on to the next."""
+        action = p.action
+        if action.kind in COMPUTE:
+            p.busy += p.clock - start
+        if self.record:
+            p.trace.events.append(Event(action.name(p.step), CATEGORY[action.kind], start, p.clock - start, p.step))
+        p.pos += 1
+        p.close_steps()
+
+    def _try(self, p: StageProcess, action: SimAction) -> bool:
         """Do ``action`` on ``p``'s clock; False (nothing done) if it must wait."""
         kind = action.kind
-        if kind in COMPUTE:
-            seconds = self._compute_sec(p.cost, kind)
-            p.clock += seconds
-            p.busy += seconds
-            return True
-        if kind.startswith("SEND_"):
-            self._send(p, action)
+        if kind in COMPUTE or kind.startswith("SEND_"):
+            p.clock += self._cpu_sec(p, action)
+            self._finish_work(p, action)
             return True
         if kind.startswith("RECV_"):
             return self._recv(p, action)
@@ -124,12 +131,24 @@ class Replay:
             return self._all_reduce(p)
         raise ValueError(f"stage {p.index}: unknown action kind {kind!r} in {action}")
 
-    def _compute_sec(self, cost: StageCost, kind: str) -> float:
+    def _cpu_sec(self, p: StageProcess, action: SimAction) -> float:
+        """What ``action`` costs ``p``'s processor: its compute, a send's message cost; else 0."""
+        kind, cost = action.kind, p.cost
+        if kind.startswith("SEND_"):
+            return self.costs.message_sec
+        if kind == "STEP":
+            return cost.optimizer_sec
         per_batch = {"F": cost.forward_sec, "B": cost.backward_sec, "SG": cost.predictor_sec,
                      "FIT": cost.predictor_sec}
-        return cost.optimizer_sec if kind == "STEP" else per_batch[kind] / self.m
+        return per_batch[kind] / self.m if kind in per_batch else 0.0
 
-    def _send(self, p: _Process, action: SimAction) -> None:
+    def _finish_work(self, p: StageProcess, action: SimAction) -> None:
+        """What is left once ``action``'s processor time is spent: a send posts its message."""
+        if action.kind.startswith("SEND_"):
+            self._send(p, action)
+
+    def _send(self, p: StageProcess, action: SimAction) -> None:
+        """Post ``action``'s message at ``p.clock``, the end of its sender's cost."""
         forward = action.kind == "SEND_F"
         dst = p.index + 1 if forward else p.index - 1
         if not 0 <= dst < self.n:
@@ -137,7 +156,6 @@ class Replay:
         key: Key = (action.kind[-1], action.step, action.microbatch, p.index, dst)
         if key in self.sent:
             raise ValueError(f"stage {p.index} sends {_what(key)} twice")
-        p.clock += self.costs.message_sec
         payload = p.cost.activation_bytes if forward else p.cost.gradient_bytes
         link = self.links.setdefault((p.index, dst), LinkModel(self.spec))
         self.mailbox[key] = link.deliver_at(p.clock, payload / self.m + HEADER_BYTES)
@@ -145,7 +163,7 @@ class Replay:
         if key in self.waiting:
             self.runnable.append(self.waiting.pop(key))
 
-    def _recv(self, p: _Process, action: SimAction) -> bool:
+    def _recv(self, p: StageProcess, action: SimAction) -> bool:
         src = p.index - 1 if action.kind == "RECV_F" else p.index + 1
         key: Key = (action.kind[-1], action.step, action.microbatch, src, p.index)
         if key not in self.mailbox:
@@ -155,7 +173,7 @@ class Replay:
         p.waits_for = None
         return True
 
-    def _all_reduce(self, p: _Process) -> bool:
+    def _all_reduce(self, p: StageProcess) -> bool:
         arrived = self.arrived.setdefault(p.reduced, {})
         if p.index not in arrived:
             arrived[p.index] = p.clock
@@ -168,7 +186,7 @@ class Replay:
         p.reduced += 1
         return True
 
-    def _describe(self, p: _Process) -> str:
+    def _describe(self, p: StageProcess) -> str:
         where = f"stage {p.index} at step {p.step}" if p.step < len(p.stream) - 1 else f"stage {p.index} at finish"
         if isinstance(p.waits_for, tuple):
             src = self.procs[p.waits_for[3]]
@@ -185,7 +203,11 @@ def _what(key: Key) -> str:
 
 
 def replay(streams: Sequence[Stream], costs: PipelineCost, num_microbatches: int, link: LinkSpec = LinkSpec(),
-           record: bool = True) -> list[StageTrace]:
+           record: bool = True, cores: int = 0) -> list[StageTrace]:
     """Every stage's trace after replaying ``streams`` (see [Note: replay order]); raises
-    ``DeadlockError`` naming the stuck stages and what each waits for."""
+    ``DeadlockError`` naming the stuck stages and what each waits for. ``cores``: 0, every stage on
+    a processor of its own; else the stages share that many (see [Note: shared cores] in shared.py)."""
+    if 0 < cores < len(streams):
+        from pipedni.sim.shared import SharedReplay  # it extends Replay
+        return SharedReplay(streams, costs, num_microbatches, link, record, cores).run()
     return Replay(streams, costs, num_microbatches, link, record).run()

@@ -18,23 +18,34 @@ cell without link emulation, and scales the profile's forward, backward, optimiz
 predictor to it. What is then validated is what the simulator adds: the schedule's order and
 dependencies, the bubble, and the links' latency and bandwidth, in cells it was not
 calibrated on.
+
+More stages than cores (3 or 4 stages on this 2-core machine) are replayed on that many shared
+cores ([Note: shared cores] in shared.py; ``--cores``, by default the measured machine's). A
+stage's measured compute then includes the time it lost to the others, so one scaling is not
+enough: the calibration job is replayed on the shared cores and each stage's cost scaled by
+measured over simulated busy time, ``CALIBRATION_ROUNDS`` times, until the replay spends per
+step what the job's stages measured. The cells validated differ in when the stages compute at
+once (a link's latency spreads them out), which is what the sharing model is tested on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
 from pipedni.link import LinkSpec
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
-from pipedni.sim.pipeline import simulate
+from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.sim.streams import SCHEDULES, effective_microbatches
+
+CALIBRATION_ROUNDS = 8  # replays of the calibration job on shared cores (see the module's note)
 
 
 def link_of(overrides: list[str]) -> LinkSpec:
@@ -60,16 +71,30 @@ def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
     return PipelineCost(tuple(stages), message_sec)
 
 
-def calibrated(costs: PipelineCost, row: dict, batch_size: int) -> PipelineCost:
-    """``costs`` with each stage's compute scaled to what the measured job ``row`` spent per step
-    (see [Note: calibrating on real runs])."""
-    step_sec = batch_size / row["samples_per_sec"]["median"]
-    stages = []
-    for stage, measured in zip(costs.stages, row["stages"]):
-        scale = measured["busy_fraction"] * step_sec / stage.step_sec if stage.step_sec > 0 else 1.0
-        stages.append(StageCost(stage.forward_sec * scale, stage.backward_sec * scale, stage.optimizer_sec * scale,
-                                stage.predictor_sec * scale, stage.activation_bytes, stage.gradient_bytes))
+def _scaled(costs: PipelineCost, scales: list[float]) -> PipelineCost:
+    stages = [StageCost(s.forward_sec * k, s.backward_sec * k, s.optimizer_sec * k, s.predictor_sec * k,
+                        s.activation_bytes, s.gradient_bytes) for s, k in zip(costs.stages, scales)]
     return PipelineCost(tuple(stages), costs.message_sec)
+
+
+def busy_per_step(row: dict, batch_size: int) -> list[float]:
+    """Each stage's measured compute seconds per step in the bench job ``row``."""
+    step_sec = batch_size / row["samples_per_sec"]["median"]
+    return [stage["busy_fraction"] * step_sec for stage in row["stages"]]
+
+
+def calibrated(costs: PipelineCost, row: dict, batch_size: int,
+               replay_job: Optional[Callable[[PipelineCost], SimResult]] = None) -> PipelineCost:
+    """``costs`` with each stage's compute scaled to what the measured job ``row`` spent per step
+    (see [Note: calibrating on real runs]); ``replay_job`` (that job on shared cores) refines the
+    scales until its replay spends the same per step."""
+    measured = busy_per_step(row, batch_size)
+    costs = _scaled(costs, [b / s.step_sec if s.step_sec > 0 else 1.0 for b, s in zip(measured, costs.stages)])
+    for _ in range(CALIBRATION_ROUNDS if replay_job is not None else 0):
+        sim = replay_job(costs)
+        spent = [fraction * sim.step_sec for fraction in sim.busy_fraction]
+        costs = _scaled(costs, [b / x if x > 0 else 1.0 for b, x in zip(measured, spent)])
+    return costs
 
 
 def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
@@ -84,13 +109,35 @@ def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
     return not flags or sum(flags) < len(flags) / 2
 
 
+def _replayer(calibration: dict, row: dict, calibration_dir: Optional[Path],
+              cores: int) -> Optional[Callable[[PipelineCost], SimResult]]:
+    """The calibration job ``row`` replayed on ``cores`` shared cores, as a function of its costs;
+    None when every stage has a core of its own (then one scaling is exact)."""
+    if not 0 < cores < len(row["stages"]):
+        return None
+    settings = calibration["settings"]
+    link = link_of(calibration.get("overrides", []))
+    trust = trusted(calibration_dir, row["label"], settings["warmup"])
+    return lambda costs: simulate(row["mode"], costs, row["microbatches"], settings["steps"], link,
+                                  calibration["batch_size"], settings["warmup"], record=False, trusted=trust,
+                                  cores=cores)
+
+
+def machine_cores(results: dict) -> int:
+    """The cores of the machine a bench run was measured on (0, a processor per stage, if unrecorded)."""
+    return int(results.get("machine", {}).get("cores") or 0)
+
+
 def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None,
-            bench_dir: Optional[Path] = None) -> list[dict]:
+            bench_dir: Optional[Path] = None, cores: Optional[int] = None,
+            calibration_dir: Optional[Path] = None) -> list[dict]:
     """One entry per simulated job: measured and simulated samples/s (medians); with
-    ``calibration`` (another run's results), compute calibrated on its same job; dni jobs whose
-    predictors were mostly untrusted (read from ``bench_dir``'s runs) replay the fallback."""
+    ``calibration`` (another run's results, from ``calibration_dir``), compute calibrated on its
+    same job; dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
+    replay the fallback; ``cores`` shared by the stages (default: the measured machine's)."""
     link = link_of(results.get("overrides", []))
     settings = results["settings"]
+    cores = machine_cores(results) if cores is None else cores
     reference = {row["label"]: row for row in (calibration or {}).get("throughput", [])}
     out = []
     for row in results["throughput"]:
@@ -98,10 +145,11 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
             continue
         costs = costs_for(results, row, message_sec)
         if calibration is not None:
-            costs = calibrated(costs, reference[row["label"]], calibration["batch_size"])
+            costs = calibrated(costs, reference[row["label"]], calibration["batch_size"],
+                               _replayer(calibration, reference[row["label"]], calibration_dir, cores))
         trust = trusted(bench_dir, row["label"], settings["warmup"])
         sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"],
-                       link, results["batch_size"], settings["warmup"], record=False, trusted=trust)
+                       link, results["batch_size"], settings["warmup"], record=False, trusted=trust, cores=cores)
         measured = row["samples_per_sec"]["median"]
         out.append({"label": row["label"], "latency_ms": link.latency_sec * 1e3,
                     "bandwidth_mbps": link.bytes_per_sec * 8 / 1e6, "measured": measured,
@@ -122,6 +170,31 @@ def table(entries: list[dict]) -> str:
                      rows) + summary
 
 
+MESSAGE_MS_CANDIDATES = [0.25 * k for k in range(1, 13)]  # what ``--message-ms fit`` tries: 0.25 to 3 ms
+
+
+def fit_message_sec(calibration: dict, calibration_dir: Optional[Path], cores: Optional[int]) -> tuple[float, float]:
+    """The per-message cost (of ``MESSAGE_MS_CANDIDATES``) whose replay of the calibration cell,
+    calibrated on itself, has the smallest median error there; and that error. The compute is
+    fitted to each job's busy time, so what is left of a job's step is the messages' cost."""
+    best = (math.inf, 0.0)
+    for ms in MESSAGE_MS_CANDIDATES:
+        entries = compare(calibration, ms / 1e3, calibration, calibration_dir, cores, calibration_dir)
+        best = min(best, (statistics.median(abs(e["error"]) for e in entries), ms / 1e3))
+    return best[1], best[0]
+
+
+def _message_sec(text: str) -> Optional[float]:
+    """``--message-ms``: 'fit', or a number of milliseconds >= 0 (None if it is neither)."""
+    if text == "fit":
+        return math.nan
+    try:
+        value = float(text)
+    except ValueError:
+        return None
+    return value / 1e3 if value >= 0 else None
+
+
 def _read(directory: str) -> Optional[dict]:
     path = Path(directory) / "results.json"
     if not path.is_file():
@@ -133,18 +206,35 @@ def _read(directory: str) -> Optional[dict]:
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m pipedni.sim.validate", description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="directories holding a bench results.json (e.g. bench/grid/lat10_bw0)")
-    p.add_argument("--message-ms", type=float, default=0.0, help="the sender's CPU time per message, default 0")
+    p.add_argument("--message-ms", default="0", help="the sender's CPU time per message, default 0; 'fit': the "
+                   "value that replays the --calibrate cell best")
     p.add_argument("--calibrate", help="a bench directory whose jobs' measured compute sets the costs (see "
                    "[Note: calibrating on real runs]), e.g. the grid's cell without emulation")
+    p.add_argument("--cores", type=int, help="cores the stages share (default: the measured machine's, from "
+                   "results.json; 0: a processor per stage)")
     p.add_argument("--json", help="also write the entries to this file")
     args = p.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.cores is not None and args.cores < 0:
+        print(f"error: --cores = {args.cores}; give 0 (a processor per stage) or more", file=sys.stderr)
+        return 2
+    message_sec = _message_sec(args.message_ms)
+    if message_sec is None or (math.isnan(message_sec) and not args.calibrate):
+        print(f"error: --message-ms = {args.message_ms!r}; give milliseconds >= 0, or 'fit' with --calibrate",
+              file=sys.stderr)
+        return 2
     calibration = _read(args.calibrate) if args.calibrate else None
+    calibration_dir = Path(args.calibrate) if args.calibrate else None
+    if args.calibrate and calibration is None:
+        return 2
+    if math.isnan(message_sec):
+        message_sec, error = fit_message_sec(calibration, calibration_dir, args.cores)
+        print(f"message cost fitted on {args.calibrate}: {message_sec * 1e3:g} ms (median |error| {error:.1%} there)")
     entries = []
     for directory in args.dirs:
         results = _read(directory)
-        if results is None or (args.calibrate and calibration is None):
+        if results is None:
             return 2
-        entries += compare(results, args.message_ms / 1e3, calibration, Path(directory))
+        entries += compare(results, message_sec, calibration, Path(directory), args.cores, calibration_dir)
     print(table(entries))
     if args.json:
         Path(args.json).write_text(json.dumps(entries, indent=1))

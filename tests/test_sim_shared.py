@@ -1,0 +1,128 @@
+"""Stages sharing fewer cores than there are stages: hand-computed sharing, and the calibration
+that fits a stage's own cost back out of its contended, measured time."""
+
+import pytest
+
+from pipedni.link import LinkSpec
+from pipedni.sim import PipelineCost, SimAction, StageCost, replay, simulate, uniform
+from pipedni.sim.__main__ import main
+from pipedni.sim.validate import _replayer, calibrated, compare, costs_for
+
+SCHEDULES = ["naive", "gpipe", "1f1b", "dni", "cdni", "async"]
+
+
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("n", [2, 3, 4])
+def test_a_core_per_stage_is_the_independent_replay(schedule, n):
+    """With as many cores as stages nobody shares: every event at the same time as without cores,
+    links, message costs and predictors included."""
+    costs = uniform(n, 0.004, 0.008, 0.001, 0.002, 1e5, message_sec=1e-4)
+    link = LinkSpec(latency_sec=0.003, bytes_per_sec=1e8)
+    alone = simulate(schedule, costs, 4, 8, link)
+    for cores in (n, n + 3):
+        shared = simulate(schedule, costs, 4, 8, link, cores=cores)
+        assert shared.step_end_sec == alone.step_end_sec
+        assert [[(e.name, e.start, e.duration) for e in s] for s in shared.events] == \
+            [[(e.name, e.start, e.duration) for e in s] for s in alone.events]
+
+
+def test_two_stages_on_one_core_share_it_by_halves():
+    """Stage 0 computes 1 s, stage 1 3 s, from t = 0 on one core: both go at half speed until
+    stage 0 ends at 2 s, then stage 1 alone finishes its last 1 s at 4 s."""
+    costs = PipelineCost((StageCost(1.0, 0.0), StageCost(3.0, 0.0)))
+    streams = [[[SimAction("F", 0, 0)]], [[SimAction("F", 0, 0)]]]
+    traces = replay(streams, costs, 1, cores=1)
+    assert [t.step_end_sec for t in traces] == [[pytest.approx(2.0)], [pytest.approx(4.0)]]
+    assert [t.busy_sec for t in traces] == [[pytest.approx(2.0)], [pytest.approx(4.0)]]  # wall, as measured
+
+
+@pytest.mark.parametrize("n,cores", [(3, 1), (3, 2), (4, 2), (4, 3)])
+def test_decoupled_stages_split_the_cores_evenly(n, cores):
+    """Async stages never wait for each other once running, so every stage computes all the
+    time and n equal stages on c cores each take n / c times their own step."""
+    costs = uniform(n, 0.01, 0.02, 0.002)
+    result = simulate("async", costs, 1, 30, batch_size=64, warmup_steps=10, cores=cores)
+    assert result.step_sec == pytest.approx(costs.stages[0].step_sec * n / cores, rel=0.03)
+
+
+@pytest.mark.parametrize("n", [3, 4])
+def test_one_core_does_all_the_work_of_a_step_in_turn(n):
+    """On one core a decoupled pipe's step takes every stage's work added up (the last stage has
+    no predictor): the core is never idle and never does two things at once."""
+    costs = uniform(n, 0.01, 0.02, 0.002, 0.004, message_sec=0.0005)
+    result = simulate("dni", costs, 1, 30, batch_size=64, warmup_steps=10, cores=1)
+    sends = 2 * (n - 1) * costs.message_sec
+    assert result.step_sec == pytest.approx(sum(s.step_sec for s in costs.stages) + sends, rel=0.03)
+
+
+def test_a_locked_pipeline_at_one_microbatch_never_shares():
+    """GPipe at M=1 computes on one stage at a time (F0 F1 F2 B2 B1 B0), so one core costs it
+    nothing while the stages' updates, which run together, are free."""
+    costs = uniform(3, 0.01, 0.02)
+    assert simulate("gpipe", costs, 1, 6, cores=1).step_sec == pytest.approx(simulate("gpipe", costs, 1, 6).step_sec)
+    with_updates = uniform(3, 0.01, 0.02, 0.003)
+    assert simulate("gpipe", with_updates, 1, 6, cores=1).step_sec > simulate("gpipe", with_updates, 1, 6).step_sec
+
+
+def _bench_row(mode: str, m: int, costs, link: LinkSpec, cores: int, batch: int = 64) -> dict:
+    """A bench results row 'measured' by the simulator itself on shared cores."""
+    sim = simulate(mode, costs, m, 16, link, batch, 4, record=False, cores=cores)
+    rate = sim.samples_per_sec
+    return {"label": f"{mode} M={m}", "mode": mode, "microbatches": m,
+            "samples_per_sec": {"median": rate, "min": rate, "max": rate},
+            "stages": [{"busy_fraction": b, "bytes_sent_per_step": 0} for b in sim.busy_fraction]}
+
+
+@pytest.mark.parametrize("mode,m", [("1f1b", 4), ("gpipe", 8), ("async", 1)])
+def test_calibration_on_shared_cores_finds_each_stages_own_cost(mode, m):
+    """A job 'measured' with known costs on 2 cores for 3 stages: its busy times include what
+    each stage lost to the others, and calibration from wrong costs recovers the true ones;
+    then the same job behind a 20 ms link, validated from the 0 ms cell, has no error."""
+    true = PipelineCost(tuple(StageCost(0.010 * k, 0.020 * k, 0.002 * k) for k in (1.0, 1.6, 0.7)))
+    calib_row = _bench_row(mode, m, true, LinkSpec(), cores=2)
+    stage = {"fwd_bwd_sec": 0.05, "fwd_bwd_together_sec": 0.05, "optimizer_sec": 0.001}  # wrong on purpose
+    profile = {"stages": [stage] * 3}
+    calibration = {"profile": profile, "settings": {"steps": 16, "warmup": 4}, "batch_size": 64,
+                   "overrides": [], "throughput": [calib_row], "machine": {"cores": 2}}
+    replay_job = _replayer(calibration, calib_row, None, 2)
+    fitted = calibrated(costs_for(calibration, calib_row, 0.0), calib_row, 64, replay_job)
+    for got, want in zip(fitted.stages, true.stages):
+        assert got.step_sec == pytest.approx(want.step_sec, rel=0.05)  # busy walls pin costs loosely
+    link = LinkSpec.from_config(20, 0)
+    cell = {**calibration, "overrides": ["--dist.link_latency_ms=20"],
+            "throughput": [_bench_row(mode, m, true, link, cores=2)]}
+    entries = compare(cell, 0.0, calibration, calibration_dir=None)
+    assert abs(entries[0]["error"]) < 0.03
+    unshared = compare(cell, 0.0, calibration, cores=0)  # the same fit without sharing misses
+    assert abs(unshared[0]["error"]) > abs(entries[0]["error"])
+
+
+def test_cli_cores(capsys):
+    assert main(["--schedule", "async", "--stages", "4", "--cores", "2", "--steps", "12"]) == 0
+    assert "on 2 shared cores" in capsys.readouterr().out
+    assert main(["--cores", "-1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --cores = -1") and err.count("\n") == 1
+
+
+def test_message_cost_is_fitted_on_the_calibration_cell(capsys):
+    """A cell 'measured' by the simulator with 0.75 ms per message: --message-ms fit finds 0.75
+    (the compute is fitted to each job's busy time; what is left of the step is messages)."""
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pipedni.sim.validate import main as validate
+
+    true = uniform(3, 0.010, 0.020, 0.002, message_sec=0.00075)
+    stage = {"fwd_bwd_sec": 0.03, "fwd_bwd_together_sec": 0.03, "optimizer_sec": 0.002}
+    rows = [_bench_row(mode, m, true, LinkSpec(), cores=2) for mode, m in (("gpipe", 4), ("1f1b", 8), ("async", 1))]
+    cell = {"profile": {"stages": [stage] * 3}, "settings": {"steps": 16, "warmup": 4}, "batch_size": 64,
+            "overrides": [], "throughput": rows, "machine": {"cores": 2}}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.json").write_text(json.dumps(cell))
+        assert validate([tmp, "--calibrate", tmp, "--message-ms", "fit"]) == 0
+    out = capsys.readouterr().out
+    assert "0.75 ms" in out.splitlines()[0]
+    assert validate([tmp, "--message-ms", "fit"]) == 2  # fit needs a cell to fit on
+    assert "'fit' with --calibrate" in capsys.readouterr().err
