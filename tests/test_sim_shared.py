@@ -6,7 +6,7 @@ import pytest
 from pipedni.link import LinkSpec
 from pipedni.sim import PipelineCost, SimAction, StageCost, replay, simulate, uniform
 from pipedni.sim.__main__ import main
-from pipedni.sim.validate import _replayer, calibrated, compare, costs_for
+from pipedni.sim.validate import calibration_job, calibrated, compare, costs_for
 
 SCHEDULES = ["naive", "gpipe", "1f1b", "dni", "cdni", "async"]
 
@@ -84,7 +84,7 @@ def test_calibration_on_shared_cores_finds_each_stages_own_cost(mode, m):
     profile = {"stages": [stage] * 3}
     calibration = {"profile": profile, "settings": {"steps": 16, "warmup": 4}, "batch_size": 64,
                    "overrides": [], "throughput": [calib_row], "machine": {"cores": 2}}
-    replay_job = _replayer(calibration, calib_row, None, 2)
+    replay_job = calibration_job(calibration, calib_row, None, 2)
     fitted = calibrated(costs_for(calibration, calib_row, 0.0), calib_row, 64, replay_job)
     for got, want in zip(fitted.stages, true.stages):
         assert got.step_sec == pytest.approx(want.step_sec, rel=0.05)  # busy walls pin costs loosely

@@ -109,7 +109,7 @@ def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
     return not flags or sum(flags) < len(flags) / 2
 
 
-def _replayer(calibration: dict, row: dict, calibration_dir: Optional[Path],
+def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path],
               cores: int) -> Optional[Callable[[PipelineCost], SimResult]]:
     """The calibration job ``row`` replayed on ``cores`` shared cores, as a function of its costs;
     None when every stage has a core of its own (then one scaling is exact)."""
@@ -146,7 +146,7 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
         costs = costs_for(results, row, message_sec)
         if calibration is not None:
             costs = calibrated(costs, reference[row["label"]], calibration["batch_size"],
-                               _replayer(calibration, reference[row["label"]], calibration_dir, cores))
+                               calibration_job(calibration, reference[row["label"]], calibration_dir, cores))
         trust = trusted(bench_dir, row["label"], settings["warmup"])
         sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"],
                        link, results["batch_size"], settings["warmup"], record=False, trusted=trust, cores=cores)
