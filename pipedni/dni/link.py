@@ -24,6 +24,7 @@ from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose
 from pipedni.errors import ConfigError
 from pipedni.metrics.records import MetricSpec, StepStats
+from pipedni.schedules.actions import action_name
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Timers
 from pipedni.transport import Kind
@@ -113,10 +114,13 @@ class SyntheticLink:
         if not pending:
             del self.store[step]
 
-    def _wait_oldest(self) -> tuple[int, int, torch.Tensor]:
+    def _oldest(self) -> tuple[int, int]:
+        """The step and microbatch of the oldest output awaiting its gradient."""
         step, pending = next(iter(self.store.items()))
-        microbatch = next(iter(pending))
-        return step, microbatch, self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.gradient)
+        return step, next(iter(pending))
+
+    def _recv(self, step: int, microbatch: int) -> Value:
+        return self.transport.recv("next", Kind.GRADIENT, step, microbatch, self.gradient)
 
     def fit_ready(self, before: Optional[int] = None) -> None:
         """Fit every gradient that has already arrived for a stored step older than ``before``
@@ -128,12 +132,15 @@ class SyntheticLink:
     def back_pressure(self, timers: Timers) -> None:
         """While the oldest step awaiting its gradients is ``max_staleness`` steps old or more, wait for it."""
         while self.store and self.step - next(iter(self.store)) >= self.cfg.max_staleness:
-            timers.run("compute", self._fit_arrived, *timers.run("wait_grad", self._wait_oldest))
+            step, mb = self._oldest()
+            grad = timers.run_as(action_name("RECV_B", mb, step, self.step), "wait_grad", self._recv, step, mb)
+            timers.run("compute", self._fit_arrived, step, mb, grad)
 
     def drain(self) -> None:
         """Take and fit every gradient still owed, so nothing is left in flight."""
         while self.store:
-            self._fit_arrived(*self._wait_oldest())
+            step, mb = self._oldest()
+            self._fit_arrived(step, mb, self._recv(step, mb))
 
     def write(self, stats: StepStats) -> None:
         self.log.write(stats)

@@ -29,7 +29,14 @@ class Action(NamedTuple):
     microbatch: int = -1  # -1: the whole batch (REDUCE_TIED, ALL_REDUCE, STEP)
 
     def __str__(self) -> str:
-        return self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
+        return action_name(self.kind, self.microbatch)
+
+
+def action_name(kind: str, microbatch: int = -1, step: int = 0, running_step: int = 0) -> str:
+    """How the timelines name an action, measured and simulated alike: ``F3``, ``STEP``; ``B3 (step 5)``
+    when it works on another step's batch than the one running (a delayed backward)."""
+    base = kind if microbatch < 0 else f"{kind}{microbatch}"
+    return base if step == running_step else f"{base} (step {step})"
 
 
 def _forward(stage: int, num_stages: int, m: int) -> list[Action]:

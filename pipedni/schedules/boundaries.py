@@ -88,6 +88,7 @@ from pipedni.dni.input_link import METRICS as SI_METRICS
 from pipedni.dni.input_link import InputLink
 from pipedni.dni.link import METRICS, SyntheticLink
 from pipedni.metrics.records import StepStats
+from pipedni.schedules.actions import action_name
 from pipedni.schedules.boundary_rules import check_decoupled, check_mixed, delays, fallback_delay
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.passes import EvalResult
@@ -113,6 +114,7 @@ class BoundaryWorker(Worker):
         d = delays(boundaries, cfg.delayed.delay)
         self.delay = d[i]
         self.num_microbatches = microbatches
+        self.running = 0  # the step train_step runs: actions of an earlier one are named so
         dni = cfg.dni.for_boundary(i)
         self.link = SyntheticLink(ctx, dni, microbatches) if self.mode == "dni" else None
         self.warmup_steps = dni.warmup_steps if self.mode == "dni" else 0
@@ -136,8 +138,13 @@ class BoundaryWorker(Worker):
     def _key(self, step: int, mb: int) -> int:
         return step * self.num_microbatches + mb
 
+    def _name(self, kind: str, step: int, mb: int = -1) -> str:
+        """The timeline's name of an action on ``step``'s batch, as the simulator's streams name it."""
+        return action_name(kind, mb, step, self.running)
+
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
         stage, timers = self.stage, Timers(self.transport)
+        self.running = step
         synthetic = self.link is not None and step >= self.warmup_steps
         if self.link is not None:
             self.link.begin(step)
@@ -155,12 +162,13 @@ class BoundaryWorker(Worker):
         norm = None
         if at_once:  # the loss's gradient, or the predictor's (dropped while it is untrusted)
             source = "gradient" if stage.is_last else f"synthetic gradient of boundary {stage.stage_index}"
-            norm = self._update(timers, drop=synthetic and not trusted, source=source)
+            norm = self._update(timers, step, drop=synthetic and not trusted, source=source)
         else:
             self.pending[step] = (step + late, kept)
         while self.pending and next(iter(self.pending.values()))[0] <= step:  # true gradients now due
-            self._backward(next(iter(self.pending)), timers)
-            norm = self._update(timers)
+            due = next(iter(self.pending))
+            self._backward(due, timers)
+            norm = self._update(timers, due)
         if synthetic:
             if at_once and not stage.is_last:
                 self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
@@ -192,26 +200,28 @@ class BoundaryWorker(Worker):
         else:
             if self.inputs is not None:
                 self.inputs.before_true_input(step, mb, piece, timers)
-            x = timers.run("wait_input", transport.recv, "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
+            x = timers.run_as(self._name("RECV_F", step, mb), "wait_input", transport.recv, "prev", Kind.ACTIVATION,
+                              step, mb, self.shapes.input)
             if self.inputs is not None:
                 self.inputs.took_true_input(piece, x, timers)
+        forward, backward = self._name("F", step, mb), self._name("B", step, mb)
         if stage.is_last:  # exact: the loss's gradient at once
-            timers.run("compute", stage.forward, key, x, piece.targets, piece.weight)
-            self._send_input_grad(step, mb, timers.run("compute", stage.backward, key))
+            timers.run_as(forward, "compute", stage.forward, key, x, piece.targets, piece.weight)
+            self._send_input_grad(step, mb, timers.run_as(backward, "compute", stage.backward, key))
             return _Kept()
         replay = late > 0 and not self.stashing  # features replay: only the input is kept
         if replay:
             with torch.no_grad():
-                h = timers.run("compute", stage.run, x, params)
+                h = timers.run_as(forward, "compute", stage.run, x, params)
         else:
-            h = timers.run("compute", stage.forward, key, x, None, 1.0, params)
+            h = timers.run_as(forward, "compute", stage.forward, key, x, None, 1.0, params)
         transport.send("next", Kind.ACTIVATION, step, mb, h)
         if self.link is None:
             return _Kept(replay=x if replay else None)
         labels = self.link.labels(piece.targets)
         if at_once:
-            grad = timers.run("compute", self.link.predict, h, labels)
-            self._send_input_grad(step, mb, timers.run("compute", stage.backward, key, grad))
+            grad = timers.run_as(self._name("SG", step, mb), "compute", self.link.predict, h, labels)
+            self._send_input_grad(step, mb, timers.run_as(backward, "compute", stage.backward, key, grad))
         return _Kept(replay=x if replay else None, fit=(h, labels))
 
     def _backward(self, step: int, timers: Timers) -> None:
@@ -219,28 +229,32 @@ class BoundaryWorker(Worker):
         stage = self.stage
         for mb, kept in enumerate(self.pending.pop(step)[1]):
             key = self._key(step, mb)
-            grad = timers.run("wait_grad", self.transport.recv, "next", Kind.GRADIENT, step, mb,
-                              gradient_spec(self.shapes.output))
+            grad = timers.run_as(self._name("RECV_B", step, mb), "wait_grad", self.transport.recv, "next",
+                                 Kind.GRADIENT, step, mb, gradient_spec(self.shapes.output))
             if kept.replay is not None:  # features replay: the forward again, on the current weights
-                timers.run("compute", stage.forward, key, kept.replay)
+                timers.run_as(self._name("F", step, mb), "compute", stage.forward, key, kept.replay)
             if kept.fit is not None:  # dni warm-up or fallback: the predictor learns from every true gradient
-                timers.run("compute", self.link.fit, *kept.fit, grad, self.link.step - step)
-            self._send_input_grad(step, mb, timers.run("compute", stage.backward, key, grad))
+                timers.run_as(self._name("SG", step, mb), "compute", self.link.fit, *kept.fit, grad,
+                              self.link.step - step)
+            self._send_input_grad(step, mb, timers.run_as(self._name("B", step, mb), "compute", stage.backward,
+                                                          key, grad))
 
     def _send_input_grad(self, step: int, mb: int, grad_in: Optional[torch.Tensor]) -> None:
         if not self.stage.is_first:
             self.transport.send("prev", Kind.GRADIENT, step, mb, grad_in)
 
-    def _update(self, timers: Timers, drop: bool = False, source: str = "gradient",
+    def _update(self, timers: Timers, step: Optional[int] = None, drop: bool = False, source: str = "gradient",
                 count: bool = True) -> Optional[float]:
-        """One optimizer step; with ``drop``, on no gradients (the optimizer skips every parameter);
-        ``count``: a batch's (an idle update is not, see ``Stage.step``)."""
+        """One optimizer step, on ``step``'s gradients (None: the running step's); with ``drop``, on no
+        gradients (the optimizer skips every parameter); ``count``: a batch's (an idle update is not,
+        see ``Stage.step``)."""
+        name = self._name("STEP", self.running if step is None else step)
         if drop:  # nothing to measure or check: the optimizer skips every parameter
             self.stage.optimizer.zero_grad(set_to_none=True)
             norm = None
-        else:
-            norm = timers.run("compute", grad_norm, self.stage)  # this stage's own: no barrier across stages
-        timers.run("compute", self.stage.step, norm, source, count)
+        else:  # this stage's own norm: no barrier across stages
+            norm = timers.run_as(name, "compute", grad_norm, self.stage)
+        timers.run_as(name, "compute", self.stage.step, norm, source, count)
         return norm
 
     def finish(self) -> None:
@@ -249,8 +263,9 @@ class BoundaryWorker(Worker):
         if self.inputs is not None:
             self.inputs.settle(timers)
         while self.pending:
-            self._backward(next(iter(self.pending)), timers)
-            self._update(timers)
+            due = next(iter(self.pending))
+            self._backward(due, timers)
+            self._update(timers, due)
         if self.link is not None:
             self.link.drain()
         self.tied.sync()  # a checkpoint or the end: every copy the same

@@ -146,6 +146,14 @@ class Timers:
             self.timeline.record(name, category, start, end)
         return result
 
+    def run_as(self, label: str, bucket: str, fn: Callable, *args):
+        """``run``, named ``label`` on the timeline (an action, as ``action_name`` names it)."""
+        self.label = label
+        try:
+            return self.run(bucket, fn, *args)
+        finally:
+            self.label = None
+
     def stats(self, step: int, stage: Stage, grad_norm: Optional[float]) -> StepStats:
         """The step's record: its timers, the transport's counters since it began, and on the
         last stage the batch's loss."""

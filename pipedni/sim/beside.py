@@ -65,15 +65,27 @@ def bytes_sent(run_dir: Path, num_stages: int) -> list[float]:
     return out
 
 
-def replay_run(cfg: Config, measured: list[list[Event]], costs: PipelineCost) -> tuple[SimResult, int, int]:
-    """The run's schedule simulated over its recorded steps; returns it with (first step, count)."""
+def trusted_run(metrics_dir: Path, from_step: int = 0) -> bool:
+    """Whether a run's dni predictors were trusted on most of its steps from ``from_step``
+    (``sg_untrusted`` in its metrics; trusted when there are none to read)."""
+    flags = []
+    for path in metrics_dir.glob("stage*.jsonl"):
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        flags += [r["sg_untrusted"] for r in records if "sg_untrusted" in r and r.get("step", -1) >= from_step]
+    return not flags or sum(flags) < len(flags) / 2
+
+
+def replay_run(cfg: Config, measured: list[list[Event]], costs: PipelineCost,
+               trusted: bool = True) -> tuple[SimResult, int, int]:
+    """The run's schedule simulated over its recorded steps (``trusted``: its dni predictors);
+    returns it with (first step, count)."""
     recorded = sorted({e.step for events in measured for e in events})
     first, count = recorded[0], len(recorded)
     schedule = cfg.train.schedule
     m = cfg.dni.microbatches if schedule == "dni" else cfg.train.microbatches
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     result = simulate(schedule, costs, m, first + count + 1, link, cfg.data.batch_size, max(first, 1),
-                      cfg.train.boundaries, cfg.delayed.delay, cfg.dni.max_staleness)
+                      cfg.train.boundaries, cfg.delayed.delay, cfg.dni.max_staleness, trusted=trusted)
     return result, first, count
 
 
@@ -86,7 +98,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         cfg = load_config(args.run_dir / "config.yaml", [])
         measured = read_trace(args.run_dir)
         costs = costs_from(measured, bytes_sent(args.run_dir, len(measured)))
-        result, first, count = replay_run(cfg, measured, costs)
+        result, first, count = replay_run(cfg, measured, costs, trusted_run(args.run_dir / "metrics"))
     except (*USER_ERRORS, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

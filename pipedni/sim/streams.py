@@ -17,9 +17,13 @@ prediction in SG (``StageCost.predictor_sec`` is predict + fit), so a stream nev
 timing. ``finish`` holds the true backwards still owed and the gradients still unreceived.
 
 An untrusted dni stage (``trusted=False``: its predictor not yet agreeing with the true
-gradients, [Note: the untrusted fallback] in boundaries.py) still predicts (SG: its cosine
-decides trust) but backpropagates the true gradient 1 + d_{i+1} steps late, as an async stage
-would, and its own true backward is then what waits for the gradient (no separate back-pressure).
+gradients, [Note: the untrusted fallback] in boundaries.py) backpropagates the true gradient
+1 + d_{i+1} steps late, as an async stage would, fitting its predictor on each gradient as it
+arrives (SG, between RECV_B and B: the fit's cosine decides trust); its own true backward is then
+what waits for the gradient (no separate back-pressure).
+
+The engine names its timed calls by these actions (``action_name``), so a run's measured
+timeline and its stream can be compared call by call (tests/test_sim_engine.py).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ from typing import Iterator, NamedTuple, Sequence
 
 from pipedni.config.sections import DelayedConfig, DNIConfig
 from pipedni.errors import ConfigError
-from pipedni.schedules.actions import LOCKED_PLANS, stage_actions
+from pipedni.schedules.actions import LOCKED_PLANS, action_name, stage_actions
 from pipedni.schedules.boundary_rules import MODES, delays
 
 DECOUPLED = ("dni", "cdni", "async", "mixed")  # cdni: dni whose predictor sees labels (its cost, profiled)
@@ -46,9 +50,8 @@ class SimAction(NamedTuple):
     microbatch: int = -1  # -1: the whole batch
 
     def name(self, running_step: int) -> str:
-        """As the timeline names it: ``F3``, ``STEP``; ``B3 (step 5)`` when of another step."""
-        base = self.kind if self.microbatch < 0 else f"{self.kind}{self.microbatch}"
-        return base if self.step == running_step else f"{base} (step {self.step})"
+        """As the timelines name it (``action_name``): ``F3``, ``STEP``; ``B3 (step 5)`` when of another step."""
+        return action_name(self.kind, self.microbatch, self.step, running_step)
 
 
 Stream = list[list[SimAction]]  # one list per training step, then the finish
@@ -68,7 +71,7 @@ def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int, at_once
     acts.append(SimAction("F", step, mb))
     if not last:
         acts.append(SimAction("SEND_F", step, mb))
-    if mode == "dni":
+    if mode == "dni" and at_once:
         acts.append(SimAction("SG", step, mb))
     if at_once:
         acts.append(SimAction("B", step, mb))
@@ -76,11 +79,12 @@ def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int, at_once
     return acts
 
 
-def _true_backward(stage: int, step: int, num_microbatches: int) -> list[SimAction]:
-    """The backward of ``step`` from the true gradients, then its update."""
+def _true_backward(stage: int, step: int, num_microbatches: int, fits: bool) -> list[SimAction]:
+    """The backward of ``step`` from the true gradients (``fits``: the predictor fitted on each), then its update."""
     acts = []
     for mb in range(num_microbatches):
-        acts += [SimAction("RECV_B", step, mb), SimAction("B", step, mb)] + [SimAction("SEND_B", step, mb)] * (stage > 0)
+        acts += ([SimAction("RECV_B", step, mb)] + [SimAction("SG", step, mb)] * fits + [SimAction("B", step, mb)]
+                 + [SimAction("SEND_B", step, mb)] * (stage > 0))
     return acts + [SimAction("STEP", step)]
 
 
@@ -102,13 +106,13 @@ def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: in
         if at_once:
             acts.append(SimAction("STEP", t))
         elif t >= d:
-            acts += _true_backward(stage, t - d, num_microbatches)
+            acts += _true_backward(stage, t - d, num_microbatches, mode == "dni")
         if waits and t >= max_staleness:
             acts += [SimAction("RECV_B", t - max_staleness, mb) for mb in range(num_microbatches)]
         yield acts
     owed = [] if at_once else range(max(0, steps - d), steps)
     unreceived = range(max(0, steps - max_staleness), steps) if waits else []
-    yield ([a for s in owed for a in _true_backward(stage, s, num_microbatches)]
+    yield ([a for s in owed for a in _true_backward(stage, s, num_microbatches, mode == "dni")]
            + [SimAction("RECV_B", s, mb) for s in unreceived for mb in range(num_microbatches)])
 
 

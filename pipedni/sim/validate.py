@@ -41,6 +41,7 @@ from typing import Callable, Optional
 from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
 from pipedni.link import LinkSpec
+from pipedni.sim.beside import trusted_run
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.sim.streams import SCHEDULES, effective_microbatches
@@ -100,13 +101,7 @@ def calibrated(costs: PipelineCost, row: dict, batch_size: int,
 def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
     """Whether a dni job's predictors were trusted on most of its timed steps (``sg_untrusted``
     in its first run's metrics; trusted when there are none to read)."""
-    if bench_dir is None:
-        return True
-    flags = []
-    for path in (bench_dir / "runs" / slug(label) / "r0" / "metrics").glob("stage*.jsonl"):
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        flags += [r["sg_untrusted"] for r in records if "sg_untrusted" in r and r.get("step", -1) >= warmup]
-    return not flags or sum(flags) < len(flags) / 2
+    return bench_dir is None or trusted_run(bench_dir / "runs" / slug(label) / "r0" / "metrics", warmup)
 
 
 def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path],
