@@ -120,10 +120,12 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
     """Naive model parallelism waits for every message: each of M microbatches sends its
     activation one way and its gradient back, so a step takes at least M x 2 x (latency +
     bytes / bandwidth), and little more than that on top of its own compute. The wire dtype
-    halves the bytes."""
+    halves the bytes. Clipping by the whole model's norm adds an all-reduce, which waits for the
+    other stage: the last stage's wait there is timed as a wait for gradients, not as compute."""
     latency_ms, mbps, m = 30.0, 40.0, 2
     overrides = ["--train.schedule=naive", f"--train.microbatches={m}", f"--dist.link_latency_ms={latency_ms}",
-                 f"--dist.link_bandwidth_mbps={mbps}", "--dist.wire_dtype=bfloat16", "--run.timeline_steps=2"]
+                 f"--dist.link_bandwidth_mbps={mbps}", "--dist.wire_dtype=bfloat16", "--run.timeline_steps=2",
+                 "--optim.grad_clip=1.0"]
     summary = run_distributed(_train, 2, str(tmp_path), overrides)[1]
     first, last = summary["stages"]
     message_bytes = 32 * 64 * 2  # a microbatch's [32, 64] activation (and its gradient) in bfloat16
@@ -139,12 +141,17 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
     # the timeline shows it: stage 0 waits for each gradient at least a round trip, for 2 steps
     trace = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
     rows = {i: [e for e in trace if e["ph"] == "X" and e["tid"] == i] for i in (0, 1)}
-    assert [e["name"] for e in rows[0] if e["cat"] != "send"] == ["F0", "RECV_B0", "B0", "F1", "RECV_B1", "B1", "STEP"] * 2
+    assert [e["name"] for e in rows[0] if e["cat"] != "send"] == ["F0", "RECV_B0", "B0", "F1", "RECV_B1", "B1",
+                                                                  "ALL_REDUCE", "ALL_REDUCE", "STEP"] * 2
     assert {e["args"]["step"] for e in rows[0]} == {1, 2}  # the steps after the first
     assert [e["name"] for e in rows[1] if e["cat"] == "send"] == ["send gradient 0", "send gradient 1"] * 2
     for e in rows[0]:
-        if e["cat"] == "wait for gradient":
+        if e["cat"] == "wait for gradient" and e["name"] != "ALL_REDUCE":
             assert e["dur"] >= 2 * one_way * 1e6
+    # stage 1 reaches the all-reduce as its last gradient leaves: it waits at least a one-way trip
+    reduce_waits = [e for e in rows[1] if e["name"] == "ALL_REDUCE" and e["cat"] == "wait for gradient"]
+    assert len(reduce_waits) == 2 and all(e["dur"] >= 0.8 * one_way * 1e6 for e in reduce_waits)
+    assert last["wait_grad_sec"] / last["steps"] >= 0.8 * one_way > last["compute_sec"] / last["steps"]
     assert (tmp_path / "timeline.png").stat().st_size > 0
 
     # the simulator replays the same steps on their own costs: the same calls in the same order
@@ -155,7 +162,9 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
     assert costs.stages[0].activation_bytes == costs.stages[1].gradient_bytes == m * message_bytes
     simulated, begin, count = replay_run(load_config(tmp_path / "config.yaml", []), measured, costs)
     for real, sim in zip(measured, simulated.window(begin, count)):
-        assert [e.name for e in real if e.category != "send"] == [e.name for e in sim if e.category != "send"]
+        names = [e.name for e in real if e.category != "send"]  # ALL_REDUCE: the norm, then the wait
+        assert [n for i, n in enumerate(names) if not i or n != names[i - 1]] == [e.name for e in sim
+                                                                                  if e.category != "send"]
     assert beside([str(tmp_path)]) == 0 and (tmp_path / "timeline_beside.png").stat().st_size > 0
 
 

@@ -9,6 +9,7 @@ from pipedni.link import LinkSpec
 from pipedni.schedules import DeadlockError, simulate as unit_simulate, pipeline_actions, stage_actions
 from pipedni.sim import (PipelineCost, SimAction, StageCost, decoupled_stream, from_profile, replay, simulate,
                          uniform)
+from pipedni.bench.__main__ import slug
 from pipedni.sim.__main__ import main
 from pipedni.sim.costs import HEADER_BYTES
 
@@ -227,3 +228,24 @@ def test_an_untrusted_dni_stage_replays_the_delayed_fallback():
     step3 = list(decoupled_stream(["dni"], 0, 1, 5, trusted=False))[3]
     assert [a.kind for a in step3] == ["F", "SEND_F", "RECV_B", "SG", "B", "STEP"]
     assert [a.step for a in step3 if a.kind in ("RECV_B", "SG", "B", "STEP")] == [2, 2, 2, 2]
+
+
+def test_validate_replays_the_clipping_all_reduce_of_a_job_that_clipped(tmp_path):
+    """A locked job that clipped by the whole model's norm waits in an all-reduce every step: the
+    replay keeps that barrier, read from the job's own config.yaml, and it costs a 1F1B M=1 pipeline
+    the overlap of its last stage's update with the first stage's backward and update."""
+    from pipedni.config import load_config
+    from pipedni.config.load import save_config
+    from pipedni.sim.validate import clips
+
+    for label, clip in (("1f1b M=1", 1.0), ("gpipe M=4", 0.0)):
+        run = tmp_path / "runs" / slug(label) / "r0"
+        run.mkdir(parents=True)
+        save_config(load_config(None, [f"--optim.grad_clip={clip}"]), run / "config.yaml")
+    assert clips(tmp_path, "1f1b M=1") and not clips(tmp_path, "gpipe M=4") and not clips(None, "1f1b M=1")
+    assert not clips(tmp_path, "async")  # no run kept: nothing to read, no barrier
+    costs = PipelineCost((StageCost(0.01, 0.02, 0.005), StageCost(0.01, 0.02, 0.05)))  # a slow last update
+    free, barrier = (simulate("1f1b", costs, 1, 10, LinkSpec(), 64, 2, reduce_norm=r, record=False) for r in (False, True))
+    # free: stage 1's F, B and update (80 ms) bound the step; with the barrier its update waits for stage 0's B
+    assert free.step_sec == pytest.approx(0.01 + 0.02 + 0.05)
+    assert barrier.step_sec == pytest.approx(0.01 + 0.02 + 0.02 + 0.05)

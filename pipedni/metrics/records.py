@@ -23,7 +23,7 @@ class StepStats:
     step_sec: float = 0.0
     compute_sec: float = 0.0
     wait_input_sec: float = 0.0
-    wait_grad_sec: float = 0.0  # locked: waiting for gradients; decoupled: back-pressure of the store
+    wait_grad_sec: float = 0.0  # locked: waiting for gradients (and in collectives); decoupled: back-pressure
     send_wait_sec: float = 0.0
     bytes_sent: int = 0  # payload bytes this stage sent during the step (both directions)
     grad_norm: Optional[float] = None  # norm before clipping (when clipping): whole model, or the stage's

@@ -80,11 +80,16 @@ class LockedExecutor:
     def _do_send_b(self, step: int, mb: int) -> None:
         self.transport.send("prev", Kind.GRADIENT, step, mb, self._grads.pop(mb))
 
+    # A collective waits for every stage it spans to reach it: timed as waiting for gradients, not
+    # as compute, so a stage's busy time (and the simulator's calibration on it) is its own work.
+
     def _do_reduce_tied(self, step: int, mb: int) -> None:
-        self._timed("compute", sum_tied, self.stage, self.transport)
+        self._timed("wait_grad", sum_tied, self.stage, self.transport)
 
     def _do_all_reduce(self, step: int, mb: int) -> None:
-        self._norm = self._timed("compute", grad_norm, self.stage, self.transport)
+        squared = self._timed("compute", self.stage.grad_sq_norm)
+        self._timed("wait_grad", self.transport.all_reduce, squared)
+        self._norm = float(squared.sqrt())
 
     def _do_step(self, step: int, mb: int) -> None:
         self._grads.clear()

@@ -83,13 +83,15 @@ class PeerWorker(Worker):
         args = x if isinstance(x, tuple) else (x,)
         target = targets.to(stage.device) if stage.is_last else None
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
-        step_start = time.perf_counter()
+        reduce_start = time.perf_counter()
         sum_tied(stage, self.transport)
         norm = grad_norm(stage, self.transport)  # the whole model's, as pipedni's locked schedules
+        update_start = time.perf_counter()  # the collectives above waited for every stage: not compute
         stage.step(norm)  # same clipping, optimizer and LR schedule as pipedni's schedules
         end = time.perf_counter()
         stats = StepStats(step, step_sec=end - start, bytes_sent=self.bytes_per_step, grad_norm=norm,
-                          compute_sec=self.pipe.compute_sec - compute_before + (end - step_start))
+                          compute_sec=self.pipe.compute_sec - compute_before + (end - update_start),
+                          wait_grad_sec=update_start - reduce_start)
         if stage.is_last:  # each microbatch's mean loss; scale_grads averages them like the gradients
             stats.loss = float(sum(loss.detach() for loss in losses)) / len(losses)
         return stats

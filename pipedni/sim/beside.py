@@ -85,7 +85,8 @@ def replay_run(cfg: Config, measured: list[list[Event]], costs: PipelineCost,
     m = cfg.dni.microbatches if schedule == "dni" else cfg.train.microbatches
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     result = simulate(schedule, costs, m, first + count + 1, link, cfg.data.batch_size, max(first, 1),
-                      cfg.train.boundaries, cfg.delayed.delay, cfg.dni.max_staleness, trusted=trusted)
+                      cfg.train.boundaries, cfg.delayed.delay, cfg.dni.max_staleness,
+                      reduce_norm=cfg.optim.grad_clip > 0, trusted=trusted)
     return result, first, count
 
 

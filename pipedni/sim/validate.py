@@ -40,6 +40,7 @@ from typing import Callable, Optional
 
 from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
+from pipedni.config import load_config
 from pipedni.link import LinkSpec
 from pipedni.sim.beside import trusted_run
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
@@ -104,6 +105,13 @@ def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
     return bench_dir is None or trusted_run(bench_dir / "runs" / slug(label) / "r0" / "metrics", warmup)
 
 
+def clips(bench_dir: Optional[Path], label: str) -> bool:
+    """Whether a job clipped its gradients (its run's ``optim.grad_clip``): a locked plan then
+    all-reduces the whole model's norm every step (``ALL_REDUCE``), a barrier the replay keeps."""
+    path = None if bench_dir is None else bench_dir / "runs" / slug(label) / "r0" / "config.yaml"
+    return path is not None and path.is_file() and load_config(path, []).optim.grad_clip > 0
+
+
 def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path],
               cores: int) -> Optional[Callable[[PipelineCost], SimResult]]:
     """The calibration job ``row`` replayed on ``cores`` shared cores, as a function of its costs;
@@ -113,9 +121,10 @@ def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path
     settings = calibration["settings"]
     link = link_of(calibration.get("overrides", []))
     trust = trusted(calibration_dir, row["label"], settings["warmup"])
+    reduce_norm = clips(calibration_dir, row["label"])
     return lambda costs: simulate(row["mode"], costs, row["microbatches"], settings["steps"], link,
-                                  calibration["batch_size"], settings["warmup"], record=False, trusted=trust,
-                                  cores=cores)
+                                  calibration["batch_size"], settings["warmup"], reduce_norm=reduce_norm,
+                                  record=False, trusted=trust, cores=cores)
 
 
 def machine_cores(results: dict) -> int:
@@ -143,8 +152,9 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
             costs = calibrated(costs, reference[row["label"]], calibration["batch_size"],
                                calibration_job(calibration, reference[row["label"]], calibration_dir, cores))
         trust = trusted(bench_dir, row["label"], settings["warmup"])
-        sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"],
-                       link, results["batch_size"], settings["warmup"], record=False, trusted=trust, cores=cores)
+        sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"], link, results["batch_size"],
+                       settings["warmup"], reduce_norm=clips(bench_dir, row["label"]), record=False, trusted=trust,
+                       cores=cores)
         measured = row["samples_per_sec"]["median"]
         out.append({"label": row["label"], "latency_ms": link.latency_sec * 1e3,
                     "bandwidth_mbps": link.bytes_per_sec * 8 / 1e6, "measured": measured,
