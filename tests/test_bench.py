@@ -158,3 +158,23 @@ def test_time_to_target_is_the_median_over_runs():
     assert locked["time_to_target_runs"] == [3.0, None, 2.0] and locked["time_to_target_sec"] == 3.0
     assert dni["time_to_target_runs"] == [1.0, None, None] and dni["time_to_target_sec"] is None
     assert old["time_to_target_sec"] == 3.0
+
+
+def test_a_grid_cell_compares_time_to_target_with_the_locked_job_that_got_there_first():
+    """The locked job of most samples/s need not reach the target first (on the LM at 0 ms, 1F1B
+    M=4 ran fastest but GPipe M=8 got there 13 s sooner): the time table takes the soonest."""
+    from pipedni.bench.grid import markdown, summarize_cell
+
+    def row(label: str, mode: str, rate: float) -> dict:
+        return {"label": label, "mode": mode, "microbatches": 1, "samples_per_sec": {"median": rate, "min": rate, "max": rate}}
+
+    results = {"throughput": [row("1f1b M=4", "1f1b", 380), row("gpipe M=8", "gpipe", 337), row("async", "async", 474)],
+               "accuracy": [{"label": "1f1b M=4", "time_to_target_sec": 42.1},
+                            {"label": "gpipe M=8", "time_to_target_sec": 29.3},
+                            {"label": "async", "time_to_target_sec": 24.5}],
+               "target_accuracy": 0.39, "machine": {"commit": "abc", "date": "d", "cpu": "cpu", "cores": 2, "torch": "t"}}
+    cell = summarize_cell(results, 0, 1000)
+    assert cell["locked"]["label"] == "1f1b M=4" and cell["locked_soonest"]["label"] == "gpipe M=8"
+    grid = {"cells": [cell], "machine": results["machine"], "command": "c",
+            "settings": {"repeats": 2, "steps": 20, "warmup": 4, "budget": 40, "budget_repeats": 2}}
+    assert "| 0 ms | 1 Gbit/s | 0.39 | 29.3 s (gpipe M=8) | 24.5 s |" in markdown(grid)
