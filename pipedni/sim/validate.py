@@ -31,6 +31,7 @@ once (a link's latency spreads them out), which is what the sharing model is tes
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import statistics
@@ -99,16 +100,24 @@ def calibrated(costs: PipelineCost, row: dict, batch_size: int,
     return costs
 
 
+def _first_run(bench_dir: Path, label: str) -> Path:
+    """The run directory of a bench job's first repeat."""
+    return bench_dir / "runs" / slug(label) / "r0"
+
+
+# Both read files of a finished run: cached, as --message-ms fit replays every job a dozen times.
+@functools.lru_cache(maxsize=None)
 def trusted(bench_dir: Optional[Path], label: str, warmup: int) -> bool:
     """Whether a dni job's predictors were trusted on most of its timed steps (``sg_untrusted``
     in its first run's metrics; trusted when there are none to read)."""
-    return bench_dir is None or trusted_run(bench_dir / "runs" / slug(label) / "r0" / "metrics", warmup)
+    return bench_dir is None or trusted_run(_first_run(bench_dir, label) / "metrics", warmup)
 
 
+@functools.lru_cache(maxsize=None)
 def clips(bench_dir: Optional[Path], label: str) -> bool:
     """Whether a job clipped its gradients (its run's ``optim.grad_clip``): a locked plan then
     all-reduces the whole model's norm every step (``ALL_REDUCE``), a barrier the replay keeps."""
-    path = None if bench_dir is None else bench_dir / "runs" / slug(label) / "r0" / "config.yaml"
+    path = None if bench_dir is None else _first_run(bench_dir, label) / "config.yaml"
     return path is not None and path.is_file() and load_config(path, []).optim.grad_clip > 0
 
 
