@@ -36,6 +36,49 @@ def test_two_stages_on_one_core_share_it_by_halves():
     assert [t.busy_sec for t in traces] == [[pytest.approx(2.0)], [pytest.approx(4.0)]]  # wall, as measured
 
 
+@pytest.mark.parametrize("schedule", ["gpipe", "dni"])
+def test_the_shared_replay_with_a_processor_per_stage_is_the_independent_replay(schedule):
+    """cores = 0 on the one clock (what receiving costs need) gives the independent replay's times."""
+    from pipedni.sim.shared import SharedReplay
+    from pipedni.sim.streams import pipeline_streams
+
+    costs = uniform(3, 0.004, 0.008, 0.001, 0.002, 1e5, message_sec=1e-4)
+    streams = pipeline_streams(schedule, 3, 4, 8)
+    alone = replay(streams, costs, 4, LinkSpec(latency_sec=0.003, bytes_per_sec=1e8))
+    shared = SharedReplay(streams, costs, 4, LinkSpec(latency_sec=0.003, bytes_per_sec=1e8), cores=0).run()
+    assert [t.step_end_sec for t in shared] == [pytest.approx(t.step_end_sec, abs=1e-9) for t in alone]
+
+
+@pytest.mark.parametrize("cores,ends", [(1, (2.0, 3.5)), (0, (1.0, 2.5)), (2, (1.0, 2.0))])
+def test_receiving_a_message_shares_the_receivers_processor(cores, ends):
+    """Stage 0 computes 1 s and sends; stage 1 computes 2 s, then takes the message, whose
+    receipt costs 0.5 s of processor.
+    One core: both compute at half speed until stage 0 sends at 2 s; the receipt and stage 1's
+    last 1 s then share the core: the receipt ends at 3 s, stage 1's work at 3.5 s (3 s if
+    receiving were free).
+    A processor per stage (0): the receipt starts at 1 s on stage 1's processor, beside its
+    compute, both at half speed until 2 s; stage 1's last 0.5 s ends at 2.5 s.
+    Two cores shared by all: stage 0 sends at 1 s; the receipt and stage 1 each have a core."""
+    costs = PipelineCost((StageCost(1.0, 0.0), StageCost(2.0, 0.0)), receive_sec=0.5)
+    streams = [[[SimAction("F", 0, 0), SimAction("SEND_F", 0, 0)]],
+               [[SimAction("F", 0, 0), SimAction("RECV_F", 0, 0)]]]
+    traces = replay(streams, costs, 1, cores=cores)
+    assert [t.step_end_sec[0] for t in traces] == [pytest.approx(end) for end in ends]
+    assert traces[1].busy_sec == [pytest.approx(ends[1])]  # the receipt slowed its compute: wall time
+
+
+def test_a_message_is_received_after_the_one_before_it():
+    """One direction's messages are received in order, one at a time: three sent at once on a
+    free link, each 0.5 s to receive on an idle receiver, are taken at 0.5, 1 and 1.5 s."""
+    costs = PipelineCost((StageCost(0.0, 0.0), StageCost(0.0, 0.0)), receive_sec=0.5)
+    streams = [[[SimAction("SEND_F", 0, mb) for mb in range(3)]],
+               [[SimAction("RECV_F", 0, mb) for mb in range(3)]]]
+    traces = replay(streams, costs, 3, cores=0)
+    assert traces[1].step_end_sec == [pytest.approx(1.5)]
+    waits = [e for e in traces[1].events if e.name.startswith("RECV")]
+    assert [e.start + e.duration for e in waits] == [pytest.approx(t) for t in (0.5, 1.0, 1.5)]
+
+
 @pytest.mark.parametrize("n,cores", [(3, 1), (3, 2), (4, 2), (4, 3)])
 def test_decoupled_stages_split_the_cores_evenly(n, cores):
     """Async stages never wait for each other once running, so every stage computes all the
@@ -126,3 +169,28 @@ def test_message_cost_is_fitted_on_the_calibration_cell(capsys):
     assert "0.75 ms" in out.splitlines()[0]
     assert validate([tmp, "--message-ms", "fit"]) == 2  # fit needs a cell to fit on
     assert "'fit' with --calibrate" in capsys.readouterr().err
+
+
+def test_the_senders_and_the_receivers_costs_are_fitted_together(capsys):
+    """Two stages on two cores, 'measured' with 0.5 ms per message to send and 1 ms to receive:
+    the locked jobs pay both on their path, async pays the receipt in the cores its stages
+    share with it, so --message-ms fit --receive-ms fit tells them apart and finds both."""
+    import dataclasses
+    import json
+    import tempfile
+    from pathlib import Path
+
+    from pipedni.sim.validate import main as validate
+
+    true = dataclasses.replace(uniform(2, 0.010, 0.020, 0.002, message_sec=0.0005), receive_sec=0.001)
+    stage = {"fwd_bwd_sec": 0.03, "fwd_bwd_together_sec": 0.03, "optimizer_sec": 0.002}
+    rows = [_bench_row(mode, m, true, LinkSpec(), cores=2) for mode, m in (("gpipe", 4), ("1f1b", 8), ("async", 1))]
+    cell = {"profile": {"stages": [stage] * 2}, "settings": {"steps": 16, "warmup": 4}, "batch_size": 64,
+            "overrides": [], "throughput": rows, "machine": {"cores": 2}}
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "results.json").write_text(json.dumps(cell))
+        assert validate([tmp, "--calibrate", tmp, "--message-ms", "fit", "--receive-ms", "fit"]) == 0
+        first = capsys.readouterr().out.splitlines()[0]
+        assert "0.5 ms to send, 1 ms to receive" in first, first
+        assert validate([tmp, "--calibrate", tmp, "--receive-ms", "-1"]) == 2
+        assert capsys.readouterr().err.startswith("error: --receive-ms = '-1'")

@@ -12,6 +12,7 @@ or a bench ``results.json``); a sweep predicts identical stages, 4 to 64 of them
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -51,6 +52,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--predictor-ms", type=float, default=0.0, help="dni predict + fit, per batch (no --profile)")
     p.add_argument("--activation-bytes", type=float, help="payload at each boundary per batch (gradients the same)")
     p.add_argument("--message-ms", type=float, default=0.0, help="sender's CPU time per message, default 0")
+    p.add_argument("--receive-ms", type=float, default=0.0, help="the receiving side's CPU time per message, "
+                   "shared with its stage's compute, default 0")
     p.add_argument("--latency-ms", type=float, default=0.0, help="one way, per link, default 0")
     p.add_argument("--bandwidth-mbps", type=float, default=0.0, help="per link direction (0: unlimited)")
     p.add_argument("--cores", type=int, default=0, help="processors the stages share, as stage processes on one "
@@ -72,7 +75,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _numbers(args: argparse.Namespace) -> None:
     """No negative figure gets as far as a cost."""
     for name in ("forward_ms", "backward_ms", "optimizer_ms", "predictor_ms", "activation_bytes", "message_ms",
-                 "latency_ms", "bandwidth_mbps"):
+                 "receive_ms", "latency_ms", "bandwidth_mbps"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} = {value}; must be >= 0")
@@ -99,9 +102,10 @@ def costs_of(args: argparse.Namespace, num_stages: Optional[int]) -> PipelineCos
         costs = from_profile(_read_profile(args.profile), message_sec, args.together, args.activation_bytes, m)
         if num_stages is not None and num_stages != costs.num_stages:
             raise ConfigError(f"--stages = {num_stages} but the profile has {costs.num_stages} stages; drop --stages")
-        return costs
-    return uniform(num_stages or 4, args.forward_ms / 1e3, args.backward_ms / 1e3, args.optimizer_ms / 1e3,
-                   args.predictor_ms / 1e3, args.activation_bytes or 0.0, message_sec=message_sec)
+    else:
+        costs = uniform(num_stages or 4, args.forward_ms / 1e3, args.backward_ms / 1e3, args.optimizer_ms / 1e3,
+                        args.predictor_ms / 1e3, args.activation_bytes or 0.0, message_sec=message_sec)
+    return dataclasses.replace(costs, receive_sec=args.receive_ms / 1e3)
 
 
 def _batch_size(args: argparse.Namespace) -> int:

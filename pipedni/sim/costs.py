@@ -51,16 +51,21 @@ class StageCost:
 
 @dataclass(frozen=True)
 class PipelineCost:
-    """Every stage's costs, first to last, and the CPU time a sender pays per message."""
+    """Every stage's costs, first to last, and the processor time each message costs: its
+    sender's main thread (``message_sec``) and, once delivered, the receiving side's threads
+    (``receive_sec``: see [Note: receiving costs a processor] in shared.py)."""
 
     stages: tuple[StageCost, ...]
     message_sec: float = 0.0  # fixed, per message sent (calibrate it against a measured run)
+    receive_sec: float = 0.0  # fixed, per message delivered, before the receiving stage can take it
 
     def __post_init__(self) -> None:
         if not self.stages:
             raise ConfigError("a simulated pipeline needs at least one stage")
-        if not math.isfinite(self.message_sec) or self.message_sec < 0:
-            raise ConfigError(f"message_sec = {self.message_sec!r}; give a finite number >= 0")
+        for name in ("message_sec", "receive_sec"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ConfigError(f"{name} = {value!r}; give a finite number >= 0")
 
     @property
     def num_stages(self) -> int:

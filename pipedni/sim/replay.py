@@ -12,7 +12,8 @@ message not sent yet, in any order, gives exactly the times a global event queue
 stream asks "what has arrived by now?" (see [Note: the decoupled stream] in streams.py): that
 would need the queue. When no stage can move and some have actions left, the streams
 deadlock, and the error says who waits for what. This holds while every stage has a processor
-of its own; stages sharing fewer cores need the one clock of shared.py ([Note: shared cores]).
+of its own and a message costs only its sender; stages sharing fewer cores, or messages whose
+receipt takes processor time, need the one clock of shared.py ([Note: shared cores]).
 """
 
 from __future__ import annotations
@@ -158,8 +159,12 @@ class Replay:
             raise ValueError(f"stage {p.index} sends {_what(key)} twice")
         payload = p.cost.activation_bytes if forward else p.cost.gradient_bytes
         link = self.links.setdefault((p.index, dst), LinkModel(self.spec))
-        self.mailbox[key] = link.deliver_at(p.clock, payload / self.m + HEADER_BYTES)
         self.sent.add(key)
+        self._deliver(key, link.deliver_at(p.clock, payload / self.m + HEADER_BYTES))
+
+    def _deliver(self, key: Key, at: float) -> None:
+        """The message ``key`` can be taken from ``at`` on; a stage blocked on it can move."""
+        self.mailbox[key] = at
         if key in self.waiting:
             self.runnable.append(self.waiting.pop(key))
 
@@ -206,8 +211,9 @@ def replay(streams: Sequence[Stream], costs: PipelineCost, num_microbatches: int
            record: bool = True, cores: int = 0) -> list[StageTrace]:
     """Every stage's trace after replaying ``streams`` (see [Note: replay order]); raises
     ``DeadlockError`` naming the stuck stages and what each waits for. ``cores``: 0, every stage on
-    a processor of its own; else the stages share that many (see [Note: shared cores] in shared.py)."""
-    if 0 < cores < len(streams):
+    a processor of its own; else the stages share that many (see [Note: shared cores] in shared.py).
+    Messages that cost their receiver (``costs.receive_sec``) need shared.py's one clock too."""
+    if 0 < cores < len(streams) or costs.receive_sec > 0:
         from pipedni.sim.shared import SharedReplay  # it extends Replay
         return SharedReplay(streams, costs, num_microbatches, link, record, cores).run()
     return Replay(streams, costs, num_microbatches, link, record).run()

@@ -20,9 +20,10 @@ dependencies, the bubble, and the links' latency and bandwidth, in cells it was 
 calibrated on.
 
 More stages than cores (3 or 4 stages on this 2-core machine) are replayed on that many shared
-cores ([Note: shared cores] in shared.py; ``--cores``, by default the measured machine's). A
-stage's measured compute then includes the time it lost to the others, so one scaling is not
-enough: the calibration job is replayed on the shared cores and each stage's cost scaled by
+cores ([Note: shared cores] in shared.py; ``--cores``, by default the measured machine's), and
+so are messages whose receipt costs processor time (``--receive-ms``: [Note: receiving costs a
+processor]). A stage's measured compute then includes the time it lost to the others, so one
+scaling is not enough: the calibration job is replayed on the shared cores and each stage's cost scaled by
 measured over simulated busy time, ``CALIBRATION_ROUNDS`` times, until the replay spends per
 step what the job's stages measured. The cells validated differ in when the stages compute at
 once (a link's latency spreads them out), which is what the sharing model is tested on.
@@ -31,6 +32,7 @@ once (a link's latency spreads them out), which is what the sharing model is tes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
@@ -61,9 +63,9 @@ def link_of(overrides: list[str]) -> LinkSpec:
     return LinkSpec.from_config(values["link_latency_ms"], values["link_bandwidth_mbps"])
 
 
-def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
+def costs_for(results: dict, row: dict, message_sec: float, receive_sec: float = 0.0) -> PipelineCost:
     """The profiled costs with the bytes this job's stages sent per batch (see
-    ``activations_from_sent``)."""
+    ``activations_from_sent``) and each message's cost to its sender and its receiver."""
     m = effective_microbatches(row["mode"], row["microbatches"])
     base = from_profile(results["profile"], message_sec=message_sec, together=True, microbatches=m)
     sent = [s["bytes_sent_per_step"] for s in row["stages"]]
@@ -71,13 +73,13 @@ def costs_for(results: dict, row: dict, message_sec: float) -> PipelineCost:
     predicts = row["mode"] in ("dni", "cdni", "mixed")  # only they run a predictor (its profiled cost)
     stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec if predicts else 0.0,
                         activation[i], activation[i - 1] if i > 0 else 0.0) for i, s in enumerate(base.stages)]
-    return PipelineCost(tuple(stages), message_sec)
+    return PipelineCost(tuple(stages), message_sec, receive_sec)
 
 
 def _scaled(costs: PipelineCost, scales: list[float]) -> PipelineCost:
     stages = [StageCost(s.forward_sec * k, s.backward_sec * k, s.optimizer_sec * k, s.predictor_sec * k,
                         s.activation_bytes, s.gradient_bytes) for s, k in zip(costs.stages, scales)]
-    return PipelineCost(tuple(stages), costs.message_sec)
+    return dataclasses.replace(costs, stages=tuple(stages))
 
 
 def busy_per_step(row: dict, batch_size: int) -> list[float]:
@@ -121,11 +123,12 @@ def clips(bench_dir: Optional[Path], label: str) -> bool:
     return path is not None and path.is_file() and load_config(path, []).optim.grad_clip > 0
 
 
-def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path],
-              cores: int) -> Optional[Callable[[PipelineCost], SimResult]]:
+def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path], cores: int,
+                    receive_sec: float = 0.0) -> Optional[Callable[[PipelineCost], SimResult]]:
     """The calibration job ``row`` replayed on ``cores`` shared cores, as a function of its costs;
-    None when every stage has a core of its own (then one scaling is exact)."""
-    if not 0 < cores < len(row["stages"]):
+    None when every stage has a core of its own and nothing else runs on it (then one scaling
+    is exact)."""
+    if not (0 < cores < len(row["stages"]) or receive_sec > 0):
         return None
     settings = calibration["settings"]
     link = link_of(calibration.get("overrides", []))
@@ -143,11 +146,12 @@ def machine_cores(results: dict) -> int:
 
 def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None,
             bench_dir: Optional[Path] = None, cores: Optional[int] = None,
-            calibration_dir: Optional[Path] = None) -> list[dict]:
+            calibration_dir: Optional[Path] = None, receive_sec: float = 0.0) -> list[dict]:
     """One entry per simulated job: measured and simulated samples/s (medians); with
     ``calibration`` (another run's results, from ``calibration_dir``), compute calibrated on its
     same job; dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
-    replay the fallback; ``cores`` shared by the stages (default: the measured machine's)."""
+    replay the fallback; ``cores`` shared by the stages (default: the measured machine's);
+    ``message_sec`` and ``receive_sec``: what each message costs its sender and its receiver."""
     link = link_of(results.get("overrides", []))
     settings = results["settings"]
     cores = machine_cores(results) if cores is None else cores
@@ -156,10 +160,11 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
     for row in results["throughput"]:
         if row["mode"] not in SCHEDULES or (calibration is not None and row["label"] not in reference):
             continue
-        costs = costs_for(results, row, message_sec)
+        costs = costs_for(results, row, message_sec, receive_sec)
         if calibration is not None:
             costs = calibrated(costs, reference[row["label"]], calibration["batch_size"],
-                               calibration_job(calibration, reference[row["label"]], calibration_dir, cores))
+                               calibration_job(calibration, reference[row["label"]], calibration_dir, cores,
+                                               receive_sec))
         trust = trusted(bench_dir, row["label"], settings["warmup"])
         sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"], link, results["batch_size"],
                        settings["warmup"], reduce_norm=clips(bench_dir, row["label"]), record=False, trusted=trust,
@@ -185,21 +190,28 @@ def table(entries: list[dict]) -> str:
 
 
 MESSAGE_MS_CANDIDATES = [0.25 * k for k in range(1, 13)]  # what ``--message-ms fit`` tries: 0.25 to 3 ms
+RECEIVE_MS_CANDIDATES = [0.0, 0.25, 0.5, 1.0, 1.5, 2.0]  # what ``--receive-ms fit`` tries
 
 
-def fit_message_sec(calibration: dict, calibration_dir: Optional[Path], cores: Optional[int]) -> tuple[float, float]:
-    """The per-message cost (of ``MESSAGE_MS_CANDIDATES``) whose replay of the calibration cell,
-    calibrated on itself, has the smallest median error there; and that error. The compute is
-    fitted to each job's busy time, so what is left of a job's step is the messages' cost."""
-    best = (math.inf, 0.0)
-    for ms in MESSAGE_MS_CANDIDATES:
-        entries = compare(calibration, ms / 1e3, calibration, calibration_dir, cores, calibration_dir)
-        best = min(best, (statistics.median(abs(e["error"]) for e in entries), ms / 1e3))
-    return best[1], best[0]
+def fit_message_costs(calibration: dict, calibration_dir: Optional[Path], cores: Optional[int],
+                      message_sec: float = math.nan, receive_sec: float = 0.0) -> tuple[float, float, float]:
+    """The sender's and the receiver's cost per message (each the value given, or where it is
+    NaN the candidate of ``MESSAGE_MS_CANDIDATES`` or ``RECEIVE_MS_CANDIDATES``) whose replay of
+    the calibration cell, calibrated on itself, has the smallest median error there; and that
+    error. The compute is fitted to each job's busy time, so what is left of a job's step is
+    the messages' cost: on a locked stage's path, and in the processor a busy stage shares."""
+    senders = [ms / 1e3 for ms in MESSAGE_MS_CANDIDATES] if math.isnan(message_sec) else [message_sec]
+    receivers = [ms / 1e3 for ms in RECEIVE_MS_CANDIDATES] if math.isnan(receive_sec) else [receive_sec]
+    best = (math.inf, 0.0, 0.0)
+    for send in senders:
+        for receive in receivers:
+            entries = compare(calibration, send, calibration, calibration_dir, cores, calibration_dir, receive)
+            best = min(best, (statistics.median(abs(e["error"]) for e in entries), send, receive))
+    return best[1], best[2], best[0]
 
 
 def _message_sec(text: str) -> Optional[float]:
-    """``--message-ms``: 'fit', or a number of milliseconds >= 0 (None if it is neither)."""
+    """``--message-ms`` or ``--receive-ms``: 'fit' (NaN), or milliseconds >= 0 (None if it is neither)."""
     if text == "fit":
         return math.nan
     try:
@@ -222,6 +234,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("dirs", nargs="+", help="directories holding a bench results.json (e.g. bench/grid/lat10_bw0)")
     p.add_argument("--message-ms", default="0", help="the sender's CPU time per message, default 0; 'fit': the "
                    "value that replays the --calibrate cell best")
+    p.add_argument("--receive-ms", default="0", help="the receiving side's CPU time per message, which it "
+                   "shares with its stage's compute, default 0; 'fit' as --message-ms (both: fitted together)")
     p.add_argument("--calibrate", help="a bench directory whose jobs' measured compute sets the costs (see "
                    "[Note: calibrating on real runs]), e.g. the grid's cell without emulation")
     p.add_argument("--cores", type=int, help="cores the stages share (default: the measured machine's, from "
@@ -231,24 +245,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cores is not None and args.cores < 0:
         print(f"error: --cores = {args.cores}; give 0 (a processor per stage) or more", file=sys.stderr)
         return 2
-    message_sec = _message_sec(args.message_ms)
-    if message_sec is None or (math.isnan(message_sec) and not args.calibrate):
-        print(f"error: --message-ms = {args.message_ms!r}; give milliseconds >= 0, or 'fit' with --calibrate",
-              file=sys.stderr)
-        return 2
+    message_sec, receive_sec = _message_sec(args.message_ms), _message_sec(args.receive_ms)
+    for flag, text, value in (("--message-ms", args.message_ms, message_sec),
+                              ("--receive-ms", args.receive_ms, receive_sec)):
+        if value is None or (math.isnan(value) and not args.calibrate):
+            print(f"error: {flag} = {text!r}; give milliseconds >= 0, or 'fit' with --calibrate", file=sys.stderr)
+            return 2
     calibration = _read(args.calibrate) if args.calibrate else None
     calibration_dir = Path(args.calibrate) if args.calibrate else None
     if args.calibrate and calibration is None:
         return 2
-    if math.isnan(message_sec):
-        message_sec, error = fit_message_sec(calibration, calibration_dir, args.cores)
-        print(f"message cost fitted on {args.calibrate}: {message_sec * 1e3:g} ms (median |error| {error:.1%} there)")
+    if math.isnan(message_sec) or math.isnan(receive_sec):
+        message_sec, receive_sec, error = fit_message_costs(calibration, calibration_dir, args.cores,
+                                                            message_sec, receive_sec)
+        print(f"message cost fitted on {args.calibrate}: {message_sec * 1e3:g} ms to send, {receive_sec * 1e3:g} ms "
+              f"to receive (median |error| {error:.1%} there)")
     entries = []
     for directory in args.dirs:
         results = _read(directory)
         if results is None:
             return 2
-        entries += compare(results, message_sec, calibration, Path(directory), args.cores, calibration_dir)
+        entries += compare(results, message_sec, calibration, Path(directory), args.cores, calibration_dir,
+                           receive_sec)
     print(table(entries))
     if args.json:
         Path(args.json).write_text(json.dumps(entries, indent=1))
