@@ -1,5 +1,10 @@
-"""Stages sharing fewer cores than there are stages: hand-computed sharing, and the calibration
-that fits a stage's own cost back out of its contended, measured time."""
+"""Stages sharing fewer cores than there are stages, and messages whose receipt takes a share of
+a processor: hand-computed sharing, and the calibration that fits a stage's own cost and the
+messages' back out of its contended, measured time."""
+
+import json
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -148,22 +153,23 @@ def test_cli_cores(capsys):
     assert err.startswith("error: --cores = -1") and err.count("\n") == 1
 
 
+def _write_cell(directory: str, true: PipelineCost) -> None:
+    """A bench cell in ``directory`` 'measured' by the simulator on ``true`` costs (2 cores), its
+    profile wrong on purpose: gpipe M=4, 1f1b M=8 and async."""
+    stage = {"fwd_bwd_sec": 0.03, "fwd_bwd_together_sec": 0.03, "optimizer_sec": 0.002}
+    rows = [_bench_row(mode, m, true, LinkSpec(), cores=2) for mode, m in (("gpipe", 4), ("1f1b", 8), ("async", 1))]
+    cell = {"profile": {"stages": [stage] * true.num_stages}, "settings": {"steps": 16, "warmup": 4},
+            "batch_size": 64, "overrides": [], "throughput": rows, "machine": {"cores": 2}}
+    (Path(directory) / "results.json").write_text(json.dumps(cell))
+
+
 def test_message_cost_is_fitted_on_the_calibration_cell(capsys):
     """A cell 'measured' by the simulator with 0.75 ms per message: --message-ms fit finds 0.75
     (the compute is fitted to each job's busy time; what is left of the step is messages)."""
-    import json
-    import tempfile
-    from pathlib import Path
-
     from pipedni.sim.validate import main as validate
 
-    true = uniform(3, 0.010, 0.020, 0.002, message_sec=0.00075)
-    stage = {"fwd_bwd_sec": 0.03, "fwd_bwd_together_sec": 0.03, "optimizer_sec": 0.002}
-    rows = [_bench_row(mode, m, true, LinkSpec(), cores=2) for mode, m in (("gpipe", 4), ("1f1b", 8), ("async", 1))]
-    cell = {"profile": {"stages": [stage] * 3}, "settings": {"steps": 16, "warmup": 4}, "batch_size": 64,
-            "overrides": [], "throughput": rows, "machine": {"cores": 2}}
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "results.json").write_text(json.dumps(cell))
+        _write_cell(tmp, uniform(3, 0.010, 0.020, 0.002, message_sec=0.00075))
         assert validate([tmp, "--calibrate", tmp, "--message-ms", "fit"]) == 0
     out = capsys.readouterr().out
     assert "0.75 ms" in out.splitlines()[0]
@@ -176,19 +182,11 @@ def test_the_senders_and_the_receivers_costs_are_fitted_together(capsys):
     the locked jobs pay both on their path, async pays the receipt in the cores its stages
     share with it, so --message-ms fit --receive-ms fit tells them apart and finds both."""
     import dataclasses
-    import json
-    import tempfile
-    from pathlib import Path
 
     from pipedni.sim.validate import main as validate
 
-    true = dataclasses.replace(uniform(2, 0.010, 0.020, 0.002, message_sec=0.0005), receive_sec=0.001)
-    stage = {"fwd_bwd_sec": 0.03, "fwd_bwd_together_sec": 0.03, "optimizer_sec": 0.002}
-    rows = [_bench_row(mode, m, true, LinkSpec(), cores=2) for mode, m in (("gpipe", 4), ("1f1b", 8), ("async", 1))]
-    cell = {"profile": {"stages": [stage] * 2}, "settings": {"steps": 16, "warmup": 4}, "batch_size": 64,
-            "overrides": [], "throughput": rows, "machine": {"cores": 2}}
     with tempfile.TemporaryDirectory() as tmp:
-        (Path(tmp) / "results.json").write_text(json.dumps(cell))
+        _write_cell(tmp, dataclasses.replace(uniform(2, 0.010, 0.020, 0.002, message_sec=0.0005), receive_sec=0.001))
         assert validate([tmp, "--calibrate", tmp, "--message-ms", "fit", "--receive-ms", "fit"]) == 0
         first = capsys.readouterr().out.splitlines()[0]
         assert "0.5 ms to send, 1 ms to receive" in first, first
