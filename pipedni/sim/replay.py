@@ -207,13 +207,19 @@ def _what(key: Key) -> str:
     return f"the {noun} of step {step} microbatch {mb} from stage {src} to stage {dst}"
 
 
+def shares_processors(num_stages: int, cores: int, receive_sec: float) -> bool:
+    """Whether a replay needs shared.py's one clock: fewer cores than stages, or messages whose
+    receipt takes processor time beside a stage's compute."""
+    return 0 < cores < num_stages or receive_sec > 0
+
+
 def replay(streams: Sequence[Stream], costs: PipelineCost, num_microbatches: int, link: LinkSpec = LinkSpec(),
            record: bool = True, cores: int = 0) -> list[StageTrace]:
     """Every stage's trace after replaying ``streams`` (see [Note: replay order]); raises
     ``DeadlockError`` naming the stuck stages and what each waits for. ``cores``: 0, every stage on
     a processor of its own; else the stages share that many (see [Note: shared cores] in shared.py).
     Messages that cost their receiver (``costs.receive_sec``) need shared.py's one clock too."""
-    if 0 < cores < len(streams) or costs.receive_sec > 0:
+    if shares_processors(len(streams), cores, costs.receive_sec):
         from pipedni.sim.shared import SharedReplay  # it extends Replay
         return SharedReplay(streams, costs, num_microbatches, link, record, cores).run()
     return Replay(streams, costs, num_microbatches, link, record).run()

@@ -23,9 +23,9 @@ More stages than cores (3 or 4 stages on this 2-core machine) are replayed on th
 cores ([Note: shared cores] in shared.py; ``--cores``, by default the measured machine's), and
 so are messages whose receipt costs processor time (``--receive-ms``: [Note: receiving costs a
 processor]). A stage's measured compute then includes the time it lost to the others, so one
-scaling is not enough: the calibration job is replayed on the shared cores and each stage's cost scaled by
-measured over simulated busy time, ``CALIBRATION_ROUNDS`` times, until the replay spends per
-step what the job's stages measured. The cells validated differ in when the stages compute at
+scaling is not enough: the calibration job is replayed on the shared cores and each stage's
+cost scaled by measured over simulated busy time, ``CALIBRATION_ROUNDS`` times, until the
+replay spends per step what the job's stages measured. The cells validated differ in when the stages compute at
 once (a link's latency spreads them out), which is what the sharing model is tested on.
 """
 
@@ -48,6 +48,7 @@ from pipedni.link import LinkSpec
 from pipedni.sim.beside import trusted_run
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
 from pipedni.sim.pipeline import SimResult, simulate
+from pipedni.sim.replay import shares_processors
 from pipedni.sim.streams import SCHEDULES, effective_microbatches
 
 CALIBRATION_ROUNDS = 8  # replays of the calibration job on shared cores (see the module's note)
@@ -128,7 +129,7 @@ def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path
     """The calibration job ``row`` replayed on ``cores`` shared cores, as a function of its costs;
     None when every stage has a core of its own and nothing else runs on it (then one scaling
     is exact)."""
-    if not (0 < cores < len(row["stages"]) or receive_sec > 0):
+    if not shares_processors(len(row["stages"]), cores, receive_sec):
         return None
     settings = calibration["settings"]
     link = link_of(calibration.get("overrides", []))
@@ -210,7 +211,7 @@ def fit_message_costs(calibration: dict, calibration_dir: Optional[Path], cores:
     return best[1], best[2], best[0]
 
 
-def _message_sec(text: str) -> Optional[float]:
+def _milliseconds(text: str) -> Optional[float]:
     """``--message-ms`` or ``--receive-ms``: 'fit' (NaN), or milliseconds >= 0 (None if it is neither)."""
     if text == "fit":
         return math.nan
@@ -245,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cores is not None and args.cores < 0:
         print(f"error: --cores = {args.cores}; give 0 (a processor per stage) or more", file=sys.stderr)
         return 2
-    message_sec, receive_sec = _message_sec(args.message_ms), _message_sec(args.receive_ms)
+    message_sec, receive_sec = _milliseconds(args.message_ms), _milliseconds(args.receive_ms)
     for flag, text, value in (("--message-ms", args.message_ms, message_sec),
                               ("--receive-ms", args.receive_ms, receive_sec)):
         if value is None or (math.isnan(value) and not args.calibrate):
