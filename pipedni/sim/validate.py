@@ -19,6 +19,14 @@ predictor to it. What is then validated is what the simulator adds: the schedule
 dependencies, the bubble, and the links' latency and bandwidth, in cells it was not
 calibrated on.
 
+A shared machine's speed drifts between cells run minutes apart (one cell's own profile timed
+its stages 25-30% slower than the calibration cell's, and its jobs computed that much more),
+so by default (``--speed cell``) what carries over from the calibration is each stage's
+overhead, its measured compute over its profiled compute there, and the cell's own profile,
+taken between its jobs, gives the machine's speed in the cell. ``--speed calibration`` takes
+the calibration's measured compute as it is, for cells run on one steady machine. On the
+calibration cell itself the two are the same.
+
 More stages than cores (3 or 4 stages on this 2-core machine) are replayed on that many shared
 cores ([Note: shared cores] in shared.py; ``--cores``, by default the measured machine's), and
 so are messages whose receipt costs processor time (``--receive-ms``: [Note: receiving costs a
@@ -140,6 +148,16 @@ def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path
                                   record=False, trusted=trust, cores=cores)
 
 
+def overheads(calibration: dict, row: dict, calibration_dir: Optional[Path], cores: int, message_sec: float,
+              receive_sec: float) -> list[float]:
+    """Each stage's compute inside the engine over its profiled compute, in the calibration job
+    ``row`` (see [Note: calibrating on real runs])."""
+    profiled = costs_for(calibration, row, message_sec, receive_sec)
+    fitted = calibrated(profiled, row, calibration["batch_size"],
+                        calibration_job(calibration, row, calibration_dir, cores, receive_sec))
+    return [f.step_sec / p.step_sec if p.step_sec > 0 else 1.0 for f, p in zip(fitted.stages, profiled.stages)]
+
+
 def machine_cores(results: dict) -> int:
     """The cores of the machine a bench run was measured on (0, a processor per stage, if unrecorded)."""
     return int(results.get("machine", {}).get("cores") or 0)
@@ -147,10 +165,11 @@ def machine_cores(results: dict) -> int:
 
 def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None,
             bench_dir: Optional[Path] = None, cores: Optional[int] = None,
-            calibration_dir: Optional[Path] = None, receive_sec: float = 0.0) -> list[dict]:
+            calibration_dir: Optional[Path] = None, receive_sec: float = 0.0, speed: str = "cell") -> list[dict]:
     """One entry per simulated job: measured and simulated samples/s (medians); with
     ``calibration`` (another run's results, from ``calibration_dir``), compute calibrated on its
-    same job; dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
+    same job (``speed``: 'cell', this cell's profile times the engine's overhead there;
+    'calibration', the compute measured there); dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
     replay the fallback; ``cores`` shared by the stages (default: the measured machine's);
     ``message_sec`` and ``receive_sec``: what each message costs its sender and its receiver."""
     link = link_of(results.get("overrides", []))
@@ -162,7 +181,10 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
         if row["mode"] not in SCHEDULES or (calibration is not None and row["label"] not in reference):
             continue
         costs = costs_for(results, row, message_sec, receive_sec)
-        if calibration is not None:
+        if calibration is not None and speed == "cell":
+            costs = _scaled(costs, overheads(calibration, reference[row["label"]], calibration_dir, cores,
+                                             message_sec, receive_sec))
+        elif calibration is not None:
             costs = calibrated(costs, reference[row["label"]], calibration["batch_size"],
                                calibration_job(calibration, reference[row["label"]], calibration_dir, cores,
                                                receive_sec))
@@ -239,6 +261,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "shares with its stage's compute, default 0; 'fit' as --message-ms (both: fitted together)")
     p.add_argument("--calibrate", help="a bench directory whose jobs' measured compute sets the costs (see "
                    "[Note: calibrating on real runs]), e.g. the grid's cell without emulation")
+    p.add_argument("--speed", choices=("cell", "calibration"), default="cell",
+                   help="with --calibrate: the machine's speed in each cell from that cell's profile (default), "
+                   "or the calibration cell's (see [Note: calibrating on real runs])")
     p.add_argument("--cores", type=int, help="cores the stages share (default: the measured machine's, from "
                    "results.json; 0: a processor per stage)")
     p.add_argument("--json", help="also write the entries to this file")
@@ -267,7 +292,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if results is None:
             return 2
         entries += compare(results, message_sec, calibration, Path(directory), args.cores, calibration_dir,
-                           receive_sec)
+                           receive_sec, args.speed)
     print(table(entries))
     if args.json:
         Path(args.json).write_text(json.dumps(entries, indent=1))
