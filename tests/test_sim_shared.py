@@ -198,8 +198,8 @@ def test_the_senders_and_the_receivers_costs_are_fitted_together(capsys):
 def test_a_cell_on_a_slower_machine_is_replayed_at_its_own_profiles_speed(mode, m):
     """The machine ran 1.3x slower in the validated cell than in the calibration cell: its
     profile and its jobs alike. By default the replay takes the machine's speed from the cell's
-    own profile and the engine's overhead from the calibration, and has no error; taking the
-    calibration's compute as it was (--speed calibration) misses by more than 10%."""
+    own profile and the engine's overhead from the calibration (--speed cell), and has no error;
+    taking the calibration's compute as it was (the default) misses by more than 10%."""
     true = PipelineCost(tuple(StageCost(0.010 * k, 0.020 * k, 0.002 * k) for k in (1.0, 1.6, 0.7)))
     slow = PipelineCost(tuple(StageCost(s.forward_sec * 1.3, s.backward_sec * 1.3, s.optimizer_sec * 1.3)
                               for s in true.stages))
@@ -210,5 +210,5 @@ def test_a_cell_on_a_slower_machine_is_replayed_at_its_own_profiles_speed(mode, 
     slow_stage = {key: value * 1.3 for key, value in stage.items()}
     cell = {**calibration, "profile": {"stages": [slow_stage] * 3}, "overrides": ["--dist.link_latency_ms=20"],
             "throughput": [_bench_row(mode, m, slow, LinkSpec.from_config(20, 0), cores=2)]}
-    assert abs(compare(cell, 0.0, calibration)[0]["error"]) < 0.03
-    assert compare(cell, 0.0, calibration, speed="calibration")[0]["error"] > 0.10
+    assert abs(compare(cell, 0.0, calibration, speed="cell")[0]["error"]) < 0.03
+    assert compare(cell, 0.0, calibration)[0]["error"] > 0.10

@@ -20,12 +20,14 @@ dependencies, the bubble, and the links' latency and bandwidth, in cells it was 
 calibrated on.
 
 A shared machine's speed drifts between cells run minutes apart (one cell's own profile timed
-its stages 25-30% slower than the calibration cell's, and its jobs computed that much more),
-so by default (``--speed cell``) what carries over from the calibration is each stage's
-overhead, its measured compute over its profiled compute there, and the cell's own profile,
-taken between its jobs, gives the machine's speed in the cell. ``--speed calibration`` takes
-the calibration's measured compute as it is, for cells run on one steady machine. On the
-calibration cell itself the two are the same.
+its stages 25-30% slower than the calibration cell's, and its jobs computed that much more).
+``--speed cell`` carries over from the calibration only each stage's overhead, its measured
+compute over its profiled compute there, and takes the machine's speed in each cell from that
+cell's own profile. The profile is short (5 timed batches per repeat) and about as noisy as
+the drift, so on the LM's cells of 2026-12-02 that did no better overall (29 of 40 within 10%
+against 31; better at 10 ms, worse at 1, 30 and 100 ms), and the default, ``--speed
+calibration``, takes the calibration's measured compute as it is. ``cell`` tells whether a
+miss is the machine's drift. On the calibration cell itself the two are the same.
 
 More stages than cores (3 or 4 stages on this 2-core machine) are replayed on that many shared
 cores ([Note: shared cores] in shared.py; ``--cores``, by default the measured machine's), and
@@ -165,11 +167,11 @@ def machine_cores(results: dict) -> int:
 
 def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict] = None,
             bench_dir: Optional[Path] = None, cores: Optional[int] = None,
-            calibration_dir: Optional[Path] = None, receive_sec: float = 0.0, speed: str = "cell") -> list[dict]:
+            calibration_dir: Optional[Path] = None, receive_sec: float = 0.0, speed: str = "calibration") -> list[dict]:
     """One entry per simulated job: measured and simulated samples/s (medians); with
     ``calibration`` (another run's results, from ``calibration_dir``), compute calibrated on its
-    same job (``speed``: 'cell', this cell's profile times the engine's overhead there;
-    'calibration', the compute measured there); dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
+    same job (``speed``: 'calibration', the compute measured there; 'cell', this cell's
+    profile times the engine's overhead there); dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
     replay the fallback; ``cores`` shared by the stages (default: the measured machine's);
     ``message_sec`` and ``receive_sec``: what each message costs its sender and its receiver."""
     link = link_of(results.get("overrides", []))
@@ -181,7 +183,7 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
         if row["mode"] not in SCHEDULES or (calibration is not None and row["label"] not in reference):
             continue
         costs = costs_for(results, row, message_sec, receive_sec)
-        if calibration is not None and speed == "cell":
+        if calibration is not None and speed == "cell":  # see [Note: calibrating on real runs]
             costs = _scaled(costs, overheads(calibration, reference[row["label"]], calibration_dir, cores,
                                              message_sec, receive_sec))
         elif calibration is not None:
@@ -261,9 +263,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                    "shares with its stage's compute, default 0; 'fit' as --message-ms (both: fitted together)")
     p.add_argument("--calibrate", help="a bench directory whose jobs' measured compute sets the costs (see "
                    "[Note: calibrating on real runs]), e.g. the grid's cell without emulation")
-    p.add_argument("--speed", choices=("cell", "calibration"), default="cell",
-                   help="with --calibrate: the machine's speed in each cell from that cell's profile (default), "
-                   "or the calibration cell's (see [Note: calibrating on real runs])")
+    p.add_argument("--speed", choices=("calibration", "cell"), default="calibration",
+                   help="with --calibrate: the machine's speed in every cell as in the calibration cell (default), "
+                   "or from each cell's own profile (see [Note: calibrating on real runs])")
     p.add_argument("--cores", type=int, help="cores the stages share (default: the measured machine's, from "
                    "results.json; 0: a processor per stage)")
     p.add_argument("--json", help="also write the entries to this file")
