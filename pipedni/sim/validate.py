@@ -171,8 +171,9 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
     """One entry per simulated job: measured and simulated samples/s (medians); with
     ``calibration`` (another run's results, from ``calibration_dir``), compute calibrated on its
     same job (``speed``: 'calibration', the compute measured there; 'cell', this cell's
-    profile times the engine's overhead there); dni jobs whose predictors were mostly untrusted (read from ``bench_dir``'s runs)
-    replay the fallback; ``cores`` shared by the stages (default: the measured machine's);
+    profile times the engine's overhead there); dni jobs whose predictors were mostly
+    untrusted (read from ``bench_dir``'s runs) replay the fallback; ``cores`` shared by the
+    stages (default: the measured machine's);
     ``message_sec`` and ``receive_sec``: what each message costs its sender and its receiver."""
     link = link_of(results.get("overrides", []))
     settings = results["settings"]
