@@ -197,9 +197,9 @@ def test_the_senders_and_the_receivers_costs_are_fitted_together(capsys):
 @pytest.mark.parametrize("mode,m", [("gpipe", 4), ("async", 1)])
 def test_a_cell_on_a_slower_machine_is_replayed_at_its_own_profiles_speed(mode, m):
     """The machine ran 1.3x slower in the validated cell than in the calibration cell: its
-    profile and its jobs alike. With --speed cell the replay takes the machine's speed from the cell's
-    own profile and the engine's overhead from the calibration, and has no error;
-    taking the calibration's compute as it was (the default) misses by more than 10%."""
+    profile and its jobs alike. With --speed cell the replay takes the machine's speed from the
+    cell's own profile and the engine's overhead from the calibration, and has no error; taking
+    the calibration's compute as it was (the default) misses by more than 10%."""
     true = PipelineCost(tuple(StageCost(0.010 * k, 0.020 * k, 0.002 * k) for k in (1.0, 1.6, 0.7)))
     slow = PipelineCost(tuple(StageCost(s.forward_sec * 1.3, s.backward_sec * 1.3, s.optimizer_sec * 1.3)
                               for s in true.stages))

@@ -150,13 +150,11 @@ def calibration_job(calibration: dict, row: dict, calibration_dir: Optional[Path
                                   record=False, trusted=trust, cores=cores)
 
 
-def overheads(calibration: dict, row: dict, calibration_dir: Optional[Path], cores: int, message_sec: float,
-              receive_sec: float) -> list[float]:
-    """Each stage's compute inside the engine over its profiled compute, in the calibration job
-    ``row`` (see [Note: calibrating on real runs])."""
-    profiled = costs_for(calibration, row, message_sec, receive_sec)
-    fitted = calibrated(profiled, row, calibration["batch_size"],
-                        calibration_job(calibration, row, calibration_dir, cores, receive_sec))
+def overheads(profiled: PipelineCost, row: dict, batch_size: int,
+              replay_job: Optional[Callable[[PipelineCost], SimResult]]) -> list[float]:
+    """Each stage's compute inside the engine over its ``profiled`` compute, in the measured
+    calibration job ``row`` (see [Note: calibrating on real runs])."""
+    fitted = calibrated(profiled, row, batch_size, replay_job)
     return [f.step_sec / p.step_sec if p.step_sec > 0 else 1.0 for f, p in zip(fitted.stages, profiled.stages)]
 
 
@@ -184,13 +182,14 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
         if row["mode"] not in SCHEDULES or (calibration is not None and row["label"] not in reference):
             continue
         costs = costs_for(results, row, message_sec, receive_sec)
-        if calibration is not None and speed == "cell":  # see [Note: calibrating on real runs]
-            costs = _scaled(costs, overheads(calibration, reference[row["label"]], calibration_dir, cores,
-                                             message_sec, receive_sec))
-        elif calibration is not None:
-            costs = calibrated(costs, reference[row["label"]], calibration["batch_size"],
-                               calibration_job(calibration, reference[row["label"]], calibration_dir, cores,
-                                               receive_sec))
+        if calibration is not None:  # see [Note: calibrating on real runs]
+            ref, batch_size = reference[row["label"]], calibration["batch_size"]
+            replay_job = calibration_job(calibration, ref, calibration_dir, cores, receive_sec)
+            if speed == "cell":
+                profiled = costs_for(calibration, ref, message_sec, receive_sec)
+                costs = _scaled(costs, overheads(profiled, ref, batch_size, replay_job))
+            else:
+                costs = calibrated(costs, ref, batch_size, replay_job)
         trust = trusted(bench_dir, row["label"], settings["warmup"])
         sim = simulate(row["mode"], costs, row["microbatches"], settings["steps"], link, results["batch_size"],
                        settings["warmup"], reduce_norm=clips(bench_dir, row["label"]), record=False, trusted=trust,
