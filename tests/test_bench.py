@@ -178,3 +178,40 @@ def test_a_grid_cell_compares_time_to_target_with_the_locked_job_that_got_there_
     grid = {"cells": [cell], "machine": results["machine"], "command": "c",
             "settings": {"repeats": 2, "steps": 20, "warmup": 4, "budget": 40, "budget_repeats": 2}}
     assert "| 0 ms | 1 Gbit/s | 0.39 | 29.3 s (gpipe M=8) | 24.5 s |" in markdown(grid)
+
+
+@pytest.mark.timeout(400)  # four bench runs (a profile and one job each), then the simulator over them
+def test_an_interleaved_grid_runs_every_cell_in_each_round_and_merges_the_rounds(tmp_path, capsys):
+    """--interleave: round r runs one repeat of every cell, in an order rotated by r; each cell's
+    results.json is then its rounds' figures as one bench run's repeats, and the simulator
+    reads the jobs' runs from the first round ([Note: interleaved cells])."""
+    from pipedni.bench import grid as link_grid
+    from pipedni.sim import validate
+
+    with pytest.raises(SystemExit) as exit_:  # time to accuracy is not interleaved: say so before any job
+        link_grid.main(["configs/bench_mlp_fashion.yaml", "--interleave", f"--out={tmp_path}"])
+    assert exit_.value.code == 2 and "add --budget 0" in capsys.readouterr().err
+
+    out = tmp_path / "grid"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, "-m", "pipedni.bench.grid", "configs/bench_mlp_fashion.yaml", "--interleave",
+                           "--latencies=0,5", "--bandwidths=0", f"--out={out}", "--modes=1f1b", "--microbatches=2",
+                           "--repeats=2", "--steps=6", "--warmup=2", "--budget=0", "--optim.grad_clip=1.0", *TINY],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=380)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    order = [line.split(" -> ")[1] for line in proc.stdout.splitlines() if line.startswith("== cell")]
+    assert order == [str(out / "lat0_bw0" / "round0"), str(out / "lat5_bw0" / "round0"),
+                     str(out / "lat5_bw0" / "round1"), str(out / "lat0_bw0" / "round1")]
+    for cell in ("lat0_bw0", "lat5_bw0"):
+        merged = json.loads((out / cell / "results.json").read_text())
+        rounds = [json.loads((out / cell / f"round{r}" / "results.json").read_text()) for r in (0, 1)]
+        assert merged["settings"]["repeats"] == 2 and len(merged["throughput"]) == 1
+        speed = merged["throughput"][0]["samples_per_sec"]
+        assert speed["values"] == [r["throughput"][0]["samples_per_sec"]["median"] for r in rounds]
+        assert merged["profile"]["ideal_samples_per_sec"]["values"] == [
+            r["profile"]["ideal_samples_per_sec"]["median"] for r in rounds]
+    assert "round of its own" in (out / "grid.md").read_text()
+    # the simulator finds the jobs' runs in the first round: the clipping all-reduce comes from their config
+    assert validate.clips(out / "lat5_bw0", "1f1b M=2")
+    assert validate.main([str(out / "lat5_bw0"), f"--calibrate={out / 'lat0_bw0'}"]) == 0
+    assert "| 5 ms | unlimited | 1f1b M=2 |" in capsys.readouterr().out

@@ -61,6 +61,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "reached within the budget)")
     p.add_argument("--docs", help="also regenerate this docs page's section for the config (e.g. docs/benchmarks.md)")
     p.add_argument("--job-timeout", type=float, default=900.0, help="seconds before a job counts as hung")
+    p.add_argument("--rotate", type=int, default=0, help="start the interleaved order rotated by this many jobs, "
+                   "default 0 (python -m pipedni.bench.grid --interleave gives each round's index)")
     args, overrides = p.parse_known_args(argv)
     if args.quick:
         for key, value in QUICK.items():
@@ -75,7 +77,7 @@ def check(args: argparse.Namespace, overrides: list[str]) -> tuple[Config, list[
     modes = parse_modes(args.modes)
     args.boundaries = parse_boundaries(args.boundaries, modes, args.stages)
     counts = parse_counts(args.microbatches, "--microbatches")
-    for name, low in (("stages", 2), ("repeats", 1), ("budget_repeats", 1), ("steps", 3), ("warmup", 1)):
+    for name, low in (("stages", 2), ("repeats", 1), ("budget_repeats", 1), ("steps", 3), ("warmup", 1), ("rotate", 0)):
         if getattr(args, name) < low:
             raise ConfigError(f"--{name} = {getattr(args, name)}; must be >= {low}")
     if args.warmup + 2 > args.steps:
@@ -140,7 +142,7 @@ def throughput_phase(args, overrides, jobs: list[Job], out: Path, batch_size: in
     profiles = []
     for r in range(args.repeats):
         profiles.append(profile(args, overrides))
-        for job in rotated(jobs, r):
+        for job in rotated(jobs, r + args.rotate):
             run_dir = run_job(job, args.config, out / "runs" / slug(job.label) / f"r{r}", extra, args.job_timeout)
             result = measure(run_dir, job.nproc, batch_size, args.warmup)
             runs[job.label].append(result)
@@ -184,7 +186,7 @@ def accuracy_phase(args, overrides, jobs: list[Job], rows: list[dict], out: Path
         every = max(1, round(speed[job.label] * args.budget / EVALS_PER_BUDGET / batch_size))
         entries[job.label] = {"label": job.label, "mode": job.mode, "eval_every": every, "curves": []}
     for r in range(args.budget_repeats):
-        for job in rotated(chosen, r):
+        for job in rotated(chosen, r + args.rotate):
             entry = entries[job.label]
             extra = [*overrides, "--train.steps=100000000", f"--train.eval_every={entry['eval_every']}",
                      f"--train.time_limit_sec={args.budget}", "--checkpoint.enabled=false", "--run.log_every=100000"]

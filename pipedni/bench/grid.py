@@ -9,6 +9,16 @@ taken side by side within one cell. A cell whose results.json exists is not run 
 stopped half way goes on). Then ``grid.json``, ``grid.md`` (the fastest locked pipeline
 against each decoupled mode, per cell) and ``grid.png`` in DIR; ``--docs PAGE`` also replaces
 the grid's marked section of a docs page. ``--report`` only rebuilds them from the cells.
+
+[Note: interleaved cells]
+Cells run one after another each take several minutes, and a shared machine's speed drifts
+over that time: a grid's cell once ran every job 16-55% slower than the cell before it. Ratios
+within a cell are safe from it (its jobs are interleaved); anything that compares cells is not,
+such as the simulator calibrated on one cell and checked on the others. ``--interleave``
+(throughput only, ``--budget 0``) runs the grid in ``--repeats`` rounds instead: each round is
+one repeat of every cell, ``DIR/lat<L>_bw<B>/round<r>`` (cells and jobs in an order rotated by
+the round), and each cell's results.json is then made from its rounds exactly as one bench run
+makes it from its repeats (``merge_rounds``). A drift then falls on every cell alike.
 """
 
 from __future__ import annotations
@@ -20,7 +30,10 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from pipedni.bench.plan import LOCKED_PIPELINES
+from pipedni.bench import report
+from pipedni.bench.__main__ import combine_profiles, summarize_runs
+from pipedni.bench.__main__ import parse_args as bench_args
+from pipedni.bench.plan import LOCKED_PIPELINES, Job
 from pipedni.bench.report import md_table, replace_section
 from pipedni.metrics.writer import write_json_atomic
 
@@ -36,6 +49,8 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--docs", help="also replace this docs page's grid section for the config")
     p.add_argument("--name", help="the docs section's name (default: the config's; another keeps a second grid of "
                                   "the same workload beside the first)")
+    p.add_argument("--interleave", action="store_true", help="throughput only (with --budget 0): --repeats rounds, "
+                   "each one repeat of every cell, so the machine's drift falls on every cell alike")
     args, passed = p.parse_known_args(argv)
     try:
         args.latencies = [float(v) for v in args.latencies.split(",")]
@@ -45,6 +60,9 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                   "numbers, e.g. --latencies 0,10,100 --bandwidths 0,1000\n")
     if any(v < 0 for v in args.latencies + args.bandwidths):
         p.exit(2, "error: latencies and bandwidths must be >= 0 (bandwidth 0: unlimited)\n")
+    if args.interleave and not args.report and bench_args([args.config, *passed])[0].budget != 0:
+        p.exit(2, "error: --interleave measures throughput only; add --budget 0 (time to accuracy needs cells of "
+                  "their own)\n")
     return args, passed
 
 
@@ -52,17 +70,58 @@ def cell_dir(out: Path, latency: float, bandwidth: float) -> Path:
     return out / f"lat{latency:g}_bw{bandwidth:g}"
 
 
+def _cells(args: argparse.Namespace) -> list[tuple[float, float]]:
+    return [(latency, bandwidth) for bandwidth in args.bandwidths for latency in args.latencies]
+
+
+def run_cell(args: argparse.Namespace, passed: list[str], latency: float, bandwidth: float, where: Path,
+             label: str = "") -> None:
+    print(f"== cell{label}: {latency:g} ms one way, {bandwidth:g} Mbit/s (0: unlimited) -> {where}", flush=True)
+    cmd = [sys.executable, "-m", "pipedni.bench", args.config, "--out", str(where), *passed,
+           f"--dist.link_latency_ms={latency:g}", f"--dist.link_bandwidth_mbps={bandwidth:g}"]
+    if subprocess.run(cmd).returncode != 0:
+        raise SystemExit(f"error: the cell {latency:g} ms / {bandwidth:g} Mbit/s failed: {' '.join(cmd)}")
+
+
 def run_cells(args: argparse.Namespace, passed: list[str]) -> None:
-    for bandwidth in args.bandwidths:
-        for latency in args.latencies:
-            where = cell_dir(Path(args.out), latency, bandwidth)
-            if (where / "results.json").is_file():
-                continue
-            print(f"== cell: {latency:g} ms one way, {bandwidth:g} Mbit/s (0: unlimited) -> {where}", flush=True)
-            cmd = [sys.executable, "-m", "pipedni.bench", args.config, "--out", str(where), *passed,
-                   f"--dist.link_latency_ms={latency:g}", f"--dist.link_bandwidth_mbps={bandwidth:g}"]
-            if subprocess.run(cmd).returncode != 0:
-                raise SystemExit(f"error: the cell {latency:g} ms / {bandwidth:g} Mbit/s failed: {' '.join(cmd)}")
+    for latency, bandwidth in _cells(args):
+        where = cell_dir(Path(args.out), latency, bandwidth)
+        if not (where / "results.json").is_file():
+            run_cell(args, passed, latency, bandwidth, where)
+
+
+def run_rounds(args: argparse.Namespace, passed: list[str]) -> None:
+    """The grid in rounds, each one repeat of every cell (see [Note: interleaved cells])."""
+    rounds = bench_args([args.config, *passed])[0].repeats
+    cells = [c for c in _cells(args) if not (cell_dir(Path(args.out), *c) / "results.json").is_file()]
+    for r in range(rounds if cells else 0):
+        for latency, bandwidth in cells[r % len(cells):] + cells[: r % len(cells)]:
+            where = cell_dir(Path(args.out), latency, bandwidth) / f"round{r}"
+            if not (where / "results.json").is_file():
+                run_cell(args, [*passed, "--repeats=1", f"--rotate={r}"], latency, bandwidth, where,
+                         f", round {r + 1}/{rounds}")
+    for latency, bandwidth in cells:
+        where = cell_dir(Path(args.out), latency, bandwidth)
+        merged = merge_rounds([json.loads((where / f"round{r}" / "results.json").read_text()) for r in range(rounds)])
+        report.write(dict(merged, command=args.command), where)
+
+
+def merge_rounds(rounds: list[dict]) -> dict:
+    """One cell's results from its rounds (each a bench run of one repeat), as one bench run
+    makes them from its repeats: the same ``summarize_runs`` over each round's measurement and
+    ``combine_profiles`` over each round's profile."""
+    first, batch_size = rounds[0], rounds[0]["batch_size"]
+    profiled = combine_profiles([r["profile"] for r in rounds], batch_size)
+    fields = Job.__dataclass_fields__
+    jobs = [Job(**{**{k: row[k] for k in fields}, "overrides": tuple(row["overrides"])}) for row in first["throughput"]]
+    runs = {job.label: [] for job in jobs}
+    for r in rounds:
+        for row in r["throughput"]:  # a round's row holds its one run: each median is that run's figure
+            runs[row["label"]].append({"samples_per_sec": row["samples_per_sec"]["median"], "stages": row["stages"]})
+    rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"],
+                          profiled["ideal_together_samples_per_sec"]["median"])
+    return {**first, "settings": {**first["settings"], "repeats": len(rounds), "interleaved_rounds": len(rounds)},
+            "profile": profiled, "throughput": rows}
 
 
 def summarize_cell(results: dict, latency: float, bandwidth: float) -> dict:
@@ -126,7 +185,8 @@ def markdown(grid: dict) -> str:
     m, s = grid["machine"], grid["settings"]
     when = "cells run at the commits and dates given" if mixed else f"commit {m.get('commit')}, {m['date']}"
     text = (f"`{grid['command']}`  \n{m['cpu']}, {m['cores']} cores, torch {m['torch']}; {when}. "
-            f"Per cell: {s['repeats']} interleaved repeats of {s['steps']} steps ({s['warmup']} untimed); "
+            f"Per cell: {s['repeats']} interleaved repeats of {s['steps']} steps ({s['warmup']} untimed)"
+            f"{', each in a round of its own that ran every cell (--interleave)' if s.get('interleaved_rounds') else ''}; "
             "samples/s median (min-max); the locked pipelines re-tuned over the microbatch counts in every cell.\n\n"
             + md_table(header, rows))
     timed = [c for c in grid["cells"] if c["target_accuracy"] is not None]
@@ -193,7 +253,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     args, passed = parse_args(argv)
     args.command = "python -m pipedni.bench.grid " + " ".join(argv)
     if not args.report:
-        run_cells(args, passed)
+        (run_rounds if args.interleave else run_cells)(args, passed)
     grid = collect(args)
     out = Path(args.out)
     write_json_atomic(out / "grid.json", grid)

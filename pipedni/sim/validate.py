@@ -114,8 +114,10 @@ def calibrated(costs: PipelineCost, row: dict, batch_size: int,
 
 
 def _first_run(bench_dir: Path, label: str) -> Path:
-    """The run directory of a bench job's first repeat."""
-    return bench_dir / "runs" / slug(label) / "r0"
+    """The run directory of a bench job's first repeat (in a cell of an interleaved grid, its
+    first round's: [Note: interleaved cells] in pipedni/bench/grid.py)."""
+    path = bench_dir / "runs" / slug(label) / "r0"
+    return path if path.exists() else bench_dir / "round0" / "runs" / slug(label) / "r0"
 
 
 # Both read files of a finished run: cached, as --message-ms fit replays every job a dozen times.
