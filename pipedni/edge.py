@@ -5,6 +5,7 @@ holds one of each per neighbour; see [Note: transport layout] there."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import threading
 import time
@@ -16,7 +17,7 @@ import torch.distributed as dist
 
 from pipedni.boundary import Value
 from pipedni.errors import TransportError
-from pipedni.link import LinkSpec, make_link
+from pipedni.link import Link, LinkSpec
 from pipedni.wire import HEADER_LEN, Header, Kind, NextSize, describe_message as _what, next_size
 
 Part = tuple[Header, torch.Tensor, object]  # one tensor of a message as received: header, payload, CUDA event
@@ -26,9 +27,9 @@ IDLE_WAIT = datetime.timedelta(days=365)
 
 class Outbox:
     """Send side of one edge direction: async sends, at most ``capacity`` in flight (each holding
-    its tensor alive); the oldest is waited for before another starts. Messages go through the
-    edge's link: posted at once, or held for an emulated link's delivery time on its own thread
-    (which then owns the sends in flight; see [Note: emulated links])."""
+    its tensor alive); the oldest is waited for before another starts. Each message is posted at
+    once; an emulated link stamps its header with how long the receiver holds it (see [Note:
+    emulated links])."""
 
     def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str,
                  link: LinkSpec = LinkSpec(), link_capacity: int = 64, wire_dtype: Optional[torch.dtype] = None):
@@ -38,11 +39,8 @@ class Outbox:
         self.wait_sec = 0.0
         self.num_sent = 0
         self.bytes_sent = 0
-        self.cuda = wire_device.type == "cuda"
-        self.direct = not link.emulated  # sends are posted, and their waits counted, on the caller's thread
         self.sizes: list[NextSize] = []  # per part, the receiver's guess of the next payload's size, kept in step
-        on_thread = (lambda: torch.cuda.set_device(wire_device)) if self.cuda else (lambda: None)
-        self.link = make_link(link, link_capacity, timeout, who, f"to stage {peer}", on_thread)
+        self.link = Link(link, link_capacity, timeout, who, f"to stage {peer}")
 
     def send(self, kind: Kind, step: int, microbatch: int, value: Optional[Value] = None) -> None:
         """One message: a tensor, a tuple of them (each part with its own header, an empty tuple
@@ -61,22 +59,18 @@ class Outbox:
                         () if wire is None else tuple(wire.shape),
                         None if wire is None or wire.dtype == tensor.dtype else wire.dtype,
                         part, num_parts, grouped, grouped and tensor.requires_grad)  # a bare tensor: see Stage.forward
-        encoded = header.encode().to(self.wire_device)  # raises before anything is sent or counted
         # A payload is its bytes; a filler first completes a receive posted for a wrong guess.
         sizes = next_size(self.sizes, header.part)
         guess, size = sizes.guess, header.nbytes
         sizes.update(size)
         filler = [] if guess is None or guess == size else [torch.zeros(guess, dtype=torch.uint8, device=self.wire_device)]
         payload = [wire.reshape(-1).view(torch.uint8)] if size else []
-        tensors = [encoded, *filler, *payload]
-        what = _what(header.kind, header.step, header.microbatch)
-        ready = None
-        if self.cuda and not self.direct:  # the link's thread posts it: after the work that made it
-            ready = torch.cuda.Event()
-            ready.record()
-        sent_bytes = sum(t.numel() * t.element_size() for t in tensors[1:])  # payload and filler
-        nbytes = sent_bytes + encoded.numel() * encoded.element_size()
-        waited = self.link.put(nbytes, lambda: self._post(tensors, what, ready))  # may add to wait_sec
+        sent_bytes = sum(t.numel() * t.element_size() for t in filler + payload)
+        hold, waited = self.link.reserve(sent_bytes + HEADER_LEN * 8)
+        if hold > 0:
+            header = dataclasses.replace(header, hold_us=round(hold * 1e6))
+        self._post([header.encode().to(self.wire_device), *filler, *payload],
+                   _what(header.kind, header.step, header.microbatch))
         self.wait_sec += waited
         self.bytes_sent += sent_bytes
 
@@ -86,11 +80,9 @@ class Outbox:
             tensor = tensor.to(self.wire_dtype)  # before the copy to the wire device: fewer bytes to copy
         return tensor.to(self.wire_device).contiguous()
 
-    def _post(self, tensors: list[torch.Tensor], what: str, ready=None) -> None:
+    def _post(self, tensors: list[torch.Tensor], what: str) -> None:
         while len(self.pending) >= self.capacity:
             self._retire_oldest()
-        if ready is not None:
-            torch.cuda.current_stream().wait_event(ready)
         works = [dist.isend(t, dst=self.peer, group=self.group) for t in tensors]
         self.pending.append((works, tensors, what))
 
@@ -105,24 +97,23 @@ class Outbox:
                 f"{self.who} could not send {what} to stage {self.peer} within {self.timeout:.0f}s "
                 f"(is stage {self.peer} alive and receiving?): {str(err).splitlines()[0]}"
             ) from None
-        if self.direct:
-            self.wait_sec += time.perf_counter() - start
+        self.wait_sec += time.perf_counter() - start
 
     def flush(self) -> None:
-        """Every message sent is posted and complete (an emulated link's thread is idle after its drain)."""
-        self.link.drain(self.timeout)
+        """Every message sent is complete."""
         while self.pending:
             self._retire_oldest()
-        self.link.close()
 
 
 class Inbox:
-    """Receive side of one edge direction: a thread filling a bounded mailbox keyed by message."""
+    """Receive side of one edge direction: a thread filling a bounded mailbox keyed by message.
+    A message an emulated link holds is filed with the time it is due and is invisible to its
+    consumers until then (see [Note: emulated links])."""
 
     def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
         self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
         self.capacity, self.who = capacity, who
-        self.mailbox: dict[tuple[int, int, int], list[Part]] = {}  # each message's parts
+        self.mailbox: dict[tuple[int, int, int], tuple[float, list[Part]]] = {}  # each message's due time and parts
         self.cond = threading.Condition()
         self.closed = False
         self.error: Optional[BaseException] = None
@@ -184,12 +175,12 @@ class Inbox:
             event = torch.cuda.Event()
             event.record(stream)
         self.parts.append((header, data.view(header.payload_dtype).view(header.shape), event))
-        if header.last_part:
-            self._file(self.parts)
+        if header.last_part:  # due once the last part's hold has passed: the link delivers parts in order
+            self._file(self.parts, time.perf_counter() + header.hold_sec)
             self.parts = []
         return True
 
-    def _file(self, parts: list[Part]) -> None:
+    def _file(self, parts: list[Part], due: float) -> None:
         header = parts[0][0]
         key = (int(header.kind), header.step, header.microbatch)
         with self.cond:
@@ -197,7 +188,7 @@ class Inbox:
                 self.cond.wait()
             if key in self.mailbox:
                 raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from stage {self.peer}")
-            self.mailbox[key] = parts
+            self.mailbox[key] = (due, parts)
             self.num_received += 1
             self.peak_queued = max(self.peak_queued, len(self.mailbox))
             self.cond.notify_all()
@@ -217,35 +208,48 @@ class Inbox:
     def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[tuple[Header, ...], Value]:
         """The message with this key (its parts' headers and its value), waiting at most ``timeout`` seconds."""
         key, what = (int(kind), step, microbatch), _what(kind, step, microbatch)
-        deadline = time.monotonic() + timeout
+        deadline = time.perf_counter() + timeout
         with self.cond:
-            while key not in self.mailbox:
-                self._check_alive(what)
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise TransportError(
-                        f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer} "
-                        f"({len(self.mailbox)} other message(s) queued); is stage {self.peer} stuck or much slower? "
-                        "raise dist.timeout_sec if so"
-                    )
-                self.cond.wait(min(left, 1.0))
-            parts = self.mailbox.pop(key)
+            while True:
+                now = time.perf_counter()
+                due = self.mailbox[key][0] if key in self.mailbox else None
+                if due is None:
+                    self._check_alive(what)
+                elif due <= now:
+                    break
+                if now >= deadline:
+                    self._timed_out(what, timeout, due)
+                self.cond.wait(min(deadline, now + 1.0 if due is None else due) - now)
+            _, parts = self.mailbox.pop(key)
             self.cond.notify_all()
         return self._assemble(parts)
 
+    def _timed_out(self, what: str, timeout: float, due: Optional[float]) -> None:
+        if due is not None:
+            raise TransportError(
+                f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer}, which the "
+                f"emulated link holds {due - time.perf_counter():.0f}s more; raise dist.timeout_sec or the link's "
+                "bandwidth (dist.link_bandwidth_mbps)")
+        raise TransportError(
+            f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer} "
+            f"({len(self.mailbox)} other message(s) queued); is stage {self.peer} stuck or much slower? "
+            "raise dist.timeout_sec if so")
+
     def has(self, kind: Kind, step: int, microbatch: int) -> bool:
-        """Whether that message has arrived (it stays in the mailbox)."""
+        """Whether that message has arrived and is due (it stays in the mailbox)."""
         with self.cond:
-            return (int(kind), step, microbatch) in self.mailbox
+            held = self.mailbox.get((int(kind), step, microbatch))
+            return held is not None and held[0] <= time.perf_counter()
 
     def take_ready(self, kind: Kind, steps: Container[int]) -> list[tuple[Header, Value]]:
-        """Every message of ``kind`` for one of ``steps`` that has already arrived, without waiting
-        (step order)."""
+        """Every message of ``kind`` for one of ``steps`` that has already arrived and is due,
+        without waiting (step order)."""
         with self.cond:
             if self.error is not None:
                 self._check_alive(f"any {kind.name.lower()}")
-            keys = sorted(k for k in self.mailbox if k[0] == int(kind) and k[1] in steps)
-            items = [self.mailbox.pop(k) for k in keys]
+            now = time.perf_counter()
+            keys = sorted(k for k, (due, _) in self.mailbox.items() if k[0] == int(kind) and k[1] in steps and due <= now)
+            items = [self.mailbox.pop(k)[1] for k in keys]
             self.cond.notify_all()
         return [(headers[0], value) for headers, value in map(self._assemble, items)]
 

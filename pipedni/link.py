@@ -3,7 +3,7 @@
 [Note: emulated links]
 Stages on one machine talk over shared memory or loopback in microseconds; between nodes,
 racks or sites a message pays a latency and a bandwidth. ``dist.link_latency_ms`` and
-``dist.link_bandwidth_mbps`` emulate that in the send path, with no root and no ``tc``: each
+``dist.link_bandwidth_mbps`` emulate that in the transport, with no root and no ``tc``: each
 edge direction is one link that carries one message at a time, so a message sent at ``sent``
 with ``nbytes`` bytes (header included) is delivered at
 
@@ -11,30 +11,32 @@ with ``nbytes`` bytes (header included) is delivered at
     delivered   = transmitted + latency
 
 The model is deterministic given the send times, and it is the sender's alone: no clock is
-shared between processes. ``EmulatedLink`` holds each message on a thread of its own (one per
-edge direction) until its delivery time and only then posts the real send, so the receiver
-sees it no earlier than the model says (plus the machine's own transfer time, which is what an
-unemulated run pays too). Delivery times on one direction never decrease, so holding the
-messages in order is enough. Messages on the wire are bounded (``capacity``): a sender that
-outruns its link waits, and that wait counts as send wait, as it would on a real link.
+shared between processes. The sender posts every message at once, as an unemulated run does,
+and its header carries the hold, ``delivered - sent``; the receiver files the message when it
+lands and lets no consumer see it until the hold has passed since then (``take`` waits for it,
+``has`` and ``take_ready`` count it as not yet arrived). So a consumer sees a message no
+earlier than the model says, plus the machine's own transfer time, which an unemulated run
+pays too. Holding it on the receiving side needs no thread: the waits happen where a consumer
+waits for its message anyway, so an emulated run costs the stages' processors no more than a
+plain one (an earlier link posted each message from a thread of its own at its delivery time,
+and that thread's wake-ups slowed the stages' compute by 10-47% on the MLP: docs/benchmarks.md).
+Messages on the wire are bounded (``capacity``): a sender that outruns its link waits until
+the oldest in flight is delivered, and that wait counts as send wait, as it would on a real
+link.
 
-Off (both zero), ``DirectLink`` posts on the caller's thread at once: no thread, no copy.
-Collectives (the whole-model clipping norm's all-reduce, the barrier after an evaluation) use
-the default process group and are not emulated.
+Off (both zero), ``Link.reserve`` returns at once with no hold: free when off. Collectives (the
+whole-model clipping norm's all-reduce, the barrier after an evaluation) use the default
+process group and are not emulated.
 """
 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 from pipedni.errors import TransportError
-
-Post = Callable[[], None]
 
 
 @dataclass(frozen=True)
@@ -73,101 +75,36 @@ class LinkModel:
         return self.free_at + self.spec.latency_sec
 
 
-class DirectLink:
-    """No emulation: a message is posted at once, on the sender's thread."""
+class Link:
+    """The send side of one link direction: how long the receiver holds each message, and room
+    on the wire for at most ``capacity`` messages. See [Note: emulated links]."""
 
-    def put(self, nbytes: int, post: Post) -> float:
-        """Post the message; returns the seconds the caller waited for room on the link (none)."""
-        post()
-        return 0.0
-
-    def drain(self, timeout: float) -> None:
-        """Nothing is held back."""
-
-    def close(self) -> None:
-        """No thread to stop."""
-
-
-class EmulatedLink:
-    """A link direction with latency and bandwidth: a thread posts each message at its delivery
-    time. See [Note: emulated links]."""
-
-    def __init__(self, spec: LinkSpec, capacity: int, timeout: float, who: str, what: str,
-                 on_thread: Callable[[], None] = lambda: None):
+    def __init__(self, spec: LinkSpec, capacity: int, timeout: float, who: str, what: str):
         self.model, self.capacity, self.timeout, self.who, self.what = LinkModel(spec), capacity, timeout, who, what
-        self.on_thread = on_thread  # runs first on the link's thread (e.g. selects its CUDA device)
-        self.queue: deque[tuple[float, Post]] = deque()
-        self.busy = False  # the thread is posting a message it took off the queue
-        self.stopped = False
-        self.error: Optional[BaseException] = None
-        self.cond = threading.Condition()
-        self.thread = threading.Thread(target=self._run, name=f"link-{what}", daemon=True)
-        self.thread.start()
+        self.emulated = spec.emulated
+        self.in_flight: deque[float] = deque()  # delivery times of the messages not yet delivered, in order
 
-    def put(self, nbytes: int, post: Post) -> float:
-        """Hold the message for its delivery time; returns the seconds waited for room on the link."""
-        waited = 0.0
-        with self.cond:
-            if len(self.queue) >= self.capacity:
-                start = time.perf_counter()
-                self._wait_until(lambda: len(self.queue) < self.capacity, "room for another message on")
-                waited = time.perf_counter() - start
-            self.queue.append((self.model.deliver_at(time.perf_counter(), nbytes), post))
-            self.cond.notify_all()
-        return waited
+    def reserve(self, nbytes: int) -> tuple[float, float]:
+        """Send ``nbytes`` now: (the seconds the receiver holds it after it lands, the seconds
+        this sender waited for room on the link)."""
+        if not self.emulated:
+            return 0.0, 0.0
+        now = waited = time.perf_counter()
+        self._retire(now)
+        if len(self.in_flight) >= self.capacity:
+            room_at = self.in_flight[len(self.in_flight) - self.capacity]
+            if room_at - now > self.timeout:
+                raise TransportError(
+                    f"{self.who}: the emulated link {self.what} would keep this sender waiting {room_at - now:.0f}s "
+                    f"for room ({len(self.in_flight)} messages on the wire), past dist.timeout_sec = "
+                    f"{self.timeout:g}; raise dist.link_bandwidth_mbps or dist.timeout_sec")
+            time.sleep(max(0.0, room_at - now))
+            now = time.perf_counter()
+            self._retire(now)
+        due = self.model.deliver_at(now, nbytes)
+        self.in_flight.append(due)
+        return due - now, now - waited
 
-    def drain(self, timeout: float) -> None:
-        """Wait until every message held has been posted."""
-        with self.cond:
-            self._wait_until(lambda: not self.queue and not self.busy, "the messages held on", timeout)
-
-    def close(self) -> None:
-        with self.cond:
-            self.stopped = True
-            self.cond.notify_all()
-        self.thread.join(self.timeout)
-
-    def _wait_until(self, ready: Callable[[], bool], waiting_for: str, timeout: Optional[float] = None) -> None:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while True:
-            if self.error is not None:  # the thread has stopped: nothing held will be delivered
-                raise TransportError(f"{self.who}: the emulated link {self.what} failed: "
-                                     f"{(str(self.error).splitlines() or [type(self.error).__name__])[0]}")
-            if ready():
-                return
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TransportError(f"{self.who} timed out waiting for {waiting_for} the emulated link {self.what} "
-                                     f"({len(self.queue)} message(s) held); is the peer receiving?")
-            self.cond.wait(min(left, 1.0))
-
-    def _run(self) -> None:
-        try:
-            self.on_thread()
-            while True:
-                with self.cond:
-                    while not self.queue and not self.stopped:
-                        self.cond.wait()
-                    if not self.queue:
-                        return
-                    due, post = self.queue[0]
-                    left = due - time.perf_counter()
-                    if left > 0:
-                        self.cond.wait(left)  # a new message is due no earlier: the head stays first
-                        continue
-                    self.queue.popleft()
-                    self.busy = True
-                    self.cond.notify_all()
-                post()
-                with self.cond:
-                    self.busy = False
-                    self.cond.notify_all()
-        except BaseException as err:  # handed to the sender, which raises it with context
-            with self.cond:
-                self.error, self.busy = err, False
-                self.cond.notify_all()
-
-
-def make_link(spec: LinkSpec, capacity: int, timeout: float, who: str, what: str,
-              on_thread: Callable[[], None] = lambda: None) -> DirectLink | EmulatedLink:
-    return EmulatedLink(spec, capacity, timeout, who, what, on_thread) if spec.emulated else DirectLink()
+    def _retire(self, now: float) -> None:
+        while self.in_flight and self.in_flight[0] <= now:
+            self.in_flight.popleft()

@@ -2,7 +2,7 @@
 payload size the receiver guesses before the header arrives.
 
 A header is a fixed-size int64 tensor (kind, step, microbatch, dtype, wire dtype, part, parts,
-flags, shape), so the receiver can allocate the payload before it arrives and check it against
+flags, hold, shape; the hold is an emulated link's: see [Note: emulated links] in link.py), so the receiver can allocate the payload before it arrives and check it against
 what it expects. The payload travels as raw bytes (a uint8 view of the tensor), so a buffer
 posted before its header only needs the right size. A message of several tensors (a boundary
 that carries several: see [Note: what crosses a boundary] in split/stages.py) is its parts one
@@ -40,7 +40,7 @@ import torch
 from pipedni.errors import TransportError
 
 MAX_DIMS = 8
-HEADER_LEN = 9 + MAX_DIMS
+HEADER_LEN = 10 + MAX_DIMS
 REPEATS_TO_GUESS = 3  # equal payload sizes in a row before the next one is guessed: see the note
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
 
@@ -66,26 +66,30 @@ class Header:
     num_parts: int = 1  # the message's tensors (0: an empty tuple, sent as one empty part)
     grouped: bool = False  # the message is a tuple (else one bare tensor)
     requires_grad: bool = False  # the receiver gets the tensor as one that needs a gradient
+    hold_us: int = 0  # microseconds the receiver holds the message after it lands (an emulated link)
 
-    def encode(self) -> torch.Tensor:
+    def __post_init__(self) -> None:  # a sender's header fails here, before anything is sent or counted
         if len(self.shape) > MAX_DIMS:
             raise TransportError(f"tensor of {len(self.shape)} dims exceeds the transport's {MAX_DIMS}")
         unsupported = {self.dtype, self.payload_dtype} - set(DTYPES)
         if unsupported:
             raise TransportError(f"tensors of {unsupported.pop()} cannot be sent between stages; the transport "
                                  f"carries {', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
+
+    def encode(self) -> torch.Tensor:
         dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
         flags = int(self.grouped) | int(self.requires_grad) << 1
         values = [int(self.kind), self.step, self.microbatch, DTYPES.index(self.dtype),
-                  DTYPES.index(self.wire_dtype or self.dtype), self.part, self.num_parts, flags, len(self.shape), *dims]
+                  DTYPES.index(self.wire_dtype or self.dtype), self.part, self.num_parts, flags, self.hold_us,
+                  len(self.shape), *dims]
         return torch.tensor(values, dtype=torch.int64)
 
     @staticmethod
     def decode(t: torch.Tensor) -> "Header":
         v = t.tolist()
         dtype, wire = DTYPES[v[3]], DTYPES[v[4]]
-        return Header(Kind(v[0]), v[1], v[2], dtype, tuple(v[9 : 9 + v[8]]), None if wire == dtype else wire,
-                      v[5], v[6], bool(v[7] & 1), bool(v[7] & 2))
+        return Header(Kind(v[0]), v[1], v[2], dtype, tuple(v[10 : 10 + v[9]]), None if wire == dtype else wire,
+                      v[5], v[6], bool(v[7] & 1), bool(v[7] & 2), v[8])
 
     @property
     def last_part(self) -> bool:
@@ -94,6 +98,10 @@ class Header:
     @property
     def payload_dtype(self) -> torch.dtype:
         return self.wire_dtype or self.dtype
+
+    @property
+    def hold_sec(self) -> float:
+        return self.hold_us / 1e6
 
     @property
     def nbytes(self) -> int:

@@ -1,9 +1,8 @@
-"""Emulated links and the wire dtype: the delivery model, the thread that keeps it, and real runs."""
+"""Emulated links and the wire dtype: the delivery model, the holds that keep it, and real runs."""
 
 from __future__ import annotations
 
 import json
-import threading
 import time
 
 import pytest
@@ -13,9 +12,10 @@ from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer, check_layout
 from pipedni.errors import ConfigError, LaunchError, TransportError
-from pipedni.link import DirectLink, EmulatedLink, LinkModel, LinkSpec, make_link
+from pipedni.link import Link, LinkModel, LinkSpec
 from pipedni.runtime import Runtime
 from pipedni.transport import Kind, Transport
+from pipedni.wire import HEADER_LEN
 
 CPU = torch.device("cpu")
 
@@ -31,54 +31,37 @@ def test_delivery_times_of_a_scripted_message_sequence():
     assert [latency_only.deliver_at(t, 10**9) for t in (0.0, 0.0, 0.5)] == pytest.approx([0.03, 0.03, 0.53])
     assert not LinkSpec.from_config(0, 0).emulated and LinkSpec.from_config(0, 100).emulated
     assert LinkSpec.from_config(30, 1000).describe() == "30 ms one way, 1000 Mbit/s"
-    assert isinstance(make_link(LinkSpec(), 4, 1.0, "s", "to 1"), DirectLink)
 
 
-def test_emulated_link_posts_each_message_at_its_delivery_time_in_order():
-    spec = LinkSpec(latency_sec=0.05, bytes_per_sec=1e5)  # 1000 bytes: 10 ms on the wire
-    link = EmulatedLink(spec, capacity=8, timeout=5.0, who="stage 0/2", what="to stage 1")
-    expected, posted = LinkModel(spec), []
-    sent = []
-    for i in range(4):
-        sent.append(time.perf_counter())
-        link.put(1000, lambda i=i: posted.append((i, time.perf_counter())))
-    due = [expected.deliver_at(t, 1000) for t in sent]
-    link.drain(5.0)
-    link.close()
-    assert [i for i, _ in posted] == [0, 1, 2, 3]
-    for (_, at), want in zip(posted, due):
-        assert at >= want - 1e-4  # never early (the deliver_at each put took is at most this late)
-    assert posted[-1][1] - sent[0] >= 0.05 + 4 * 0.01 - 1e-4
+def test_a_link_holds_each_message_for_its_delivery_time_and_bounds_the_wire():
+    """The hold stamped on each message is its delivery time less its send time; a sender with
+    ``capacity`` messages on the wire waits for the oldest; off, nothing is held or waited."""
+    link = Link(LinkSpec(latency_sec=0.05, bytes_per_sec=1e5), capacity=8, timeout=5.0, who="s", what="to 1")
+    first = time.perf_counter()
+    for i in range(4):  # 1000 bytes: 10 ms on the wire each, queued behind each other
+        sent = time.perf_counter()
+        hold, waited = link.reserve(1000)
+        assert waited == 0.0
+        assert sent - first + hold == pytest.approx(0.05 + (i + 1) * 0.01, abs=2e-3)
+    assert Link(LinkSpec(), capacity=1, timeout=1.0, who="s", what="to 1").reserve(10**9) == (0.0, 0.0)
 
-
-def test_a_full_link_makes_the_sender_wait_and_a_failed_post_surfaces():
-    link = EmulatedLink(LinkSpec(latency_sec=0.2), capacity=2, timeout=5.0, who="stage 0/2", what="to stage 1")
-    assert link.put(10, lambda: None) == 0.0 and link.put(10, lambda: None) == 0.0
-    assert link.put(10, lambda: None) > 0.1  # room only once the first was delivered
-    link.drain(5.0)
-    link.close()
-
-    def broken():
-        raise RuntimeError("connection reset by peer")
-
-    failing = EmulatedLink(LinkSpec(latency_sec=0.01), capacity=4, timeout=5.0, who="stage 1/2", what="to stage 0")
-    failing.put(10, broken)
-    with pytest.raises(TransportError, match="stage 1/2: the emulated link to stage 0 failed: connection reset"):
-        failing.drain(5.0)
-    stuck = EmulatedLink(LinkSpec(latency_sec=0.01), capacity=4, timeout=5.0, who="stage 0/2", what="to stage 1")
-    release = threading.Event()
-    stuck.put(10, lambda: release.wait(5.0))
-    with pytest.raises(TransportError, match="timed out waiting for the messages held on the emulated link"):
-        stuck.drain(0.3)
-    release.set()
-    stuck.close()
+    full = Link(LinkSpec(latency_sec=0.2), capacity=2, timeout=5.0, who="s", what="to 1")
+    assert full.reserve(10)[1] == 0.0 and full.reserve(10)[1] == 0.0
+    hold, waited = full.reserve(10)
+    assert waited > 0.1 and hold == pytest.approx(0.2, abs=1e-3)  # room once the first was delivered
+    slow = Link(LinkSpec(bytes_per_sec=1e3), capacity=1, timeout=1.0, who="stage 0/2", what="to stage 1")
+    slow.reserve(10_000)  # 10 s on the wire
+    with pytest.raises(TransportError, match="stage 0/2: the emulated link to stage 1 would keep this sender "
+                                             "waiting 10s .* raise dist.link_bandwidth_mbps or dist.timeout_sec"):
+        slow.reserve(10)
 
 
 def _round_trips(rank, world_size, latency, n):
-    """Rank 0 sends an activation (bf16 on the wire), rank 1 returns it as the gradient."""
+    """Rank 0 sends an activation (bf16 on the wire), rank 1 returns it as the gradient. Rank 1
+    also times, from each gradient it sends, until the next activation counts as arrived."""
     t = Transport(rank, world_size, CPU, CPU, timeout=30.0, link=LinkSpec(latency), wire_dtype=torch.bfloat16)
     x = torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8  # exact in bfloat16
-    times, got = [], []
+    times, got, sent_at = [], [], 0.0
     for i in range(n):
         if rank == 0:
             start = time.perf_counter()
@@ -88,10 +71,15 @@ def _round_trips(rank, world_size, latency, n):
             got.append((str(g.dtype), g.tolist()))
             times.append(time.perf_counter() - start)
         else:
+            if i:
+                while not t.arrived("prev", Kind.ACTIVATION, i, 1):
+                    time.sleep(1e-4)
+                times.append(time.perf_counter() - sent_at)
             y = t.recv("prev", Kind.ACTIVATION, i, 0)
             v = t.recv("prev", Kind.ACTIVATION, i, 1)
             got.append((str(v.dtype), v.tolist()))
             t.send("prev", Kind.GRADIENT, i, 0, y)
+            sent_at = time.perf_counter()
     sent = t.bytes_sent
     t.close()
     return times, got, sent
@@ -99,8 +87,9 @@ def _round_trips(rank, world_size, latency, n):
 
 def test_transport_round_trip_pays_the_latency_both_ways_and_restores_the_dtype():
     latency, n = 0.04, 4
-    (times, back, sent0), (_, ints, sent1) = run_distributed(_round_trips, 2, latency, n)
+    (times, back, sent0), (turns, ints, sent1) = run_distributed(_round_trips, 2, latency, n)
     assert min(times) >= 2 * latency  # an activation one way, its gradient the other
+    assert len(turns) == n - 1 and min(turns) >= 2 * latency  # held messages do not count as arrived
     x = (torch.arange(12, dtype=torch.float32).reshape(3, 4) / 8).tolist()
     assert back == [("torch.float32", x)] * n
     assert ints == [("torch.int64", [7, 2**40])] * n
@@ -130,7 +119,7 @@ def test_a_run_over_a_slow_link_takes_the_time_the_link_model_says(tmp_path):
     first, last = summary["stages"]
     message_bytes = 32 * 64 * 2  # a microbatch's [32, 64] activation (and its gradient) in bfloat16
     assert first["bytes_sent_per_step"] == last["bytes_sent_per_step"] == m * message_bytes
-    header_bytes = 14 * 8
+    header_bytes = HEADER_LEN * 8
     one_way = latency_ms / 1e3 + (message_bytes + header_bytes) * 8 / (mbps * 1e6)
     floor = m * 2 * one_way
     for stage in (first, last):
