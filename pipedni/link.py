@@ -18,8 +18,9 @@ lands and lets no consumer see it until the hold has passed since then (``take``
 earlier than the model says, plus the machine's own transfer time, which an unemulated run
 pays too. Holding it on the receiving side needs no thread: the waits happen where a consumer
 waits for its message anyway, so an emulated run costs the stages' processors no more than a
-plain one (an earlier link posted each message from a thread of its own at its delivery time,
-and that thread's wake-ups slowed the stages' compute by 10-47% on the MLP: docs/benchmarks.md).
+plain one. (An earlier link posted each message from a thread of its own at its delivery time;
+with it, the MLP's slower stage spent at least 10% more compute per step than in a plain run on
+29 of 40 jobs of the benchmark grid, without it on 4 of 40: docs/benchmarks.md.)
 Messages on the wire are bounded (``capacity``): a sender that outruns its link waits until
 the oldest in flight is delivered, and that wait counts as send wait, as it would on a real
 link.
