@@ -248,7 +248,8 @@ class Inbox:
             if self.error is not None:
                 self._check_alive(f"any {kind.name.lower()}")
             now = time.perf_counter()
-            keys = sorted(k for k, (due, _) in self.mailbox.items() if k[0] == int(kind) and k[1] in steps and due <= now)
+            keys = sorted(k for k, (due, _) in self.mailbox.items()
+                          if k[0] == int(kind) and k[1] in steps and due <= now)
             items = [self.mailbox.pop(k)[1] for k in keys]
             self.cond.notify_all()
         return [(headers[0], value) for headers, value in map(self._assemble, items)]

@@ -2,12 +2,13 @@
 payload size the receiver guesses before the header arrives.
 
 A header is a fixed-size int64 tensor (kind, step, microbatch, dtype, wire dtype, part, parts,
-flags, hold, shape; the hold is an emulated link's: see [Note: emulated links] in link.py), so the receiver can allocate the payload before it arrives and check it against
-what it expects. The payload travels as raw bytes (a uint8 view of the tensor), so a buffer
-posted before its header only needs the right size. A message of several tensors (a boundary
-that carries several: see [Note: what crosses a boundary] in split/stages.py) is its parts one
-after the other, each with its own header; its flags say it is a tuple (of one tensor, or of
-none: one empty part), and whether each tensor needs a gradient.
+flags, hold, shape; the hold is an emulated link's: see [Note: emulated links] in link.py), so
+the receiver can allocate the payload before it arrives and check it against what it expects.
+The payload travels as raw bytes (a uint8 view of the tensor), so a buffer posted before its
+header only needs the right size. A message of several tensors (a boundary that carries
+several: see [Note: what crosses a boundary] in split/stages.py) is its parts one after the
+other, each with its own header; its flags say it is a tuple (of one tensor, or of none: one
+empty part), and whether each tensor needs a gradient.
 
 [Note: pre-posted payloads]
 A point-to-point send on gloo or NCCL moves its data only once the matching receive is posted.
