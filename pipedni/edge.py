@@ -212,7 +212,7 @@ class Inbox:
         with self.cond:
             while True:
                 now = time.perf_counter()
-                due = self.mailbox[key][0] if key in self.mailbox else None
+                due = self.mailbox.get(key, (None,))[0]
                 if due is None:
                     self._check_alive(what)
                 elif due <= now:

@@ -90,7 +90,7 @@ class Link:
         this sender waited for room on the link)."""
         if not self.emulated:
             return 0.0, 0.0
-        now = waited = time.perf_counter()
+        now = start = time.perf_counter()
         self._retire(now)
         if len(self.in_flight) >= self.capacity:
             room_at = self.in_flight[len(self.in_flight) - self.capacity]
@@ -104,7 +104,7 @@ class Link:
             self._retire(now)
         due = self.model.deliver_at(now, nbytes)
         self.in_flight.append(due)
-        return due - now, now - waited
+        return due - now, now - start
 
     def _retire(self, now: float) -> None:
         while self.in_flight and self.in_flight[0] <= now:
