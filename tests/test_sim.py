@@ -184,7 +184,7 @@ def test_validate_replays_a_bench_run_on_its_own_profile_link_and_bytes():
     """A results.json whose 'measurements' are the simulator's own comes back with no error:
     the profile's microbatched split, the link from the overrides and each stage's bytes
     (stage i sends a_i forward and a_{i-1} back) are all read as the bench wrote them."""
-    from pipedni.sim.validate import calibrated, compare, costs_for, link_of
+    from pipedni.sim.validate import calibrated, compare, costs_for, inside_rounds, link_of, table
 
     assert link_of(["--dist.link_latency_ms=30", "--train.steps=5", "--dist.link_bandwidth_mbps=100"]) == \
         LinkSpec.from_config(30, 100)
@@ -208,6 +208,13 @@ def test_validate_replays_a_bench_run_on_its_own_profile_link_and_bytes():
     entries = compare(results)
     assert [e["label"] for e in entries] == ["1f1b M=4", "dni M=1"]  # one process is not simulated
     assert all(abs(e["error"]) < 1e-9 and e["latency_ms"] == pytest.approx(5) for e in entries)
+    # the summary counts a miss the job's own repeats bracket apart from one they do not
+    wide = {**entries[0], "measured_min": entries[0]["measured"] * 0.8, "error": 0.15,
+            "simulated": entries[0]["measured"] * 0.85}
+    narrow = {**entries[0], "error": -0.2, "simulated": entries[0]["measured"] * 0.8}
+    assert [inside_rounds(e) for e in (entries[0], wide, narrow)] == [True, True, False]
+    assert table([entries[0], wide, narrow]).endswith("1 within 10%; of the other 2, 1 inside the range their own "
+                                                      "repeats measured.")
 
     # calibrated on a run whose stages were busy 50% and 80% of a 0.1 s step (64 samples at 640/s)
     measured = {"samples_per_sec": {"median": 640.0}, "stages": [{"busy_fraction": b} for b in (0.5, 0.8, 0.8)]}
