@@ -209,7 +209,7 @@ def test_validate_replays_a_bench_run_on_its_own_profile_link_and_bytes():
     assert [e["label"] for e in entries] == ["1f1b M=4", "dni M=1"]  # one process is not simulated
     assert all(abs(e["error"]) < 1e-9 and e["latency_ms"] == pytest.approx(5) for e in entries)
     # the summary counts a miss the job's own repeats bracket apart from one they do not
-    wide = {**entries[0], "measured_min": entries[0]["measured"] * 0.8, "error": 0.15,
+    wide = {**entries[0], "measured_min": entries[0]["measured"] * 0.8, "error": -0.15,
             "simulated": entries[0]["measured"] * 0.85}
     narrow = {**entries[0], "error": -0.2, "simulated": entries[0]["measured"] * 0.8}
     assert [inside_rounds(e) for e in (entries[0], wide, narrow)] == [True, True, False]

@@ -217,7 +217,8 @@ def table(entries: list[dict]) -> str:
     rows = [[f"{e['latency_ms']:g} ms", "unlimited" if e["bandwidth_mbps"] == 0 else f"{e['bandwidth_mbps']:g} Mbit/s",
              e["label"] + ("" if e.get("trusted", True) else " (untrusted)"),
              f"{e['measured']:.0f} ({e['measured_min']:.0f}-{e['measured_max']:.0f})",
-             f"{e['measured_max'] / e['measured_min'] - 1:.0%}", f"{e['simulated']:.0f}", f"{e['error']:+.1%}"]
+             f"{e['measured_max'] / e['measured_min'] - 1:.0%}" if e["measured_min"] > 0 else "-",
+             f"{e['simulated']:.0f}", f"{e['error']:+.1%}"]
             for e in entries]
     errors = [abs(e["error"]) for e in entries]
     misses = [e for e in entries if abs(e["error"]) > 0.10]
