@@ -213,8 +213,9 @@ def test_validate_replays_a_bench_run_on_its_own_profile_link_and_bytes():
             "simulated": entries[0]["measured"] * 0.85}
     narrow = {**entries[0], "error": -0.2, "simulated": entries[0]["measured"] * 0.8}
     assert [inside_rounds(e) for e in (entries[0], wide, narrow)] == [True, True, False]
-    assert table([entries[0], wide, narrow]).endswith("1 within 10%; of the other 2, 1 inside the range their own "
-                                                      "repeats measured.")
+    summary = table([entries[0], wide, narrow, {**entries[1], "error": 0.0}]).splitlines()[-2:]
+    assert summary[0].endswith("2 within 10%; of the other 2, 1 inside the range their own repeats measured.")
+    assert summary[1] == "By mode (within 10%, median error): 1f1b 1/3, median -15.0%; dni 1/1, median +0.0%."
 
     # calibrated on a run whose stages were busy 50% and 80% of a 0.1 s step (64 samples at 640/s)
     measured = {"samples_per_sec": {"median": 640.0}, "stages": [{"busy_fraction": b} for b in (0.5, 0.8, 0.8)]}

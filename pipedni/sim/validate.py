@@ -197,7 +197,7 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
                        settings["warmup"], reduce_norm=clips(bench_dir, row["label"]), record=False, trusted=trust,
                        cores=cores)
         measured = row["samples_per_sec"]["median"]
-        out.append({"label": row["label"], "latency_ms": link.latency_sec * 1e3,
+        out.append({"label": row["label"], "mode": row["mode"], "latency_ms": link.latency_sec * 1e3,
                     "bandwidth_mbps": link.bytes_per_sec * 8 / 1e6, "measured": measured,
                     "measured_min": row["samples_per_sec"]["min"], "measured_max": row["samples_per_sec"]["max"],
                     "simulated": sim.samples_per_sec, "error": sim.samples_per_sec / measured - 1,
@@ -214,9 +214,20 @@ def inside_rounds(entry: dict) -> bool:
     return entry["measured_min"] <= entry["simulated"] <= entry["measured_max"]
 
 
+def by_mode(entries: list[dict]) -> str:
+    """Each mode's jobs within 10% and its median error (signed: a mode the replay gets fast or
+    slow throughout shows here, where one noisy job does not)."""
+    errors: dict[str, list[float]] = {}
+    for e in entries:
+        errors.setdefault(e["mode"], []).append(e["error"])
+    return "; ".join(f"{mode} {sum(abs(x) <= WITHIN for x in errs)}/{len(errs)}, median {statistics.median(errs):+.1%}"
+                     for mode, errs in errors.items())
+
+
 def table(entries: list[dict]) -> str:
-    """The entries as a markdown table, with a summary: how many are within 10%, and how many of
-    the others the job's own repeats bracket (a miss no larger than the measurement's own spread)."""
+    """The entries as a markdown table, with a summary: how many are within 10%, how many of the
+    others the job's own repeats bracket (a miss no larger than the measurement's own spread),
+    and each mode's count and median error."""
     rows = [[f"{e['latency_ms']:g} ms", "unlimited" if e["bandwidth_mbps"] == 0 else f"{e['bandwidth_mbps']:g} Mbit/s",
              e["label"] + ("" if e.get("trusted", True) else " (untrusted)"),
              f"{e['measured']:.0f} ({e['measured_min']:.0f}-{e['measured_max']:.0f})",
@@ -227,7 +238,8 @@ def table(entries: list[dict]) -> str:
     misses = [e for e in entries if abs(e["error"]) > WITHIN]
     summary = (f"\n\n{len(entries)} jobs: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}; "
                f"{len(entries) - len(misses)} within {WITHIN:.0%}; of the other {len(misses)}, "
-               f"{sum(map(inside_rounds, misses))} inside the range their own repeats measured.") if entries else ""
+               f"{sum(map(inside_rounds, misses))} inside the range their own repeats measured.\n"
+               f"By mode (within {WITHIN:.0%}, median error): {by_mode(entries)}.") if entries else ""
     return md_table(["one-way latency", "bandwidth", "job", "measured samples/s (min-max)", "repeats differ",
                      "simulated", "error"], rows) + summary
 
