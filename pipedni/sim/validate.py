@@ -208,6 +208,11 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
 WITHIN = 0.10  # the issue's target: a job's simulated samples/s within 10% of its measured
 
 
+def within(error: float) -> bool:
+    """Whether a job's error (simulated over measured samples/s, minus 1) meets the target."""
+    return abs(error) <= WITHIN
+
+
 def inside_rounds(entry: dict) -> bool:
     """Whether the simulated samples/s lies between the least and the most the job's own repeats
     (an interleaved grid's rounds) measured: a value a rerun of the job could have measured."""
@@ -220,7 +225,7 @@ def by_mode(entries: list[dict]) -> str:
     errors: dict[str, list[float]] = {}
     for e in entries:
         errors.setdefault(e["mode"], []).append(e["error"])
-    return "; ".join(f"{mode} {sum(abs(x) <= WITHIN for x in errs)}/{len(errs)}, median {statistics.median(errs):+.1%}"
+    return "; ".join(f"{mode} {sum(map(within, errs))}/{len(errs)}, median {statistics.median(errs):+.1%}"
                      for mode, errs in errors.items())
 
 
@@ -235,7 +240,7 @@ def table(entries: list[dict]) -> str:
              f"{e['simulated']:.0f}", f"{e['error']:+.1%}"]
             for e in entries]
     errors = [abs(e["error"]) for e in entries]
-    misses = [e for e in entries if abs(e["error"]) > WITHIN]
+    misses = [e for e in entries if not within(e["error"])]
     summary = (f"\n\n{len(entries)} jobs: median |error| {statistics.median(errors):.1%}, largest {max(errors):.1%}; "
                f"{len(entries) - len(misses)} within {WITHIN:.0%}; of the other {len(misses)}, "
                f"{sum(map(inside_rounds, misses))} inside the range their own repeats measured.\n"
