@@ -1,6 +1,6 @@
 """The two ends of one direction of an edge between neighbouring stages: ``Outbox`` sends
-messages, ``Inbox`` receives them on its own thread into a mailbox. ``Transport`` (transport.py)
-holds one of each per neighbour; see [Note: transport layout] there."""
+messages, an ``Inbox`` receives them into a mailbox (on a thread of its own, or on its consumer's).
+``Transport`` (transport.py) holds one of each per neighbour; see [Note: transport layout] there."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import torch.distributed as dist
 from pipedni.boundary import Value
 from pipedni.errors import TransportError
 from pipedni.link import Link, LinkSpec
-from pipedni.wire import HEADER_LEN, Header, Kind, NextSize, describe_message as _what, next_size
+from pipedni.wire import HEADER_BYTES, HEADER_LEN, Header, Kind, NextSize, combined, describe_message as _what, next_size
 
 Part = tuple[Header, torch.Tensor, object]  # one tensor of a message as received: header, payload, CUDA event
 # Receiver threads block until the peer's CLOSE message; consumers enforce the real timeout.
@@ -66,11 +66,16 @@ class Outbox:
         filler = [] if guess is None or guess == size else [torch.zeros(guess, dtype=torch.uint8, device=self.wire_device)]
         payload = [wire.reshape(-1).view(torch.uint8)] if size else []
         sent_bytes = sum(t.numel() * t.element_size() for t in filler + payload)
-        hold, waited = self.link.reserve(sent_bytes + HEADER_LEN * 8)
+        hold, waited = self.link.reserve(sent_bytes + HEADER_BYTES)
         if hold > 0:
             header = dataclasses.replace(header, hold_us=round(hold * 1e6))
-        self._post([header.encode().to(self.wire_device), *filler, *payload],
-                   _what(header.kind, header.step, header.microbatch))
+        encoded = header.encode().to(self.wire_device)
+        if combined(guess):  # one buffer with the payload it guessed, or with the filler: see the note in wire.py
+            first = (filler or payload)[0]
+            tensors = [torch.cat([encoded.view(torch.uint8), first]), *(payload if filler else [])]
+        else:
+            tensors = [encoded, *filler, *payload]
+        self._post(tensors, _what(header.kind, header.step, header.microbatch))
         self.wait_sec += waited
         self.bytes_sent += sent_bytes
 
@@ -106,9 +111,11 @@ class Outbox:
 
 
 class Inbox:
-    """Receive side of one edge direction: a thread filling a bounded mailbox keyed by message.
-    A message an emulated link holds is filed with the time it is due and is invisible to its
-    consumers until then (see [Note: emulated links])."""
+    """Receive side of one edge direction: a mailbox keyed by message, which consumers take from
+    in any order. One receive is always posted ahead (a header and, once sizes repeat, its
+    payload: see [Note: pre-posted payloads]), so a sender's data moves as soon as it is sent.
+    Who completes it is the subclass's: a thread of its own (``ThreadInbox``) or the consumer
+    when it waits (``DirectInbox``); see [Note: who receives] in transport.py."""
 
     def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
         self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
@@ -122,54 +129,48 @@ class Inbox:
         self.sizes: list[NextSize] = []  # per part, guesses the next payload's size as the peer's Outbox does
         self.parts: list[Part] = []  # the message being received, so far
         self.num_guessed = 0  # payloads that landed in a buffer posted with their header
-        self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
-        self.thread.start()
+        self.posted: Optional[tuple] = None  # the next part's receives: header buffer and work, guessed buffer and work
 
-    def _recv(self, tensor: torch.Tensor) -> torch.Tensor:
-        dist.irecv(tensor, src=self.peer, group=self.group).wait(IDLE_WAIT)
-        return tensor
+    waits_for_room = True  # a full mailbox stops the receiving (back-pressure), unless the consumer receives
 
-    def _run(self) -> None:
-        stream = torch.cuda.Stream(self.wire_device) if self.wire_device.type == "cuda" else None
-        try:
-            if stream is not None:
-                torch.cuda.set_device(self.wire_device)
-            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
-                while self._receive_one(stream):
-                    pass
-        except BaseException as err:  # handed to the consumer, which raises it with context
-            with self.cond:
-                self.error = err
-                self.cond.notify_all()
+    def _post(self) -> None:
+        """Post the next part's header receive, with its payload's if its size can be guessed (in
+        one buffer up to ``COMBINED_MAX``: see [Note: pre-posted payloads] in wire.py)."""
+        guess = next_size(self.sizes, len(self.parts)).guess
+        if combined(guess):
+            both = torch.empty(HEADER_BYTES + guess, dtype=torch.uint8, device=self.wire_device)
+            raw, guessed, buffers = both[:HEADER_BYTES].view(torch.int64), both[HEADER_BYTES:], [both]
+        else:
+            raw = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
+            guessed = None if guess is None else torch.empty(guess, dtype=torch.uint8, device=self.wire_device)
+            buffers = [raw] if guessed is None else [raw, guessed]
+        self.posted = (raw, guessed, [dist.irecv(b, src=self.peer, group=self.group) for b in buffers])
 
-    def _receive_one(self, stream) -> bool:
-        """Receive one part; a message is filed once its last part is in."""
-        raw = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
-        receiving_header = dist.irecv(raw, src=self.peer, group=self.group)
-        sizes = next_size(self.sizes, len(self.parts))
-        guess = sizes.guess  # posted with the header: see [Note: pre-posted payloads]
-        guessed = None if guess is None else torch.empty(guess, dtype=torch.uint8, device=self.wire_device)
-        receiving_guess = None if guessed is None else dist.irecv(guessed, src=self.peer, group=self.group)
-        receiving_header.wait(IDLE_WAIT)
+    def _receive_one(self, wait: datetime.timedelta, stream=None) -> bool:
+        """Complete the posted receive, waiting at most ``wait``: one part, a message filed once its
+        last part is in. False once the peer's closing message came (nothing is posted after it)."""
+        raw, guessed, receiving = self.posted
+        receiving[0].wait(wait)  # the header, with a guessed payload in its buffer or not
+        self.posted = None
         header = Header.decode(raw.cpu())
         assert header.part == len(self.parts), f"part {header.part} came after {len(self.parts)} parts"
         size = header.nbytes
-        sizes.update(size)
-        if receiving_guess is not None:
-            receiving_guess.wait(IDLE_WAIT)  # the payload, or the sender's filler for a wrong guess
+        next_size(self.sizes, header.part).update(size)
+        for work in receiving[1:]:
+            work.wait(wait)  # a guessed payload in a buffer of its own, or the sender's filler for a wrong guess
         if header.kind == Kind.CLOSE:
             with self.cond:
                 self.closed = True
                 self.num_received += 1
                 self.cond.notify_all()
             return False
-        if guess == size:
+        if guessed is not None and guessed.numel() == size:
             data = guessed
             self.num_guessed += 1
         else:  # posted now that its size is known (an empty payload is never sent)
             data = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
             if size:
-                self._recv(data)
+                dist.irecv(data, src=self.peer, group=self.group).wait(wait)
         event = None
         if stream is not None:
             event = torch.cuda.Event()
@@ -178,13 +179,14 @@ class Inbox:
         if header.last_part:  # due once the last part's hold has passed: the link delivers parts in order
             self._file(self.parts, time.perf_counter() + header.hold_sec)
             self.parts = []
+        self._post()
         return True
 
     def _file(self, parts: list[Part], due: float) -> None:
         header = parts[0][0]
         key = (int(header.kind), header.step, header.microbatch)
         with self.cond:
-            while len(self.mailbox) >= self.capacity:
+            while self.waits_for_room and len(self.mailbox) >= self.capacity:
                 self.cond.wait()
             if key in self.mailbox:
                 raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from stage {self.peer}")
@@ -204,25 +206,6 @@ class Inbox:
             raise err
         if self.closed:
             raise TransportError(f"{self.who} waited for {what} but stage {self.peer} had already closed its side")
-
-    def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[tuple[Header, ...], Value]:
-        """The message with this key (its parts' headers and its value), waiting at most ``timeout`` seconds."""
-        key, what = (int(kind), step, microbatch), _what(kind, step, microbatch)
-        deadline = time.perf_counter() + timeout
-        with self.cond:
-            while True:
-                now = time.perf_counter()
-                due = self.mailbox.get(key, (None,))[0]
-                if due is None:
-                    self._check_alive(what)
-                elif due <= now:
-                    break
-                if now >= deadline:
-                    self._timed_out(what, timeout, due)
-                self.cond.wait(min(deadline, now + 1.0 if due is None else due) - now)
-            _, parts = self.mailbox.pop(key)
-            self.cond.notify_all()
-        return self._assemble(parts)
 
     def _timed_out(self, what: str, timeout: float, due: Optional[float]) -> None:
         if due is not None:
@@ -273,6 +256,53 @@ class Inbox:
         payload = payload.to(header.dtype) if header.dtype != payload.dtype else payload
         return payload.requires_grad_() if header.requires_grad else payload
 
+    def pending(self) -> list[str]:
+        with self.cond:
+            return [_what(Kind(k[0]), k[1], k[2]) for k in sorted(self.mailbox)]
+
+
+class ThreadInbox(Inbox):
+    """An inbox whose own thread receives every message as it lands; consumers wait on the mailbox."""
+
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
+        super().__init__(group, peer, wire_device, device, capacity, who)
+        self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        stream = torch.cuda.Stream(self.wire_device) if self.wire_device.type == "cuda" else None
+        try:
+            if stream is not None:
+                torch.cuda.set_device(self.wire_device)
+            with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+                self._post()
+                while self._receive_one(IDLE_WAIT, stream):
+                    pass
+        except BaseException as err:  # handed to the consumer, which raises it with context
+            with self.cond:
+                self.error = err
+                self.cond.notify_all()
+
+    def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[tuple[Header, ...], Value]:
+        """The message with this key (its parts' headers and its value), waiting at most ``timeout`` seconds."""
+        key, what = (int(kind), step, microbatch), _what(kind, step, microbatch)
+        deadline = time.perf_counter() + timeout
+        with self.cond:
+            while True:
+                now = time.perf_counter()
+                due = self.mailbox.get(key, (None,))[0]
+                if due is None:
+                    self._check_alive(what)
+                elif due <= now:
+                    break
+                if now >= deadline:
+                    self._timed_out(what, timeout, due)
+                self.cond.wait(min(deadline, now + 1.0 if due is None else due) - now)
+            _, parts = self.mailbox.pop(key)
+            self.cond.notify_all()
+        return self._assemble(parts)
+
+
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
         if self.thread.is_alive():
@@ -280,6 +310,45 @@ class Inbox:
         if self.error is not None:
             self._check_alive("the closing message")
 
-    def pending(self) -> list[str]:
-        with self.cond:
-            return [_what(Kind(k[0]), k[1], k[2]) for k in sorted(self.mailbox)]
+
+class DirectInbox(Inbox):
+    """An inbox without a thread: the consumer completes the posted receives itself while it waits
+    for a message, filing any other that comes first. Nothing is received while no consumer
+    waits, so ``has`` and ``take_ready`` see only what an earlier ``take`` filed: for schedules
+    that know what they wait for (see [Note: who receives] in transport.py)."""
+
+    waits_for_room = False
+
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
+        super().__init__(group, peer, wire_device, device, capacity, who)
+        self._post()
+
+    def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[tuple[Header, ...], Value]:
+        """The message with this key (its parts' headers and its value), receiving for at most ``timeout`` seconds."""
+        key, what = (int(kind), step, microbatch), _what(kind, step, microbatch)
+        deadline = time.perf_counter() + timeout
+        while key not in self.mailbox:
+            self._check_alive(what)
+            self._receive_until(deadline, what, timeout)
+        return self._assemble(self.mailbox.pop(key)[1])
+
+    def _receive_until(self, deadline: float, what: str, timeout: float) -> None:
+        """Receive one part, or fail naming ``what`` was awaited: past ``deadline``, or the peer gone."""
+        left = deadline - time.perf_counter()
+        if left <= 0:
+            self._timed_out(what, timeout, None)
+        try:
+            self._receive_one(datetime.timedelta(seconds=left))
+        except RuntimeError as err:  # gloo's timeout, or the peer's connection closed
+            if time.perf_counter() >= deadline:
+                self._timed_out(what, timeout, None)
+            self.error = err
+            self._check_alive(what)
+
+    def join(self, timeout: float) -> None:
+        """Receive until the peer's closing message; any other message is filed (and reported unconsumed)."""
+        deadline = time.perf_counter() + timeout
+        while not self.closed:
+            if self.error is not None:
+                self._check_alive("the closing message")
+            self._receive_until(deadline, "the closing message", timeout)

@@ -68,7 +68,8 @@ def check_layout(cfg: Config, runtime: Runtime) -> ScheduleSpec:
     return spec
 
 
-def build_transport(cfg: Config, runtime: Runtime, tied: list[list[tuple[int, str]]]) -> Transport | NullTransport:
+def build_transport(cfg: Config, runtime: Runtime, tied: list[list[tuple[int, str]]],
+                    direct_receive: bool = False) -> Transport | NullTransport:
     timeline = make_timeline(runtime.stage_index, cfg.run.timeline_steps)
     if runtime.num_stages == 1:
         return NullTransport(timeline)
@@ -76,7 +77,8 @@ def build_transport(cfg: Config, runtime: Runtime, tied: list[list[tuple[int, st
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     wire_dtype = None if cfg.dist.wire_dtype == "same" else getattr(torch, cfg.dist.wire_dtype)
     return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
-                     cfg.dist.timeout_sec, link, wire_dtype, timeline, [[s for s, _ in group] for group in tied])
+                     cfg.dist.timeout_sec, link, wire_dtype, timeline, [[s for s, _ in group] for group in tied],
+                     direct_receive)
 
 
 def resolve_loss(cfg: Config) -> Loss:
@@ -100,7 +102,7 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, st
     i = runtime.stage_index
     stage = Stage(cut.stages[i], i, runtime.num_stages, runtime.device, cfg.optim, steps, cfg.train.on_nonfinite,
                   cut.tied_weights(i), loss)
-    transport = build_transport(cfg, runtime, cut.tied)
+    transport = build_transport(cfg, runtime, cut.tied, direct_receive=spec.locked)  # see [Note: who receives]
     sample_spec = input_spec(train_set.inputs, train_set.input_names)
     shapes = cut.shapes_named(i, probe_shapes(stage, transport, sample_spec, train_set.num_classes))
     ctx = WorkerContext(stage, transport, shapes, cfg, train_set.num_classes, tuple(train_set.targets.shape[1:]),

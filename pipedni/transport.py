@@ -12,13 +12,31 @@ followed by the payload's bytes, whose receive is posted together with the heade
 receiver can guess its size (see [Note: pre-posted payloads] in wire.py). With
 ``dist.wire_dtype`` set, floating payloads travel in that dtype and are cast back to their own
 on receipt (half the bytes in bf16/fp16; integers and bools travel as they are). An edge may be
-an emulated slow link: see [Note: emulated links] in link.py. A receiver thread per incoming
-direction posts ``irecv`` and blocks on ``wait()`` (gloo never reports an unwaited ``irecv``
-complete, so polling ``is_completed()`` would deadlock), then files the tensor in a bounded
-mailbox keyed by (kind, step, microbatch). Consumers take messages by key, in any order, with a
-finite timeout. A full mailbox stops the receiver thread, which stops the sender:
-back-pressure, not memory growth. Sends keep their tensors referenced until complete, and at
-most ``SEND_WINDOW`` (or ``queue_size``, if smaller) are in flight.
+an emulated slow link: see [Note: emulated links] in link.py. Each incoming direction keeps
+one receive posted ahead and files what lands in a mailbox keyed by (kind, step, microbatch);
+consumers take messages by key, in any order, with a finite timeout. Who completes the posted
+receive is below. Sends keep their tensors referenced until complete.
+
+[Note: who receives]
+gloo never reports an unwaited ``irecv`` complete (polling ``is_completed()`` would deadlock),
+so someone must block on ``wait()``. By default a receiver thread per incoming direction does,
+and files each message as it lands: a stage can ask whether a message has arrived without
+waiting for it (decoupled stages do, every step), and a full mailbox stops the thread, which
+stops the sender (back-pressure, not memory growth; at most ``SEND_WINDOW`` sends, or
+``queue_size`` if smaller, in flight). The thread costs each message a hop, though: it must be
+scheduled and take the GIL before the consumer can have the message, and then wake the
+consumer; on 2 busy cores that was 1.4 ms a message more than torch's bare ``irecv``
+(scripts/transport_bench.py, docs/benchmarks.md), 1F1B's gap to torch's Schedule1F1B at M=8.
+A locked schedule knows what it waits for and never asks without waiting, so its stages
+(``direct_receive``) receive on the consumer's own thread, as torch's schedules do: ``take``
+completes the posted receive itself (filing any other message that comes first) and posts the
+next at once, so the peer's next message moves while the consumer computes. Nothing is
+received while no consumer waits, so sends must not wait for their receiver within a step: a
+direct stage lets up to ``queue_size`` sends be in flight, and ``settle`` (the end of each
+locked step and evaluation) waits for all of them, which by then its neighbours have taken.
+``close`` drains each incoming direction up to its closing message before waiting for its own
+sends. An emulated link keeps the thread (its hold counts from when a message lands, which only
+a thread sees), and so does NCCL (its receives run on the thread's own CUDA stream).
 
 Backends: NCCL when every rank owns its GPU (payloads stay on the device; the receiver thread
 uses its own CUDA stream and hands the consumer an event to wait on), gloo otherwise (CPU
@@ -34,7 +52,7 @@ import torch
 import torch.distributed as dist
 
 from pipedni.boundary import Spec, Value, describe_headers, describe_spec, spec_matches
-from pipedni.edge import IDLE_WAIT, Inbox, Outbox
+from pipedni.edge import IDLE_WAIT, DirectInbox, Inbox, Outbox, ThreadInbox
 from pipedni.errors import TransportError
 from pipedni.link import LinkSpec
 from pipedni.metrics.timeline import NullTimeline, Timeline
@@ -51,26 +69,30 @@ class Transport:
     def __init__(self, stage_index: int, num_stages: int, device: torch.device, wire_device: torch.device,
                  queue_size: int = 64, timeout: float = 300.0, link: LinkSpec = LinkSpec(),
                  wire_dtype: Optional[torch.dtype] = None, timeline: Timeline | NullTimeline = NullTimeline(),
-                 tied: Sequence[Sequence[int]] = ()):
+                 tied: Sequence[Sequence[int]] = (), direct_receive: bool = False):
         """``link``: every edge's emulated latency and bandwidth (off by default); ``wire_dtype``:
         the dtype floating payloads travel in (None: their own); ``timeline``: where sends are
         recorded (and the step timers' calls: see ``Timers``); ``tied``: the stages holding each
-        tied weight, a group apiece (see ``all_reduce``)."""
+        tied weight, a group apiece (see ``all_reduce``); ``direct_receive``: receive on the
+        consumer's thread where the backend and link allow (a locked schedule's stages: see
+        [Note: who receives])."""
         self.stage_index, self.num_stages, self.timeline = stage_index, num_stages, timeline
         self.device, self.timeout = device, timeout
         self.who = f"stage {stage_index}/{num_stages}"
         self.outboxes: dict[str, Outbox] = {}
         self.inboxes: dict[str, Inbox] = {}
-        window = min(SEND_WINDOW, queue_size)
+        self.direct = direct_receive and wire_device.type == "cpu" and not link.emulated
+        window = queue_size if self.direct else min(SEND_WINDOW, queue_size)
+        inbox = DirectInbox if self.direct else ThreadInbox
         sends = dict(link=link, link_capacity=queue_size, wire_dtype=wire_dtype)
         for edge in range(num_stages - 1):  # same creation order on every rank: see the note
             forward = dist.new_group([edge, edge + 1], timeout=IDLE_WAIT)
             backward = dist.new_group([edge, edge + 1], timeout=IDLE_WAIT)
             if stage_index == edge:  # my "next" link
                 self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, window, timeout, self.who, **sends)
-                self.inboxes["next"] = Inbox(backward, edge + 1, wire_device, device, queue_size, self.who)
+                self.inboxes["next"] = inbox(backward, edge + 1, wire_device, device, queue_size, self.who)
             elif stage_index == edge + 1:  # my "prev" link
-                self.inboxes["prev"] = Inbox(forward, edge, wire_device, device, queue_size, self.who)
+                self.inboxes["prev"] = inbox(forward, edge, wire_device, device, queue_size, self.who)
                 self.outboxes["prev"] = Outbox(backward, edge, wire_device, window, timeout, self.who, **sends)
         self.tied_groups = [dist.new_group(sorted(ranks)) for ranks in tied]  # on every rank, in order
         self._warm_up()
@@ -106,6 +128,14 @@ class Transport:
         """Whether that message is already here, so ``recv`` would not wait."""
         return self.inboxes[direction].has(kind, step, microbatch)
 
+    def settle(self) -> None:
+        """On a stage that receives directly, wait until every message sent so far has been
+        received: locked steps and evaluations end with it (their neighbours take every message
+        of the step within it), or up to ``queue_size`` sent tensors would stay alive. A stage
+        with receiver threads keeps at most ``SEND_WINDOW`` in flight anyway: nothing to do."""
+        for outbox in self.outboxes.values() if self.direct else ():
+            outbox.flush()
+
     def all_reduce(self, tensor: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
         """Sum ``tensor`` in place over every stage (the default group), or over the holders of
         tied weight ``group``: a barrier of those stages, so schedules call it only as an
@@ -132,13 +162,14 @@ class Transport:
         return max((i.peak_queued for i in self.inboxes.values()), default=0)
 
     def close(self) -> None:
-        """Tell both neighbours we are done, finish our sends, wait for theirs; nothing may be left."""
+        """Tell both neighbours we are done, wait for their closing messages, then finish our
+        sends (a direct inbox receives only while it waits); nothing may be left."""
         for outbox in self.outboxes.values():
             outbox.send(Kind.CLOSE, 0, 0)
-        for outbox in self.outboxes.values():
-            outbox.flush()
         for inbox in self.inboxes.values():
             inbox.join(self.timeout)
+        for outbox in self.outboxes.values():
+            outbox.flush()
         leftover = [f"{m} from stage {i.peer}" for i in self.inboxes.values() for m in i.pending()]
         if leftover:
             raise TransportError(f"{self.who} closed with {len(leftover)} unconsumed message(s): {', '.join(leftover[:5])}")
@@ -162,6 +193,9 @@ class NullTransport:
 
     def recv_ready(self, direction: str, kind: Kind, steps: Container[int]) -> list[tuple[Header, Value]]:
         return []
+
+    def settle(self) -> None:
+        pass
 
     def all_reduce(self, tensor: torch.Tensor, group: Optional[int] = None) -> torch.Tensor:
         return tensor

@@ -48,6 +48,7 @@ class LockedExecutor:
         for action in self.plan:
             self._timers.label = str(action)
             getattr(self, f"_do_{action.kind.lower()}")(step, action.microbatch)
+        self.transport.settle()  # every message of the step is taken within it: see [Note: who receives]
         return self._timers.stats(step, self.stage, self._norm)
 
     def _timed(self, bucket: str, fn, *args):

@@ -72,6 +72,7 @@ def evaluate(stage: Stage, transport, shapes: StageShapes, eval_id: int,
             count += targets.numel()
     finally:
         stage.module.train()
+    transport.settle()
     if not stage.is_last or count == 0:
         return None
     return EvalResult(loss_sum / count, correct / count, count)
