@@ -115,7 +115,9 @@ class Inbox:
     in any order. One receive is always posted ahead (a header and, once sizes repeat, its
     payload: see [Note: pre-posted payloads]), so a sender's data moves as soon as it is sent.
     Who completes it is the subclass's: a thread of its own (``ThreadInbox``) or the consumer
-    when it waits (``DirectInbox``); see [Note: who receives] in transport.py."""
+    when it waits (``DirectInbox``); see [Note: who receives] in transport.py. A message an
+    emulated link holds is filed with the time it is due and is invisible to its consumers until
+    then (see [Note: emulated links])."""
 
     def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
         self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
@@ -129,7 +131,7 @@ class Inbox:
         self.sizes: list[NextSize] = []  # per part, guesses the next payload's size as the peer's Outbox does
         self.parts: list[Part] = []  # the message being received, so far
         self.num_guessed = 0  # payloads that landed in a buffer posted with their header
-        self.posted: Optional[tuple] = None  # the next part's receives: header buffer and work, guessed buffer and work
+        self.posted: Optional[tuple] = None  # the next part's header, guessed payload (or None) and their receives
 
     waits_for_room = True  # a full mailbox stops the receiving (back-pressure), unless the consumer receives
 
@@ -301,7 +303,6 @@ class ThreadInbox(Inbox):
             _, parts = self.mailbox.pop(key)
             self.cond.notify_all()
         return self._assemble(parts)
-
 
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
