@@ -258,7 +258,9 @@ class DistConfig:
     )
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto: cuda when available, else cpu.")
     timeout_sec: float = _f(300.0, "Longest wait for any message before the job fails.")
-    queue_size: int = _f(64, "Messages buffered per incoming direction before the sender waits.")
+    queue_size: int = _f(
+        64, "Messages buffered per incoming direction before the sender waits (a locked schedule's stages: "
+            "sends in flight per direction).")
     link_latency_ms: float = _f(
         0.0, "Emulated one-way latency of every link between neighbouring stages, per message (ms; 0: off). "
              "See docs/usage.md, 'Emulated slow links'.",
