@@ -338,8 +338,8 @@ class DirectInbox(Inbox):
         left = deadline - time.perf_counter()
         if left <= 0:
             self._timed_out(what, timeout, None)
-        try:
-            self._receive_one(datetime.timedelta(seconds=left))
+        try:  # at least 1 ms: a wait of 0 ms is no timeout at all to torch.distributed
+            self._receive_one(datetime.timedelta(seconds=max(left, 1e-3)))
         except RuntimeError as err:  # gloo's timeout, or the peer's connection closed
             if time.perf_counter() >= deadline:
                 self._timed_out(what, timeout, None)

@@ -248,19 +248,7 @@ def test_four_stage_chain_passes_each_message_once():
 
 def _chain(rank, world_size):
     t = _transport(rank, world_size)
-    out = []
-    for step in range(5):
-        x = torch.tensor([float(step)]) if rank == 0 else t.recv("prev", Kind.ACTIVATION, step, 0) + 1
-        if rank < world_size - 1:
-            t.send("next", Kind.ACTIVATION, step, 0, x)
-            g = t.recv("next", Kind.GRADIENT, step, 0)
-        else:
-            out.append(float(x))
-            g = x * 2
-        if rank > 0:
-            t.send("prev", Kind.GRADIENT, step, 0, g)
-        else:
-            out.append(float(g))
+    out = _chain_steps(t, rank, world_size)
     t.close()
     return out
 
@@ -390,6 +378,8 @@ def _past_combined() -> list[torch.Tensor]:
 
 
 def _chain_steps(t: Transport, rank: int, world_size: int) -> list[float]:
+    """5 steps down the chain and back (each stage adds 1 going forward, the last doubles); each
+    step ends settled, as a locked step does (a no-op with receiver threads)."""
     out = []
     for step in range(5):
         x = torch.tensor([float(step)]) if rank == 0 else t.recv("prev", Kind.ACTIVATION, step, 0) + 1
