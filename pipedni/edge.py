@@ -119,6 +119,8 @@ class Inbox:
     emulated link holds is filed with the time it is due and is invisible to its consumers until
     then (see [Note: emulated links])."""
 
+    waits_for_room = True  # a full mailbox stops the receiving (back-pressure), unless the consumer receives
+
     def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
         self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
         self.capacity, self.who = capacity, who
@@ -132,8 +134,6 @@ class Inbox:
         self.parts: list[Part] = []  # the message being received, so far
         self.num_guessed = 0  # payloads that landed in a buffer posted with their header
         self.posted: Optional[tuple] = None  # the next part's header, guessed payload (or None) and their receives
-
-    waits_for_room = True  # a full mailbox stops the receiving (back-pressure), unless the consumer receives
 
     def _post(self) -> None:
         """Post the next part's header receive, with its payload's if its size can be guessed (in
