@@ -1,6 +1,6 @@
 """The async schedule (delayed true gradients) equals one process applying the same delays.
 
-The reference is tests/test_mixed.py's, written apart from the engine: plain modules, a deep
+The reference is tests/references.py's, written apart from the engine: plain modules, a deep
 copy of a stage for each forward whose backward comes later (weight stashing) or a
 recomputation on the current weights (features replay), and every stage's update of step s at
 "time" s + d_i. A pipelined run over real gloo processes must match it parameter by parameter,
@@ -14,15 +14,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from pipedni.config import OptimConfig, load_config
 from pipedni.engine import Trainer
 from pipedni.errors import ConfigError
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
 from pipedni.stage import Stage
-from test_dni import assert_every_message_received, read_steps
-from test_mixed import mixed_reference
+from references import mixed_reference
+from helpers import assert_every_message_received, read_steps, run_distributed
 
 STEPS = 6
 

@@ -5,47 +5,21 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from dist_utils import RankFailed, run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.errors import ConfigError
 from pipedni.export import merge_checkpoints
 from pipedni.models import build_model
 from pipedni.runtime import Runtime
-from test_parity import assert_same_parameters, make_config, train_single
-from test_textdata import write_kjv
+from helpers import RankFailed, Slow, assert_every_message_received, assert_same_parameters, gloo_runtime, make_config, read_steps, run_distributed, train_run, train_single, write_kjv
 
 FASHION = Path("/usr/share/datasets/fashion-mnist")
-
-
-def _runtime(rank: int, world_size: int) -> Runtime:
-    return Runtime(rank, world_size, rank, world_size, torch.device("cpu"), "gloo")
-
-
-def _train(rank, world_size, run_dir, overrides, model=None):
-    cfg = load_config(None, [f"--run.dir={run_dir}", "--run.log_every=100000", *overrides])
-    trainer = Trainer(cfg, _runtime(rank, world_size), model=model)
-    summary = trainer.fit()
-    trainer.close()  # raises if any message was left unconsumed
-    return summary, trainer.worker.transport.counts()
-
-
-def read_steps(run_dir: Path, stage: int) -> list[dict]:
-    lines = (run_dir / f"metrics/stage{stage}.jsonl").read_text().splitlines()
-    return [r for r in map(json.loads, lines) if "step" in r]
-
-
-def assert_every_message_received(counts: list[dict]) -> None:
-    for i in range(len(counts) - 1):
-        assert counts[i]["sent_next"] == counts[i + 1]["received_prev"] > 0, counts
-        assert counts[i + 1]["sent_prev"] == counts[i]["received_next"] > 0, counts
 
 
 def test_zero_initialised_predictors_give_a_zero_first_update(tmp_path):
@@ -55,7 +29,7 @@ def test_zero_initialised_predictors_give_a_zero_first_update(tmp_path):
             "--model.depth=3", "--model.width=32", "--partition.method=uniform", "--run.seed=3",
             "--optim.lr=0.1", "--optim.momentum=0.9"]
     # min_cosine 0: every stage uses its (zero) predictor from the start, no true-gradient fallback
-    run_distributed(_train, 4, str(tmp_path / "dni"), ["--train.schedule=dni", "--dni.min_cosine=0", *args])
+    run_distributed(train_run, 4, str(tmp_path / "dni"), ["--train.schedule=dni", "--dni.min_cosine=0", *args])
     dni = merge_checkpoints(tmp_path / "dni")
     cfg = load_config(None, args)
     initial = build_model(cfg.model, (1, 28, 28), 10, seed=3).state_dict()
@@ -85,7 +59,7 @@ def test_warm_up_trains_locked_then_decouples(tmp_path):
 
 
 def _train_cfg(rank, world_size, cfg):
-    trainer = Trainer(cfg, _runtime(rank, world_size))
+    trainer = Trainer(cfg, gloo_runtime(rank, world_size))
     trainer.fit()
     trainer.close()
 
@@ -98,7 +72,7 @@ def test_predictor_learns_the_true_gradient(tmp_path):
             "--train.steps=300", "--model.depth=2", "--model.width=64", "--partition.balance=[2,1]",
             "--optim.name=adam", "--optim.lr=1e-4", "--dni.lr=1e-3", "--dni.condition_on_labels=true", "--dni.kind=mlp",
             "--dni.min_cosine=0.5", "--run.timeline_steps=3"]
-    run_distributed(_train, 2, str(tmp_path), args)
+    run_distributed(train_run, 2, str(tmp_path), args)
     trace = json.loads((tmp_path / "timeline.json").read_text())["traceEvents"]
     calls = [e for e in trace if e["ph"] == "X"]
     assert {e["args"]["step"] for e in calls} == {1, 2, 3}
@@ -119,23 +93,10 @@ def test_dni_and_cdni_learn_fashion_mnist(tmp_path, num_stages, conditioned):
             "--data.batch_size=128", "--data.test_limit=2000", "--train.steps=300", "--optim.name=adam",
             "--partition.method=parameters",  # the split this accuracy was set on, not one timing picks
             "--optim.lr=1e-4", f"--dni.condition_on_labels={str(conditioned).lower()}", "--dni.kind=linear"]
-    results = run_distributed(_train, num_stages, str(tmp_path), args, timeout=240)
+    results = run_distributed(train_run, num_stages, str(tmp_path), args, timeout=240)
     summary = results[-1][0]
     assert summary["test_accuracy"] > 0.70, summary["test_accuracy"]  # chance: 0.10
     assert_every_message_received([counts for _, counts in results])
-
-
-class Slow(nn.Module):
-    """Sleeps on every training forward: makes its stage the bottleneck."""
-
-    def __init__(self, seconds: float):
-        super().__init__()
-        self.seconds = seconds
-
-    def forward(self, x):
-        if self.training:
-            time.sleep(self.seconds)
-        return x
 
 
 def _unbalanced_model():
@@ -153,7 +114,7 @@ def test_slow_stage_causes_back_pressure_not_deadlock_or_growth(tmp_path):
             "--train.steps=60", "--partition.balance=[3,1,2]", "--dni.max_staleness=3", "--dist.queue_size=8",
             "--optim.grad_clip=1.0",  # per-stage under dni: a whole-model all-reduce would re-lock the stages
             "--dni.min_cosine=0"]  # the synthetic path throughout: untrusted steps wait for their gradient instead
-    results = run_distributed(_train, 3, str(tmp_path), args, _unbalanced_model(), timeout=120)
+    results = run_distributed(train_run, 3, str(tmp_path), args, _unbalanced_model(), timeout=120)
     store_sizes = [r["store_size"] for r in read_steps(tmp_path, 0)]
     assert max(store_sizes) == 3  # the bound is reached (stage 0 is ahead) and never exceeded
     summary = results[-1][0]
@@ -165,7 +126,7 @@ def test_slow_stage_causes_back_pressure_not_deadlock_or_growth(tmp_path):
 
 def _train_language_model(rank, world_size, run_dir, overrides):
     cfg = load_config(None, [f"--run.dir={run_dir}", "--run.log_every=100000", *overrides])
-    trainer = Trainer(cfg, _runtime(rank, world_size))
+    trainer = Trainer(cfg, gloo_runtime(rank, world_size))
     summary = trainer.fit()
     trainer.close()
     link = trainer.worker.link
@@ -198,7 +159,7 @@ def _train_per_sample_labels_on_a_sequence_boundary(rank, world_size, run_dir):
     args = ["--train.schedule=dni", "--data.name=synthetic", "--data.synthetic_shape=[4,8]",
             "--data.synthetic_size=64", "--data.batch_size=16", "--train.steps=2", "--partition.balance=[1,2]",
             "--dist.timeout_sec=30"]
-    return _train(rank, world_size, run_dir, args, model)
+    return train_run(rank, world_size, run_dir, args, model)
 
 
 def test_sequence_boundary_with_one_label_per_sample_is_refused(tmp_path):
@@ -222,8 +183,8 @@ def test_dni_microbatches_give_the_same_update_with_a_fraction_of_the_activation
             "--train.steps=3", "--dni.warmup_steps=2", "--model.depth=3", "--model.width=32", "--run.seed=3",
             "--partition.method=uniform", "--optim.name=sgd", "--optim.lr=0.1", "--dni.kind=linear",
             "--dni.condition_on_labels=true", "--dni.lr=0.01", "--run.activation_memory=true"]
-    whole = run_distributed(_train, 3, str(tmp_path / "m1"), [*args, "--dni.microbatches=1"])
-    split = run_distributed(_train, 3, str(tmp_path / "m4"), [*args, "--dni.microbatches=4"])
+    whole = run_distributed(train_run, 3, str(tmp_path / "m1"), [*args, "--dni.microbatches=1"])
+    split = run_distributed(train_run, 3, str(tmp_path / "m4"), [*args, "--dni.microbatches=4"])
     assert_same_parameters(merge_checkpoints(tmp_path / "m4"), merge_checkpoints(tmp_path / "m1"), "dni M=4 vs 1")
     assert_every_message_received([counts for _, counts in split])
     assert split[0][1]["sent_next"] == whole[0][1]["sent_next"] + 3  # step 2: 4 activations instead of 1

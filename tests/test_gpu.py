@@ -8,9 +8,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import assert_same_parameters, make_config, run_distributed, train_single
 
-from dist_utils import run_distributed
-from test_parity import assert_same_parameters, make_config, train_single
 
 pytestmark = pytest.mark.gpu
 two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs for NCCL")

@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_utils import run_distributed
 from pipedni.checkpoint import find, load_folder
 from pipedni.config import load_config
 from pipedni.engine import Trainer
@@ -25,8 +24,7 @@ from pipedni.export import merge_checkpoints
 from pipedni.models import build_model
 from own_models import gpt2, padded_tokens
 from pipedni.runtime import Runtime
-from test_parity import assert_same_parameters
-from test_textdata import write_kjv
+from helpers import assert_same_parameters, run_distributed, run_stages, write_kjv
 
 pytest.importorskip("transformers")
 
@@ -119,7 +117,6 @@ def test_the_library_route_splits_hugging_face_models_with_fixed_arguments_and_a
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from pipedni.split import split
-    from test_split import run_stages
 
     torch.manual_seed(0)
     config = GPT2Config(vocab_size=30, n_positions=32, n_embd=32, n_layer=4, n_head=2, bos_token_id=0, eos_token_id=0)

@@ -8,7 +8,6 @@ import time
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer, check_layout
 from pipedni.errors import ConfigError, LaunchError, TransportError
@@ -16,6 +15,7 @@ from pipedni.link import Link, LinkModel, LinkSpec
 from pipedni.runtime import Runtime
 from pipedni.transport import Kind, Transport
 from pipedni.wire import HEADER_LEN
+from helpers import run_distributed
 
 CPU = torch.device("cpu")
 

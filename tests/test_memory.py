@@ -7,11 +7,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.metrics.memory import ActivationMeter, NullMeter
 from pipedni.runtime import Runtime
+from helpers import run_distributed
 
 
 def _net() -> nn.Sequential:

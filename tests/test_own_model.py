@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import RankFailed, free_port, run_distributed
 from own_models import Lopsided, ResNet
 from pipedni import data as datasets
 from pipedni.boundary import input_split
@@ -28,8 +27,7 @@ from pipedni.models import build_model
 from pipedni.optim import build_optimizer
 from pipedni.runtime import Runtime
 from pipedni.stage import loss_fn
-from test_parity import assert_same_parameters
-from test_train import REPO, one_line_error
+from helpers import REPO, RankFailed, run_cli, assert_same_parameters, free_port, one_line_error, run_distributed
 
 TESTS = Path(__file__).resolve().parent
 SKIP_NET = ("--model.factory=own_models:skip_net", "--data.synthetic_shape=[8]")
@@ -140,14 +138,6 @@ def test_a_decoupled_cut_where_nothing_needs_a_gradient_is_one_clear_error(tmp_p
     assert "across a dni boundary, none of them needing a gradient" in str(errors[0])
 
 
-def run_cli(args: list[str], nproc: int) -> subprocess.CompletedProcess:
-    launcher = [sys.executable, "-m", "pipedni.train"] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", f"--master_port={free_port()}",
-        "-m", "pipedni.train"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=f"{TESTS}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    return subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
 def test_the_config_route_trains_a_resnet_on_its_own_data_under_torchrun_and_exports_its_state_dict(tmp_path):
     run_dir = tmp_path / "run"
     args = ["configs/mlp_fashion.yaml", "--data.factory=own_models:images", "--data.num_classes=10", "--data.batch_size=24",
@@ -211,7 +201,7 @@ def test_mistakes_in_the_config_route_are_one_line_errors_and_exit_2(tmp_path):
             Trainer(load_config(REPO / "configs/mlp_fashion.yaml",
                                 [*base, *overrides]), Runtime(0, 1, 0, 1, torch.device("cpu"), "none"))
         assert message in str(info.value) and "\n" not in str(info.value), override
-    proc = run_cli(["configs/mlp_fashion.yaml", *base, MISTAKES[1][0]], nproc=1)
+    proc = run_cli(["configs/mlp_fashion.yaml", *base, MISTAKES[1][0]], nproc=None)
     assert proc.returncode == 2 and MISTAKES[1][1] in one_line_error(proc)
 
 

@@ -15,35 +15,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
-from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.export import merge_checkpoints
-from pipedni.runtime import Runtime
-from test_textdata import write_kjv
+from helpers import assert_same_parameters, make_config, run_distributed, train_single, write_kjv
 
 CASES = [(schedule, m) for schedule in ("naive", "gpipe", "1f1b") for m in (1, 4)]
 
 # A tiny character LM on a small kjv.jsonl fixture: 6 layers (embed, 4 blocks, head), [B, T, V] scores.
 TRANSFORMER = ("--model.name=transformer", "--model.depth=4", "--model.width=32", "--model.heads=2",
                "--data.name=kjv", "--data.seq_len=16")
-
-
-def make_config(run_dir: Path, schedule: str, microbatches: int, *extra: str):
-    return load_config(None, [
-        f"--run.dir={run_dir}", "--run.seed=3", "--run.log_every=1000",
-        "--model.name=mlp", "--model.depth=3", "--model.width=32",
-        "--data.name=synthetic", "--data.synthetic_size=256", "--data.batch_size=30", "--data.eval_batch_size=64",
-        "--partition.method=uniform", f"--train.schedule={schedule}", f"--train.microbatches={microbatches}",
-        "--train.steps=4", "--optim.name=sgd", "--optim.lr=0.1", "--optim.momentum=0.9", *extra,
-    ])
-
-
-def train_single(run_dir: Path, *extra: str) -> tuple[dict, dict]:
-    cfg = make_config(run_dir, "single", 1, *extra)
-    trainer = Trainer(cfg, Runtime(0, 1, 0, 1, torch.device("cpu"), "none"))
-    summary = trainer.fit()
-    return merge_checkpoints(run_dir), summary
 
 
 def _train_cases(rank: int, world_size: int, root: str, cases: list, extra: tuple) -> list:
@@ -57,12 +37,6 @@ def _train_cases(rank: int, world_size: int, root: str, cases: list, extra: tupl
         summaries.append(trainer.fit())
         trainer.close()
     return summaries
-
-
-def assert_same_parameters(actual: dict, expected: dict, label: str, atol: float = 1e-6) -> None:
-    assert actual.keys() == expected.keys(), label
-    for name in expected:
-        torch.testing.assert_close(actual[name], expected[name], rtol=1e-5, atol=atol, msg=lambda m: f"{label} {name}: {m}")
 
 
 def check_locked_schedules(tmp_path: Path, num_stages: int, extra: tuple) -> None:

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 import pipedni.partition_cost as partition_cost
-from dist_utils import RankFailed, run_distributed
 from pipedni import data as datasets
 from pipedni.config import load_config
 from pipedni.dni.sizing import BUDGET
@@ -27,6 +26,7 @@ from pipedni.models import build_model
 from pipedni.partition import partition
 from pipedni.partition_cost import LayerCosts, microbatch_of, run_costs
 from pipedni.runtime import Runtime
+from helpers import RankFailed, run_distributed
 
 
 class Mixing(nn.Module):

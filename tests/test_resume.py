@@ -14,12 +14,12 @@ from pathlib import Path
 
 import torch
 
-from dist_utils import free_port, run_distributed
 from pipedni import checkpoint
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
+from helpers import free_port, run_distributed
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 12

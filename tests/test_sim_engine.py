@@ -18,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.runtime import Runtime
 from pipedni.sim import pipeline_streams
 from pipedni.sim.beside import costs_from, read_trace, replay_run, trusted_run
+from helpers import run_distributed
 
 ACTION = re.compile(r"^(RECV_F|F|SG|RECV_B|B|STEP)\d*( \(step \d+\))?$")
 STEPS, RECORDED = 8, 5  # steps 1-5 recorded: past every stage's first delayed backward

@@ -10,16 +10,10 @@ import pytest
 import torch
 from torch import nn
 
+from helpers import run_stages
 from own_models import Lopsided, ResNet, SkipNet
 from pipedni.errors import PartitionError
 from pipedni.split import split
-
-
-def run_stages(stages, *inputs):
-    value = stages[0](*inputs)
-    for stage in stages[1:]:
-        value = stage(*value) if isinstance(value, tuple) else stage(value)
-    return value
 
 
 def same_outputs(model, plan, *inputs, training: bool) -> None:

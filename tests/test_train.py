@@ -3,34 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
-from dist_utils import RankFailed, free_port, run_distributed
 from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.errors import PartitionError, TransportError
 from pipedni.runtime import Runtime
-
-REPO = Path(__file__).resolve().parent.parent
-FASHION = Path("/usr/share/datasets/fashion-mnist")
-needs_fashion = pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
-
-
-def run_cli(args: list[str], nproc: int | None, timeout: float = 300) -> subprocess.CompletedProcess:
-    if nproc is None:
-        cmd = [sys.executable, "-m", "pipedni.train", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}",
-               f"--master_port={free_port()}", "-m", "pipedni.train", *args]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+from helpers import REPO, RankFailed, needs_fashion, one_line_error, run_cli, run_distributed
 
 
 @needs_fashion
@@ -73,12 +57,6 @@ def test_plain_python_runs_the_whole_model_in_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["schedule"] == "single" and summary["num_stages"] == 1
-
-
-def one_line_error(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1, proc.stderr
-    return lines[0]
 
 
 def test_config_mistakes_exit_2_with_one_line(tmp_path):

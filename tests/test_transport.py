@@ -7,27 +7,15 @@ import time
 import pytest
 import torch
 
-from dist_utils import RankFailed, run_distributed
 from pipedni.errors import TransportError
 from pipedni.boundary import TensorSpec
 from pipedni.transport import SEND_WINDOW, Header, Kind, Transport
 from pipedni.wire import NextSize
-
-CPU = torch.device("cpu")
+from helpers import CPU, RankFailed, chain_steps, changing_messages, recv_error, run_distributed, same_values, tuple_messages
 
 
 def _transport(rank: int, world_size: int, timeout: float = 30.0, queue_size: int = 64) -> Transport:
     return Transport(rank, world_size, CPU, CPU, queue_size=queue_size, timeout=timeout)
-
-
-def recv_error(t: Transport, step: int, microbatch: int) -> tuple[str, float]:
-    """(the TransportError's message, seconds until it was raised) for an activation that never comes."""
-    start = time.monotonic()
-    try:
-        t.recv("prev", Kind.ACTIVATION, step, microbatch)
-    except TransportError as err:
-        return str(err), time.monotonic() - start
-    return "no error", 0.0
 
 
 def test_header_round_trip():
@@ -47,19 +35,9 @@ def test_next_size_guesses_after_three_equal_sizes():
     assert guesses == [None, None, None, 4, 4, None, None, None, 4, None, None, None, None, None, None, None, None]
 
 
-# (kind, tensor) sent by stage 0: one size repeated (guessed), an evaluation's larger batch (a
-# wrong guess: a filler), back again, then dtypes and shapes whose payload is odd or empty.
-def _changing_messages() -> list[tuple[Kind, torch.Tensor]]:
-    train = [(Kind.ACTIVATION, torch.full((8, 3), float(i))) for i in range(5)]
-    evaluation = [(Kind.EVAL, torch.arange(600.0).view(200, 3) + i) for i in range(4)]
-    odd = [(Kind.ACTIVATION, torch.tensor([True, False, True])), (Kind.ACTIVATION, torch.tensor(7)),
-           (Kind.ACTIVATION, torch.empty(0, 3)), (Kind.ACTIVATION, torch.arange(6.0).view(2, 3).to(torch.bfloat16))]
-    return train + evaluation + train + odd + train
-
-
 def _changing_sizes(rank, world_size):
     t = _transport(rank, world_size)
-    messages = _changing_messages()
+    messages = changing_messages()
     if rank == 0:
         for i, (kind, tensor) in enumerate(messages):
             t.send("next", kind, i, 0, tensor)
@@ -75,7 +53,7 @@ def test_payloads_whose_size_changes_arrive_whole_and_repeated_sizes_are_pre_pos
     sent_bytes, (equal, guessed) = run_distributed(_changing_sizes, 2)
     assert equal
     sizes, hits, fillers = NextSize(), 0, 0
-    for nbytes in [4] + [t.numel() * t.element_size() for _, t in _changing_messages()] + [0]:  # warm-up, ..., close
+    for nbytes in [4] + [t.numel() * t.element_size() for _, t in changing_messages()] + [0]:  # warm-up, ..., close
         hits += sizes.guess == nbytes
         fillers += sizes.guess is not None and sizes.guess != nbytes
         sizes.update(nbytes)
@@ -83,7 +61,7 @@ def test_payloads_whose_size_changes_arrive_whole_and_repeated_sizes_are_pre_pos
     # fillers for the first evaluation, the first training message after it, the bool and the close
     assert (hits, fillers) == (7, 4)
     assert guessed == hits
-    payload = 4 + sum(t.numel() * t.element_size() for _, t in _changing_messages())
+    payload = 4 + sum(t.numel() * t.element_size() for _, t in changing_messages())
     assert sent_bytes == payload + 96 + 2400 + 96 + 96  # each filler is the guessed size
 
 
@@ -247,19 +225,9 @@ def test_four_stage_chain_passes_each_message_once():
 
 def _chain(rank, world_size):
     t = _transport(rank, world_size)
-    out = _chain_steps(t, rank, world_size)
+    out = chain_steps(t, rank, world_size)
     t.close()
     return out
-
-
-def _tuple_messages() -> list:
-    """What a split model's boundary sends: several tensors (one needing a gradient, an int64
-    without), the same again so that every part's size is guessed, a tuple of one, an empty
-    tuple (a gradient message where nothing needs one), and bare tensors in between."""
-    h = torch.randn(3, 4).requires_grad_()
-    ids = torch.arange(3)
-    several = [(h, ids, torch.ones(3, 2, dtype=torch.bfloat16)) for _ in range(5)]
-    return [*several, (torch.randn(2, 2),), (), torch.randn(3, 4), *several, torch.randn(3, 4)]
 
 
 def test_tuples_arrive_as_tuples_with_dtypes_and_gradient_flags_and_each_part_is_pre_posted():
@@ -279,13 +247,13 @@ def _tuple_senders(rank, world_size):
     t = _transport(rank, world_size)
     if rank == 0:
         torch.manual_seed(0)
-        for i, value in enumerate(_tuple_messages()):
+        for i, value in enumerate(tuple_messages()):
             t.send("next", Kind.ACTIVATION, i, 0, value)
         t.send("next", Kind.ACTIVATION, 99, 0, torch.zeros(4, 3))
         t.close()
         return None
     torch.manual_seed(0)
-    expected = _tuple_messages()
+    expected = tuple_messages()
     got = [t.recv("prev", Kind.ACTIVATION, i, 0) for i in range(len(expected))]
     spec = (TensorSpec((3, 4), torch.float32, True), TensorSpec((3,), torch.int64), TensorSpec((3, 2), torch.bfloat16))
     try:
@@ -295,33 +263,6 @@ def _tuple_senders(rank, world_size):
         mismatch = str(err)
     guessed = t.inboxes["prev"].num_guessed
     t.close()
-    return _same_values(got, expected), guessed, mismatch
+    return same_values(got, expected), guessed, mismatch
 
 
-def _same_values(got: list, expected: list) -> bool:
-    def same(a, b) -> bool:
-        return a.dtype == b.dtype and a.requires_grad == b.requires_grad and torch.equal(a, b.detach())
-
-    return all(
-        type(g) is type(e) and (same(g, e) if isinstance(g, torch.Tensor) else len(g) == len(e) and all(map(same, g, e)))
-        for g, e in zip(got, expected))
-
-
-def _chain_steps(t: Transport, rank: int, world_size: int) -> list[float]:
-    """5 steps down the chain and back (each stage adds 1 going forward, the last doubles); each
-    step ends settled, as a locked step does (a no-op with receiver threads)."""
-    out = []
-    for step in range(5):
-        x = torch.tensor([float(step)]) if rank == 0 else t.recv("prev", Kind.ACTIVATION, step, 0) + 1
-        if rank < world_size - 1:
-            t.send("next", Kind.ACTIVATION, step, 0, x)
-            g = t.recv("next", Kind.GRADIENT, step, 0)
-        else:
-            out.append(float(x))
-            g = x * 2
-        if rank > 0:
-            t.send("prev", Kind.GRADIENT, step, 0, g)
-        else:
-            out.append(float(g))
-        t.settle()
-    return out

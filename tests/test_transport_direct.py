@@ -9,29 +9,28 @@ import time
 
 import torch
 
-from dist_utils import RankFailed, run_distributed
 from pipedni.boundary import TensorSpec
 from pipedni.errors import TransportError
 from pipedni.transport import Kind, Transport
 from pipedni.wire import COMBINED_MAX
-from test_transport import CPU, _chain_steps, _changing_messages, _same_values, _tuple_messages, recv_error
+from helpers import CPU, RankFailed, chain_steps, changing_messages, recv_error, run_distributed, same_values, tuple_messages
 
 
 def _direct_contracts(rank, world_size):
     t = Transport(rank, world_size, CPU, CPU, timeout=30.0, direct_receive=True)
     threads = [th.name for th in threading.enumerate() if th.name.startswith("recv-from")]
-    chain = _chain_steps(t, rank, world_size)
+    chain = chain_steps(t, rank, world_size)
     if rank == 2:
         t.close()
         return chain, threads
     out = {"chain": chain, "threads": threads}
     if rank == 0:
-        for i, (kind, tensor) in enumerate(_changing_messages()):
+        for i, (kind, tensor) in enumerate(changing_messages()):
             t.send("next", kind, 100 + i, 0, tensor)
         for mb in range(10):
             t.send("next", Kind.ACTIVATION, 3, mb, torch.tensor([float(mb)]))
         torch.manual_seed(0)
-        for i, value in enumerate(_tuple_messages()):
+        for i, value in enumerate(tuple_messages()):
             t.send("next", Kind.ACTIVATION, 200 + i, 0, value)
         t.send("next", Kind.ACTIVATION, 299, 0, torch.zeros(4, 3))
         for i, tensor in enumerate(_past_combined()):
@@ -40,14 +39,14 @@ def _direct_contracts(rank, world_size):
         t.send("next", Kind.ACTIVATION, 300, 0, big)
         out["big"] = bool(torch.equal(t.recv("next", Kind.GRADIENT, 300, 0), big * 2))
     else:
-        messages = _changing_messages()
+        messages = changing_messages()
         got = [t.recv("prev", kind, 100 + i, 0) for i, (kind, _) in enumerate(messages)]
         out["changing"] = all(g.dtype == m.dtype and torch.equal(g, m) for g, (_, m) in zip(got, messages))
         order = [9, 0, 5, 1, 8, 2, 7, 3, 6, 4]
         out["order"] = [float(t.recv("prev", Kind.ACTIVATION, 3, mb)) for mb in order] == [float(mb) for mb in order]
         torch.manual_seed(0)
-        expected = _tuple_messages()
-        out["tuples"] = _same_values([t.recv("prev", Kind.ACTIVATION, 200 + i, 0) for i in range(len(expected))],
+        expected = tuple_messages()
+        out["tuples"] = same_values([t.recv("prev", Kind.ACTIVATION, 200 + i, 0) for i in range(len(expected))],
                                      expected)
         try:
             t.recv("prev", Kind.ACTIVATION, 299, 0, expect=TensorSpec((4, 5), torch.float32))
@@ -55,7 +54,7 @@ def _direct_contracts(rank, world_size):
             out["mismatch"] = str(err)
         expected = _past_combined()
         got = [t.recv("prev", Kind.ACTIVATION, 250 + i, 0) for i in range(len(expected))]
-        out["past_combined"] = _same_values(got, expected)
+        out["past_combined"] = same_values(got, expected)
         x = t.recv("prev", Kind.ACTIVATION, 300, 0)
         t.send("prev", Kind.GRADIENT, 300, 0, x * 2)
         out["guessed"] = t.inboxes["prev"].num_guessed

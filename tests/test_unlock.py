@@ -8,14 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from dist_utils import run_distributed
 from pipedni.config import load_config
 from pipedni.dni.inputs import SyntheticInput, SyntheticInputTrainer, explained_variance
 from pipedni.errors import ConfigError, LaunchError
 from pipedni.export import merge_checkpoints
 from pipedni.schedules import registry
-from test_dni import Slow, _train, assert_every_message_received, read_steps
-from test_train import one_line_error, run_cli
+from helpers import Slow, assert_every_message_received, one_line_error, read_steps, run_cli, run_distributed, train_run
 
 SYNTHETIC = ["--data.name=synthetic", "--data.synthetic_size=2048", "--data.batch_size=32", "--run.seed=1",
              "--optim.name=adam", "--optim.lr=1e-3", "--dni.min_cosine=0", "--dni.max_staleness=3",
@@ -57,7 +55,7 @@ def _model(sleep: float = 0.015):
 
 
 def _unlocked(rank, world_size, run_dir, overrides):
-    summary, counts = _train(rank, world_size, run_dir, overrides, _model())
+    summary, counts = train_run(rank, world_size, run_dir, overrides, _model())
     return summary, counts
 
 
@@ -112,7 +110,7 @@ def test_the_arrived_policy_predicts_only_what_has_not_arrived(tmp_path, slow_fi
     args = [*SYNTHETIC, "--train.schedule=mixed", "--train.boundaries=[dni,dni]", "--train.steps=60",
             f"--partition.balance={balance}", "--dni.boundaries=[{}, {synthetic_inputs: true, si_idle_updates: 2}]",
             "--dni.si_min_r2=0.2"]
-    results = run_distributed(_train, 3, str(tmp_path), args, model, timeout=180)
+    results = run_distributed(train_run, 3, str(tmp_path), args, model, timeout=180)
     assert_every_message_received([counts for _, counts in results])
     stages = results[-1][0]["stages"]
     assert "predicted_input_updates" not in stages[1]
