@@ -1,7 +1,7 @@
 """pipedni: pipeline-parallel training with decoupled stages (one process per stage)."""
 
-from pipedni.partition import partition
 from pipedni.split import split
+from pipedni.split.partition import partition
 
 __all__ = ["fit", "partition", "split"]
 

@@ -18,27 +18,27 @@ from torch import nn
 
 from pipedni import checkpoint
 from pipedni import data as datasets
-from pipedni.boundary import input_spec
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
-from pipedni.cutting import Cut, cut_model
 from pipedni.errors import ConfigError, DivergenceError, LaunchError, among_stages, same_on_every_rank
 from pipedni.importing import import_function
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
+from pipedni.metrics import timeline
 from pipedni.metrics.console import make_console
 from pipedni.metrics.memory import make_meter
-from pipedni.metrics import timeline
 from pipedni.metrics.telemetry import make_telemetry
 from pipedni.metrics.timeline import make_timeline
-from pipedni.link import LinkSpec
 from pipedni.models import build_model
 from pipedni.runtime import Runtime, restart_attempt
 from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker
+from pipedni.split.crossing import input_spec
+from pipedni.split.cut import Cut, cut_model
 from pipedni.stage import Loss, NonFinite, Stage, loss_fn
 from pipedni.transport import NullTransport, Transport
+from pipedni.transport.link import LinkSpec
 
 
 def total_steps(cfg: Config, num_train_samples: int) -> int:
@@ -188,7 +188,7 @@ class Trainer:
             resume = resume_from(cfg, runtime)
             folder = checkpoint.find(self.run_dir / "checkpoints", resume) if resume else None
             cfg = with_saved_balance(cfg, folder, runtime.num_stages)
-            cut = cut_model(cfg, runtime, model, self.train_set)
+            cut = cut_model(cfg, self.spec, runtime, model, self.train_set)
         self.cfg = cfg = cut.cfg
         self.train_set, self.test_set = (d.in_order(cut.input_names) for d in (self.train_set, self.test_set))
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)

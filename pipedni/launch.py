@@ -17,6 +17,7 @@ import uuid
 
 from pipedni.config import load_config
 from pipedni.errors import USER_ERRORS
+from pipedni.schedules.registry import check_config
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -53,7 +54,7 @@ def launch(nproc: int, config: str, overrides: list[str], max_restarts: int = 0)
 def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(sys.argv[1:] if argv is None else argv)
     try:
-        load_config(args.config, overrides)
+        check_config(load_config(args.config, overrides))
     except USER_ERRORS as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

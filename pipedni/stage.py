@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipedni.boundary import PROBE_ROWS, Spec, Value, example, spec_of
 from pipedni.config import OptimConfig
 from pipedni.errors import PartitionError
 from pipedni.optim import build_optimizer, build_scheduler
-from pipedni.partition import num_params
+from pipedni.split.balance import num_params
+from pipedni.split.crossing import PROBE_ROWS, Spec, Value, example, spec_of
 
 
 def loss_fn(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -108,7 +108,7 @@ class Stage:
     def stash(self, ahead: int = 0) -> dict[str, torch.Tensor]:
         """A copy of the parameters for a forward whose backward comes after later updates; with
         ``ahead`` (after ``track_updates``), w + ahead x (the last update): the weights that many
-        updates on, were each like the last (weight prediction, see schedules/boundaries.py)."""
+        updates on, were each like the last (weight prediction, see pipedni/schedules/decoupled.py)."""
         def copy(name: str, p: torch.Tensor) -> torch.Tensor:
             if ahead and self.before is not None:
                 return torch.lerp(self.before[name], p, 1.0 + ahead)

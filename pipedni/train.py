@@ -20,7 +20,7 @@ from pipedni.data import Dataset
 from pipedni.engine import Trainer
 from pipedni.errors import RUN_FAILURES, USER_ERRORS, DivergenceError, same_on_every_rank
 from pipedni.runtime import init_runtime, shutdown
-from pipedni.schedules.registry import REFERENCE
+from pipedni.schedules.registry import REFERENCE, check_config
 from pipedni.stage import Loss
 
 # An error every rank hits alike is printed by rank 0 only; the others wait this long before
@@ -57,6 +57,8 @@ def run(cfg: Config, model: Optional[nn.Module] = None, data: Optional[tuple[Dat
         loss: Optional[Loss] = None) -> Optional[dict]:
     """Train as ``cfg`` says (its model, data and loss, or the ones given); summary.json's
     content on the last stage."""
+    with same_on_every_rank():
+        check_config(cfg)
     if "RANK" not in os.environ and cfg.train.schedule != REFERENCE:
         print(f"no torchrun: training the whole model in one process instead of {cfg.train.schedule}")
         cfg.train.schedule = REFERENCE

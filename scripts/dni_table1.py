@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipedni.schedules import registry
+
 METHODS = ("backprop", "dni", "cdni")
 
 
@@ -36,8 +38,9 @@ def overrides(args: argparse.Namespace, layers: int, method: str, seed: int, run
     ]
     if method == "backprop":
         return common + ["--train.schedule=single"]
-    return common + ["--train.schedule=dni", f"--dni.kind={args.predictor}", f"--dni.lr={args.sg_lr}",
-                     f"--dni.condition_on_labels={'true' if method == 'cdni' else 'false'}", *args.set]
+    spec, variant = registry.mode(method)  # dni or cdni
+    return common + [f"--train.schedule={spec.name}", f"--dni.kind={args.predictor}", f"--dni.lr={args.sg_lr}",
+                     *variant.overrides, *args.set]
 
 
 def run_one(args: argparse.Namespace, layers: int, method: str, seed: int) -> dict:

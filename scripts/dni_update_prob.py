@@ -35,6 +35,7 @@ from pipedni.config import load_config
 from pipedni.data import eval_batches, load_datasets, train_batches
 from pipedni.dni.predictors import SyntheticGradientTrainer
 from pipedni.models import build_model
+from pipedni.schedules import registry
 from pipedni.stage import num_correct
 
 METHODS = ("backprop", "dni", "cdni")
@@ -47,7 +48,7 @@ def run_one(job: tuple[dict, str, float, int]) -> dict:
     cfg = load_config(None, [f"--data.name={a['data']}", f"--data.root={a['data_root']}", f"--run.seed={seed}",
                              "--model.name=mlp", "--model.depth=3", "--model.width=256", "--model.batchnorm=true",
                              "--dni.kind=linear", f"--dni.lr={a['sg_lr']}", "--dni.min_cosine=0",
-                             f"--dni.condition_on_labels={'true' if method == 'cdni' else 'false'}"])
+                             *registry.mode(method)[1].overrides])
     train, test = load_datasets(cfg.data, seed)
     layers = list(build_model(cfg.model, tuple(train.inputs.shape[1:]), train.num_classes, seed))
     optims = [torch.optim.Adam(layer.parameters(), lr=a["lr"]) for layer in layers]

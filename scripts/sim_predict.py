@@ -21,10 +21,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from pipedni.link import LinkSpec
+from pipedni.schedules import registry
+from pipedni.schedules.streams import DEFAULT_MAX_STALENESS
 from pipedni.sim.costs import from_profile, uniform
 from pipedni.sim.pipeline import simulate
-from pipedni.sim.streams import DEFAULT_MAX_STALENESS
+from pipedni.transport.link import LinkSpec
 
 STAGES = (2, 4, 8, 16, 32, 64)
 LINKS = (("no link cost", 0.0, 0.0), ("1 ms, 10 Gbit/s", 1.0, 10_000.0), ("10 ms, 1 Gbit/s", 10.0, 1000.0),
@@ -58,8 +59,9 @@ def best_locked(n: int, stage: dict, link: LinkSpec, message_sec: float, steps: 
 
 def decoupled(schedule: str, n: int, stage: dict, link: LinkSpec, message_sec: float, steps: int,
               max_staleness: int = DEFAULT_MAX_STALENESS) -> float:
-    costs = uniform(n, stage["forward_sec"], stage["backward_sec"], stage["optimizer_sec"],
-                    stage["predictor_sec"] if schedule == "dni" else 0.0, ACTIVATION_BYTES, message_sec=message_sec)
+    predictor_sec = stage["predictor_sec"] if registry.get(schedule).synthetic_gradients else 0.0
+    costs = uniform(n, stage["forward_sec"], stage["backward_sec"], stage["optimizer_sec"], predictor_sec,
+                    ACTIVATION_BYTES, message_sec=message_sec)
     return simulate(schedule, costs, 1, steps, link, BATCH, warmup_steps=4, max_staleness=max_staleness,
                     record=False).samples_per_sec
 

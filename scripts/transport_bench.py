@@ -6,7 +6,7 @@ per size, interleaved between the two ways of sending so that machine noise hits
   received by a thread that files them in a mailbox, the consumer taking it by key; the
   payload's receive is posted with the header's once sizes repeat: [Note: pre-posted payloads]);
 - pipedni direct: the same, received on the consumer's thread as a locked schedule's stages
-  receive ([Note: who receives] in pipedni/transport.py);
+  receive ([Note: who receives] in pipedni/transport/transport.py);
 - torch: ``dist.isend`` / ``dist.irecv`` of a tensor whose shape both sides know, as
   ``torch.distributed.pipelining`` sends once its shapes are set up (no header).
 Half a round trip is one message's cost, transfer included; the difference between the two

@@ -13,8 +13,8 @@ from pipedni import data as datasets
 from pipedni.dni.predictors import SyntheticGradientTrainer
 from pipedni.models import build_model
 from pipedni.optim import build_optimizer, build_scheduler
-from pipedni.partition import partition
-from pipedni.schedules.boundary_rules import delays
+from pipedni.schedules.modes import delays
+from pipedni.split.partition import partition
 from pipedni.stage import loss_fn
 
 

@@ -13,7 +13,7 @@ from pipedni import checkpoint
 from pipedni.config import CheckpointConfig, OptimConfig, load_config
 from pipedni.errors import CheckpointError
 from pipedni.metrics import MetricsWriter
-from pipedni.partition import partition
+from pipedni.split.partition import partition
 from pipedni.stage import MAX_SKIPPED_IN_A_ROW, NonFinite, Stage
 
 

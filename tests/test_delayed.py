@@ -20,8 +20,8 @@ from pipedni.errors import ConfigError
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
 from pipedni.stage import Stage
-from references import mixed_reference
 from helpers import assert_every_message_received, read_steps, run_distributed
+from references import mixed_reference
 
 STEPS = 6
 

@@ -18,7 +18,7 @@ two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two G
 def _cuda_round_trip(rank, world_size, backend, slow_link=False):
     """``slow_link``: through an emulated link (the receiver holds each message, whose payload
     travels at once on the sender's stream) in bfloat16 (integers up to 256 are exact in it)."""
-    from pipedni.link import LinkSpec
+    from pipedni.transport.link import LinkSpec
     from pipedni.transport import Kind, Transport
 
     device = torch.device("cuda", rank % torch.cuda.device_count())

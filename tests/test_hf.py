@@ -22,9 +22,9 @@ from pipedni.config import load_config
 from pipedni.engine import Trainer
 from pipedni.export import merge_checkpoints
 from pipedni.models import build_model
-from own_models import gpt2, padded_tokens
 from pipedni.runtime import Runtime
 from helpers import assert_same_parameters, run_distributed, run_stages, write_kjv
+from own_models import gpt2, padded_tokens
 
 pytest.importorskip("transformers")
 

@@ -11,10 +11,10 @@ import torch
 from pipedni.config import load_config
 from pipedni.engine import Trainer, check_layout
 from pipedni.errors import ConfigError, LaunchError, TransportError
-from pipedni.link import Link, LinkModel, LinkSpec
 from pipedni.runtime import Runtime
 from pipedni.transport import Kind, Transport
-from pipedni.wire import HEADER_LEN
+from pipedni.transport.link import Link, LinkModel, LinkSpec
+from pipedni.transport.wire import HEADER_LEN
 from helpers import run_distributed
 
 CPU = torch.device("cpu")

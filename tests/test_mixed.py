@@ -138,9 +138,9 @@ def test_impossible_mixes_name_the_boundary(modes, extra, message):
     (["--train.boundaries=[dni]"], "is read only by train.schedule: mixed (it is '1f1b')"),
     (["--train.schedule=dni", "--dni.boundaries=[{warmup_steps: -1}]"], "warmup_steps = -1; must be >= 0"),
 ])
-def test_bad_boundary_lists_are_refused_at_load(overrides, message):
+def test_bad_boundary_lists_are_refused_before_any_stage_starts(overrides, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
-        load_config(None, overrides)
+        registry.check_config(load_config(None, overrides))
 
 
 def test_a_fallback_later_than_the_staleness_bound_is_refused():

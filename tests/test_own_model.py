@@ -15,19 +15,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from own_models import Lopsided, ResNet
 from pipedni import data as datasets
-from pipedni.boundary import input_split
 from pipedni.config import load_config
-from pipedni.cutting import cut_model
 from pipedni.engine import Trainer, with_saved_balance
 from pipedni.errors import PartitionError, PipeDNIError
 from pipedni.export import merge_checkpoints
 from pipedni.models import build_model
 from pipedni.optim import build_optimizer
 from pipedni.runtime import Runtime
+from pipedni.schedules import registry
+from pipedni.split.crossing import input_split
+from pipedni.split.cut import cut_model
 from pipedni.stage import loss_fn
 from helpers import REPO, RankFailed, run_cli, assert_same_parameters, free_port, one_line_error, run_distributed
+from own_models import Lopsided, ResNet
 
 TESTS = Path(__file__).resolve().parent
 SKIP_NET = ("--model.factory=own_models:skip_net", "--data.synthetic_shape=[8]")
@@ -279,7 +280,8 @@ def test_a_decoupled_run_times_a_split_model_and_records_the_cut_for_a_rerun(tmp
     cfg = make_config(tmp_path, "dni", 2, "--model.factory=own_models:lopsided", "--model.factory_args={repeats: 30}",
                       "--data.synthetic_shape=[64]")
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
-    cut = cut_model(cfg, Runtime(0, 2, 0, 2, torch.device("cpu"), "none"), Lopsided(repeats=30), train_set)
+    runtime = Runtime(0, 2, 0, 2, torch.device("cpu"), "none")
+    cut = cut_model(cfg, registry.get(cfg.train.schedule), runtime, Lopsided(repeats=30), train_set)
     assert "partition.method time: stage costs " in cut.description
     assert "x 1.12 for its dni.kind auto predictor); differs from the parameter split [2, 3]" in cut.description
     assert cut.cfg.model.split_points == ["blocks.1"] and cfg.model.split_points == []  # recorded for a rerun

@@ -100,7 +100,7 @@ def test_parity_with_clipping_adam_and_cosine(tmp_path):
 def test_initial_weights_do_not_depend_on_the_split():
     from pipedni.config import ModelConfig
     from pipedni.models import build_model
-    from pipedni.partition import partition
+    from pipedni.split.partition import partition
 
     whole = build_model(ModelConfig(name="cnn", channels=[4, 8], hidden=16, batchnorm=True), (1, 28, 28), 10, seed=5).state_dict()
     for n in (1, 2, 4):

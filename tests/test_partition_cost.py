@@ -15,17 +15,18 @@ import pytest
 import torch
 from torch import nn
 
-import pipedni.partition_cost as partition_cost
 from pipedni import data as datasets
 from pipedni.config import load_config
 from pipedni.dni.sizing import BUDGET
-from pipedni.cutting import cut_model, partition_method
 from pipedni.engine import Trainer
 from pipedni.errors import PartitionError
 from pipedni.models import build_model
-from pipedni.partition import partition
-from pipedni.partition_cost import LayerCosts, microbatch_of, run_costs
 from pipedni.runtime import Runtime
+from pipedni.schedules import registry
+from pipedni.split import cost
+from pipedni.split.cost import LayerCosts, microbatch_of, run_costs
+from pipedni.split.cut import cut_model, partition_method
+from pipedni.split.partition import partition
 from helpers import RankFailed, run_distributed
 
 
@@ -100,7 +101,8 @@ def _config(*overrides: str):
 def _costs(cfg, num_stages: int) -> LayerCosts:
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
     model = build_model(cfg.model, tuple(train_set.inputs.shape[1:]), train_set.num_classes, cfg.run.seed)
-    return run_costs(cfg, model, microbatch_of(cfg, train_set, torch.device("cpu")), train_set.num_classes, num_stages)
+    sample = microbatch_of(cfg, train_set, torch.device("cpu"))
+    return run_costs(cfg, registry.get(cfg.train.schedule), model, sample, train_set.num_classes, num_stages)
 
 
 def test_no_stage_ends_where_its_dni_predictor_cannot_run():
@@ -142,7 +144,8 @@ def test_what_a_stage_pays_beyond_its_layers_follows_the_schedule(overrides, sca
     (["--train.schedule=1f1b", "--partition.method=time"], 2, "time"),
 ])
 def test_auto_times_decoupled_schedules_and_counts_parameters_for_locked_ones(overrides, num_stages, method):
-    assert partition_method(load_config(None, overrides), num_stages) == method
+    cfg = load_config(None, overrides)
+    assert partition_method(cfg, registry.get(cfg.train.schedule), num_stages) == method
 
 
 def test_auto_is_the_default():
@@ -154,13 +157,13 @@ def test_the_saved_balance_reproduces_the_split_without_timing(tmp_path, monkeyp
     cfg = _config(f"--run.dir={tmp_path}", "--partition.method=time", "--data.synthetic_shape=[32]")
     train_set, _ = datasets.load_datasets(cfg.data, cfg.run.seed)
     runtime = cpu_runtime(0, 3, backend="none")
-    cut = cut_model(cfg, runtime, heavy_in_the_middle(), train_set)
+    cut = cut_model(cfg, registry.get(cfg.train.schedule), runtime, heavy_in_the_middle(), train_set)
     recorded = cut.cfg
     assert [len(s) for s in cut.stages] == [2, 1, 2] and "differs from the parameter split [1, 1, 3]" in cut.description
     assert recorded.partition.balance == [2, 1, 2] and cfg.partition.balance is None  # a copy, not a mutation
 
-    monkeypatch.setattr(partition_cost, "_timed_layers", _refuse_timing)
-    again = cut_model(recorded, runtime, heavy_in_the_middle(), train_set)
+    monkeypatch.setattr(cost, "_timed_layers", _refuse_timing)
+    again = cut_model(recorded, registry.get(recorded.train.schedule), runtime, heavy_in_the_middle(), train_set)
     assert [len(s) for s in again.stages] == [2, 1, 2] and "differs" not in again.description
     assert again.cfg is recorded  # a balance given is kept as given
 
@@ -170,7 +173,7 @@ def test_the_saved_balance_reproduces_the_split_without_timing(tmp_path, monkeyp
 
 def _timed_run(rank, world_size, run_dir):
     if rank != 0:
-        partition_cost._timed_layers = _refuse_timing
+        cost._timed_layers = _refuse_timing
     cfg = load_config(None, [f"--run.dir={run_dir}", "--run.log_every=1000", "--data.name=synthetic",
                              "--data.synthetic_shape=[32]", "--data.synthetic_size=256", "--data.batch_size=32",
                              "--train.steps=2", "--partition.method=time", "--dist.timeout_sec=60"])

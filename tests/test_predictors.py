@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from pipedni.config import DNIConfig
-from pipedni.errors import ConfigError
 from pipedni.dni.predictors import SyntheticGradient, SyntheticGradientTrainer
+from pipedni.errors import ConfigError
 
 CPU = torch.device("cpu")
 KINDS = [("linear", (32,)), ("lowrank", (32,)), ("mlp", (32,)), ("mlp", (4, 3, 3)), ("conv", (4, 6, 6))]

@@ -5,11 +5,11 @@ import torch
 
 from pipedni.config import load_config
 from pipedni.errors import ConfigError, LaunchError
+from pipedni.errors import TransportError
 from pipedni.metrics.records import MetricSpec
 from pipedni.schedules import registry
 from pipedni.schedules.spec import ScheduleSpec
 from pipedni.transport import Kind, NullTransport
-from pipedni.errors import TransportError
 
 
 def test_every_registered_schedule_is_a_valid_config_value():
@@ -19,7 +19,7 @@ def test_every_registered_schedule_is_a_valid_config_value():
 
 def test_an_unknown_schedule_lists_every_registered_one():
     with pytest.raises(ConfigError, match="train.schedule = 'pipedream' is not a schedule") as info:
-        load_config(None, ["--train.schedule=pipedream"])
+        registry.check_config(load_config(None, ["--train.schedule=pipedream"]))
     for name in registry.SCHEDULES:
         assert repr(name) in str(info.value)
 

@@ -5,13 +5,13 @@ import sys
 
 import pytest
 
-from pipedni.link import LinkSpec
+from pipedni.bench.__main__ import slug
 from pipedni.schedules import DeadlockError, simulate as unit_simulate, pipeline_actions, stage_actions
 from pipedni.sim import (PipelineCost, SimAction, StageCost, decoupled_stream, from_profile, replay, simulate,
                          uniform)
-from pipedni.bench.__main__ import slug
 from pipedni.sim.__main__ import main
 from pipedni.sim.costs import HEADER_BYTES
+from pipedni.transport.link import LinkSpec
 
 CASES = [(n, m) for n in (2, 3, 5) for m in (1, 2, 4, 7)]
 

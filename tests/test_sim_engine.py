@@ -1,7 +1,7 @@
 """The simulator's decoupled streams against what the engine did: a real run's measured timeline,
 call by call.
 
-``decoupled_stream`` (pipedni/sim/streams.py) mirrors ``BoundaryWorker.train_step`` by hand; the
+``decoupled_stream`` (pipedni/schedules/streams.py) mirrors ``BoundaryWorker.train_step`` by hand; the
 engine names each timed call as the stream names its action (``action_name``), so a run over
 gloo with ``run.timeline_steps`` must show, stage by stage and step by step, the stream's
 actions in the stream's order. Sends are left out (the transport names them by message, not

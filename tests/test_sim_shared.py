@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from pipedni.link import LinkSpec
 from pipedni.sim import PipelineCost, SimAction, StageCost, replay, simulate, uniform
 from pipedni.sim.__main__ import main
 from pipedni.sim.validate import calibration_job, calibrated, compare, costs_for
+from pipedni.transport.link import LinkSpec
 
 SCHEDULES = ["naive", "gpipe", "1f1b", "dni", "cdni", "async"]
 
@@ -45,7 +45,7 @@ def test_two_stages_on_one_core_share_it_by_halves():
 def test_the_shared_replay_with_a_processor_per_stage_is_the_independent_replay(schedule):
     """cores = 0 on the one clock (what receiving costs need) gives the independent replay's times."""
     from pipedni.sim.shared import SharedReplay
-    from pipedni.sim.streams import pipeline_streams
+    from pipedni.schedules.streams import pipeline_streams
 
     costs = uniform(3, 0.004, 0.008, 0.001, 0.002, 1e5, message_sec=1e-4)
     streams = pipeline_streams(schedule, 3, 4, 8)

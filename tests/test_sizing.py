@@ -3,9 +3,9 @@
 import torch
 from torch import nn
 
-from pipedni.boundary import StageShapes, TensorSpec
 from pipedni.config import DNIConfig, OptimConfig
 from pipedni.dni.sizing import candidates, choose, stage_sec
+from pipedni.split.crossing import StageShapes, TensorSpec
 from pipedni.stage import Stage
 
 WIDTH = 256

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import run_stages
-from own_models import Lopsided, ResNet, SkipNet
 from pipedni.errors import PartitionError
 from pipedni.split import split
+from helpers import run_stages
+from own_models import Lopsided, ResNet, SkipNet
 
 
 def same_outputs(model, plan, *inputs, training: bool) -> None:

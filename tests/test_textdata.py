@@ -15,9 +15,9 @@ import torch
 from pipedni import data
 from pipedni.config import DataConfig
 from pipedni.data import load_datasets
-from pipedni.errors import DataError
 from pipedni.data import files, kjv
 from pipedni.data.kjv import fetch_kjv, find_kjv, read_kjv, split_windows, windows
+from pipedni.errors import DataError
 from helpers import VERSES, write_kjv
 
 

@@ -9,7 +9,7 @@ import torch
 from pipedni.config import ModelConfig
 from pipedni.errors import ConfigError
 from pipedni.models import build_model
-from pipedni.partition import partition
+from pipedni.split.partition import partition
 
 VOCAB, SEQ = 65, 16
 

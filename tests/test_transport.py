@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from pipedni.errors import TransportError
-from pipedni.boundary import TensorSpec
+from pipedni.split.crossing import TensorSpec
 from pipedni.transport import SEND_WINDOW, Header, Kind, Transport
-from pipedni.wire import NextSize
+from pipedni.transport.wire import NextSize
 from helpers import CPU, RankFailed, chain_steps, changing_messages, recv_error, run_distributed, same_values, tuple_messages
 
 

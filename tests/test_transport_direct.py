@@ -1,5 +1,5 @@
 """Transport, received on the consumer's own thread as a locked schedule's stages receive
-(``direct_receive``, [Note: who receives] in pipedni/transport.py): the same contracts as
+(``direct_receive``, [Note: who receives] in pipedni/transport/transport.py): the same contracts as
 test_transport.py's, each scenario in one launch of three stages to keep the suite short."""
 
 from __future__ import annotations
@@ -9,10 +9,10 @@ import time
 
 import torch
 
-from pipedni.boundary import TensorSpec
 from pipedni.errors import TransportError
+from pipedni.split.crossing import TensorSpec
 from pipedni.transport import Kind, Transport
-from pipedni.wire import COMBINED_MAX
+from pipedni.transport.wire import COMBINED_MAX
 from helpers import CPU, RankFailed, chain_steps, changing_messages, recv_error, run_distributed, same_values, tuple_messages
 
 

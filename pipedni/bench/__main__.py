@@ -31,6 +31,7 @@ from pipedni.bench.profile import limits
 from pipedni.bench.runner import JobFailed, measure, read_curve, run_job, set_target, spread
 from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS, ConfigError
+from pipedni.schedules import registry
 
 QUICK = {"steps": 20, "warmup": 4, "repeats": 3, "microbatches": "4", "budget": 8.0, "budget_repeats": 1}
 EVALS_PER_BUDGET = 12
@@ -180,7 +181,7 @@ def accuracy_phase(args, overrides, jobs: list[Job], rows: list[dict], out: Path
     for job in jobs:
         if job.mode not in best or speed[job.label] > speed[best[job.mode].label]:
             best[job.mode] = job
-    chosen = [job for job in jobs if job.mode == "single" or best[job.mode] is job]  # both single baselines
+    chosen = [job for job in jobs if job.mode == registry.REFERENCE or best[job.mode] is job]  # both baselines
     entries = {}
     for job in chosen:
         every = max(1, round(speed[job.label] * args.budget / EVALS_PER_BUDGET / batch_size))

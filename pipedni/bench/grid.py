@@ -1,5 +1,5 @@
 """``python -m pipedni.bench.grid CONFIG --latencies 0,10,100 --bandwidths 0,100 --out DIR``:
-the benchmark over a grid of emulated links (see [Note: emulated links] in pipedni/link.py).
+the benchmark over a grid of emulated links (see [Note: emulated links] in pipedni/transport/link.py).
 
 Each cell is one ``python -m pipedni.bench`` run with ``--dist.link_latency_ms`` and
 ``--dist.link_bandwidth_mbps`` set, into ``DIR/lat<L>_bw<B>``; every other argument (modes,
@@ -36,6 +36,7 @@ from pipedni.bench.__main__ import parse_args as bench_args
 from pipedni.bench.plan import LOCKED_PIPELINES, Job
 from pipedni.bench.report import md_table, replace_section
 from pipedni.metrics.writer import write_json_atomic
+from pipedni.schedules import registry
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
@@ -127,7 +128,7 @@ def merge_rounds(rounds: list[dict]) -> dict:
 def summarize_cell(results: dict, latency: float, bandwidth: float) -> dict:
     """The fastest locked pipeline (its mode and microbatch count) and each decoupled mode's
     fastest job, in samples/s (median, min, max), with time to target where measured."""
-    rows = [r for r in results["throughput"] if r["mode"] != "single"]
+    rows = [r for r in results["throughput"] if r["mode"] != registry.REFERENCE]
     locked = max((r for r in rows if r["mode"] in LOCKED_PIPELINES), key=lambda r: r["samples_per_sec"]["median"])
     best: dict[str, dict] = {}
     for r in rows:

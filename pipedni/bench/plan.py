@@ -8,26 +8,15 @@ from dataclasses import dataclass, field
 from pipedni.config import Config
 from pipedni.errors import ConfigError, LaunchError
 from pipedni.schedules import registry
+from pipedni.schedules.modes import MODES as BOUNDARY_MODES, BoundaryMode
+from pipedni.schedules.spec import ScheduleSpec, Variant
 
-# A mode name -> (train.schedule, swept over microbatch counts?)
-MODES = {
-    "single": ("single", False),  # two jobs: 1 thread, and every core
-    "naive": ("naive", False),
-    "gpipe": ("gpipe", True),
-    "1f1b": ("1f1b", True),
-    "torch_gpipe": ("torch_gpipe", True),
-    "torch_1f1b": ("torch_1f1b", True),
-    "dni": ("dni", True),  # swept over dni.microbatches: see [Note: DNI microbatches]
-    "cdni": ("dni", True),  # dni conditioned on labels
-    "async": ("async", False),  # delayed true gradients; whole batches
-    "mixed": ("mixed", True),  # each boundary its own mode: needs --boundaries
-    "unlock": ("dni", True),  # cdni plus synthetic inputs (forward unlocking), at their defaults
-}
-DEFAULT_MODES = [mode for mode in MODES if mode not in ("mixed", "unlock")]
+# The modes the bench runs are the registry's (each schedule, or its variants: cdni, unlock).
+MODES = registry.MODES
+DEFAULT_MODES = [name for name, (_, variant) in MODES.items() if variant.default]
 # Locked pipelines (the modes every time to target is compared with): locked and multi-process.
-LOCKED_PIPELINES = tuple(mode for mode, (schedule, _) in MODES.items()
-                         if registry.get(schedule).locked and registry.get(schedule).max_stages is None)
-BASELINE = "single 1 thread"  # the job every speed-up is quoted against
+LOCKED_PIPELINES = tuple(name for name, (spec, _) in MODES.items() if spec.locked and spec.max_stages is None)
+BASELINE = f"{registry.REFERENCE} 1 thread"  # the job every speed-up is quoted against
 
 
 @dataclass(frozen=True)
@@ -67,35 +56,33 @@ def parse_counts(text: str, what: str) -> list[int]:
 
 
 def parse_boundaries(text: str, modes: list[str], num_stages: int) -> list[str]:
-    """``--boundaries locked,dni,...``: one mode per boundary, required by (and only by) ``mixed``."""
-    from pipedni.schedules.boundary_rules import MODES as BOUNDARY_MODES
-
+    """``--boundaries locked,dni,...``: one mode per boundary, required by (and only by) the modes
+    whose schedule reads ``train.boundaries`` (``mixed``)."""
     boundaries = [b.strip() for b in text.split(",") if b.strip()]
-    if "mixed" not in modes:
+    readers = [name for name, (spec, _) in MODES.items() if spec.reads_boundaries]
+    if not set(readers) & set(modes):
         if boundaries:
-            raise ConfigError(f"--boundaries {text!r} is read only by the mixed mode; add mixed to --modes")
+            raise ConfigError(f"--boundaries {text!r} is read only by the {' or '.join(readers)} mode; add "
+                              f"{readers[0]} to --modes")
         return []
     if len(boundaries) != num_stages - 1 or any(b not in BOUNDARY_MODES for b in boundaries):
-        raise ConfigError(f"--boundaries {text!r}: the mixed mode needs {num_stages - 1} of "
+        raise ConfigError(f"--boundaries {text!r}: the {readers[0]} mode needs {num_stages - 1} of "
                           f"{', '.join(BOUNDARY_MODES)} for --stages {num_stages}, e.g. "
-                          f"{','.join((['locked', 'dni'] * num_stages)[:num_stages - 1])}")
+                          f"{','.join(([BoundaryMode.LOCKED, BoundaryMode.DNI] * num_stages)[:num_stages - 1])}")
     return boundaries
 
 
-def _microbatch_args(mode: str, m: int) -> tuple[str, ...]:
-    if mode in ("dni", "cdni", "unlock"):
-        return (f"--dni.microbatches={m}", f"--dni.condition_on_labels={'false' if mode == 'dni' else 'true'}",
-                f"--dni.synthetic_inputs={'true' if mode == 'unlock' else 'false'}")
-    return (f"--train.microbatches={m}",)
+def _microbatch_args(spec: ScheduleSpec, variant: Variant, m: int) -> tuple[str, ...]:
+    return (f"--{spec.microbatch_key}={m}", *variant.overrides)
 
 
-def _runs(schedule: str, num_stages: int, m: int, batch_size: int) -> bool:
+def _runs(spec: ScheduleSpec, num_stages: int, m: int, batch_size: int) -> bool:
     """Whether the schedule's own layout checks accept ``m`` microbatches (torch's need equal
     microbatches, and Schedule1F1B at least one per stage)."""
     cfg = Config()
-    cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size = schedule, m, batch_size
-    if schedule == "mixed":
-        cfg.train.boundaries = ["locked"] * (num_stages - 1)  # the count is what the layout checks
+    cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size = spec.name, m, batch_size
+    if spec.reads_boundaries:
+        cfg.train.boundaries = [BoundaryMode.LOCKED.value] * (num_stages - 1)  # the count is what the layout checks
     try:
         registry.check_layout(cfg, num_stages)
     except (ConfigError, LaunchError):
@@ -111,17 +98,18 @@ def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_
     cores = os.cpu_count() or 1
     jobs: list[Job] = []
     for mode in modes:
-        schedule, swept = MODES[mode]
-        if mode == "single":
-            jobs.append(Job(BASELINE, mode, schedule, 1, 1, 1))
+        spec, variant = MODES[mode]
+        if spec.max_stages == 1:  # the reference: one process, on one thread and on every core
+            jobs.append(Job(BASELINE, mode, spec.name, 1, 1, 1, variant.overrides))
             if cores > 1:
-                jobs.append(Job(f"single {cores} threads", mode, schedule, 1, cores, 1))
-        elif not swept:
-            jobs.append(Job(mode, mode, schedule, num_stages, 1, 1, ("--train.microbatches=1",)))
+                jobs.append(Job(f"{mode} {cores} threads", mode, spec.name, 1, cores, 1, variant.overrides))
+        elif not spec.sweeps_microbatches:
+            jobs.append(Job(mode, mode, spec.name, num_stages, 1, 1, ("--train.microbatches=1", *variant.overrides)))
         else:
             for m in microbatches:
-                if m > batch_size or not _runs(schedule, num_stages, m, batch_size):
+                if m > batch_size or not _runs(spec, num_stages, m, batch_size):
                     continue
-                extra = (f"--train.boundaries=[{','.join(boundaries)}]",) if mode == "mixed" else ()
-                jobs.append(Job(f"{mode} M={m}", mode, schedule, num_stages, 1, m, _microbatch_args(mode, m) + extra))
+                extra = (f"--train.boundaries=[{','.join(boundaries)}]",) if spec.reads_boundaries else ()
+                jobs.append(Job(f"{mode} M={m}", mode, spec.name, num_stages, 1, m,
+                                _microbatch_args(spec, variant, m) + extra))
     return jobs

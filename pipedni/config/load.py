@@ -126,10 +126,9 @@ def _check_microbatches(cfg: Config, key: str, m: int) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Cross-field checks, run once at load."""
-    from pipedni.schedules import registry  # the schedules build on config: import them only now
-
-    registry.get(cfg.train.schedule)
+    """Cross-field checks, run once at load. What depends on the schedule (its name, the
+    boundary modes, where synthetic inputs may run) is checked by the schedules themselves
+    (``pipedni.schedules.registry.check_config``), which build on this package."""
     _require(cfg.data.batch_size >= 1, f"data.batch_size = {cfg.data.batch_size}; must be >= 1")
     _require(cfg.data.eval_batch_size >= 1, f"data.eval_batch_size = {cfg.data.eval_batch_size}; must be >= 1")
     _require(cfg.data.seq_len >= 1, f"data.seq_len = {cfg.data.seq_len}; must be >= 1")
@@ -139,7 +138,6 @@ def validate(cfg: Config) -> None:
         cfg.train.steps > 0 or cfg.train.epochs > 0,
         "train.steps and train.epochs are both 0; set one of them",
     )
-    _validate_boundaries(cfg)
     _require(cfg.train.eval_every >= 0, f"train.eval_every = {cfg.train.eval_every}; must be >= 0")
     limit = cfg.train.time_limit_sec
     _require(limit >= 0, f"train.time_limit_sec = {limit}; must be >= 0 (0: off)")
@@ -202,22 +200,6 @@ def _validate_checkpoint(cfg: Config) -> None:
     )
 
 
-def _validate_boundaries(cfg: Config) -> None:
-    """Boundary modes name real modes and are read only by ``mixed`` (their count is checked
-    against the stages at launch)."""
-    from pipedni.schedules.boundaries import MIXED
-    from pipedni.schedules.boundary_rules import MODES
-
-    modes = cfg.train.boundaries
-    for i, mode in enumerate(modes):
-        _require(mode in MODES, f"train.boundaries[{i}] = {mode!r} is not a boundary mode; use one of {', '.join(MODES)}")
-    _require(
-        not modes or cfg.train.schedule == MIXED.name,
-        f"train.boundaries = {modes} is read only by train.schedule: {MIXED.name} (it is {cfg.train.schedule!r}); "
-        f"set --train.schedule={MIXED.name} or remove train.boundaries",
-    )
-
-
 def _validate_transformer(m: ModelConfig) -> None:
     if m.name != "transformer":
         return
@@ -259,12 +241,6 @@ def _validate_dni(cfg: Config) -> None:
             )
             _set(probe, f"dni.boundaries[{i}]", key, value, "config")
             entry[key] = getattr(probe, key)
-    unlocked = d.synthetic_inputs or any(entry.get("synthetic_inputs") for entry in d.boundaries)
-    _require(
-        not unlocked or cfg.train.schedule in ("dni", "mixed"),
-        f"dni.synthetic_inputs is set but train.schedule = {cfg.train.schedule!r} has no dni boundary to skip the wait "
-        "across; use --train.schedule=dni (or mixed with a dni boundary), or drop dni.synthetic_inputs",
-    )
     for i in range(max(1, len(d.boundaries))):
         b = d.for_boundary(i)
         where = f"dni.boundaries[{i}]" if d.boundaries else "dni"

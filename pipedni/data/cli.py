@@ -6,10 +6,11 @@ import argparse
 import sys
 from typing import Optional, Sequence
 
-import pipedni.data
 from pipedni.config import DataConfig
 from pipedni.data.registry import DATASETS, FETCHABLE, fetch, load_datasets, where
 from pipedni.errors import DataError
+
+DESCRIPTION = "Fetch or describe pipedni's data sets (IDX files, the mnist_5k CSV, kjv text, synthetic)."
 
 
 def _info(name: str, root: str) -> None:
@@ -21,7 +22,7 @@ def _info(name: str, root: str) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipedni.data", description=pipedni.data.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipedni.data", description=DESCRIPTION)
     commands = parser.add_subparsers(dest="command", required=True)
     fetch_parser = commands.add_parser("fetch", help="make a data set's files available")
     fetch_parser.add_argument("name", choices=FETCHABLE)

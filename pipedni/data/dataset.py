@@ -9,9 +9,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
-from pipedni.boundary import Value, describe_spec, input_spec
 from pipedni.config import DataConfig
 from pipedni.errors import DataError
+from pipedni.split.crossing import Value, describe_spec, input_spec
 
 
 @dataclass

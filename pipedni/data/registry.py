@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from pipedni.boundary import input_slice
 from pipedni.config import DataConfig
 from pipedni.data import factory, idx, kjv, mnist_5k, synthetic
 from pipedni.data.dataset import Dataset, Source
 from pipedni.errors import DataError
+from pipedni.split.crossing import input_slice
 
 DATASETS: dict[str, Source] = {
     source.name: source

@@ -22,7 +22,7 @@ boundaries the stages after it learn from features that drift (measured: at 4 st
 predictions and the true gradients that arrive, starting at 0, and a stage updates from its
 synthetic gradient only while that is at least ``dni.min_cosine``. Until then it learns from
 the true gradient instead, one step late, as ``async`` does (``dni.fallback: delayed``, see
-schedules/boundaries.py, [Note: the untrusted fallback]); with ``dni.fallback: frozen`` its
+pipedni/schedules/decoupled.py, [Note: the untrusted fallback]); with ``dni.fallback: frozen`` its
 gradients are dropped (the optimizer skips its parameters: no step, no state change). A stage
 thus uses its predictor once it has learnt, and stops again if the predictor loses track.
 ``dni.min_cosine: 0`` always uses it, as the paper.

@@ -28,14 +28,15 @@ class LockedWorker(Worker):
 
 
 def _spec(name: str, doc: str, **kwargs) -> ScheduleSpec:
-    return ScheduleSpec(name, doc, build=lambda ctx: LockedWorker(ctx, name), **kwargs)
+    return ScheduleSpec(name, doc, build=lambda ctx: LockedWorker(ctx, name), plan=name, **kwargs)
 
 
 SINGLE = _spec("single", "the whole model in one process: the reference every locked schedule equals",
-               max_stages=1)
+               max_stages=1, sweeps_microbatches=False)
 SPECS = (
     SINGLE,
-    _spec("naive", "model parallel: each microbatch's forward and backward cross the pipe in turn"),
+    _spec("naive", "model parallel: each microbatch's forward and backward cross the pipe in turn",
+          sweeps_microbatches=False),
     _spec("gpipe", "GPipe: every microbatch forward, then every backward; one update per batch"),
     _spec("1f1b", "1F1B: one forward, one backward in steady state; at most N - i microbatches held"),
 )

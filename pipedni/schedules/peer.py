@@ -15,12 +15,12 @@ from typing import Optional
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
-from pipedni.boundary import Spec, Value, example, gradient_spec, input_to
 from pipedni.config import Config
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker, grad_norm, sum_tied
+from pipedni.split.crossing import Spec, Value, example, gradient_spec, input_to
 from pipedni.stage import loss_fn
 
 

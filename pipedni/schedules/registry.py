@@ -7,21 +7,56 @@ them all. Nothing else in pipedni tests a schedule's name.
 from __future__ import annotations
 
 from pipedni.config import Config
-from pipedni.dni import worker as dni
 from pipedni.errors import ConfigError, LaunchError
-from pipedni.schedules import boundaries, locked, peer
-from pipedni.schedules.spec import ScheduleSpec
+from pipedni.schedules import decoupled, dni, locked, peer
+from pipedni.schedules.modes import MODES as BOUNDARY_MODES
+from pipedni.schedules.spec import ScheduleSpec, Variant
 
 SCHEDULES: dict[str, ScheduleSpec] = {
-    spec.name: spec for spec in (*locked.SPECS, dni.SPEC, *boundaries.SPECS, *peer.SPECS)
+    spec.name: spec for spec in (*locked.SPECS, dni.SPEC, *decoupled.SPECS, *peer.SPECS)
 }
 REFERENCE = locked.SINGLE.name  # the whole model in one process: what runs without torchrun
+# The modes the bench runs and the simulator replays, by name: each schedule's variants, or itself.
+MODES: dict[str, tuple[ScheduleSpec, Variant]] = {
+    variant.name: (spec, variant) for spec in SCHEDULES.values() for variant in spec.modes()
+}
 
 
 def get(name: str) -> ScheduleSpec:
     if name not in SCHEDULES:
         raise ConfigError(f"train.schedule = {name!r} is not a schedule; choose one of {', '.join(map(repr, SCHEDULES))}")
     return SCHEDULES[name]
+
+
+def mode(name: str) -> tuple[ScheduleSpec, Variant]:
+    """A bench or simulator mode's schedule and settings."""
+    if name not in MODES:
+        raise ConfigError(f"mode {name!r} is not a schedule or a variant of one; choose one of {', '.join(MODES)}")
+    return MODES[name]
+
+
+def check_config(cfg: Config) -> ScheduleSpec:
+    """What the config asks of its schedule, before any stage starts: a schedule that exists, and
+    the settings only some schedules read (``train.boundaries``, ``dni.synthetic_inputs``) set
+    only where they are read. Returns the schedule."""
+    spec = get(cfg.train.schedule)
+    modes = cfg.train.boundaries
+    for i, boundary in enumerate(modes):
+        if boundary not in BOUNDARY_MODES:
+            raise ConfigError(f"train.boundaries[{i}] = {boundary!r} is not a boundary mode; use one of "
+                              f"{', '.join(BOUNDARY_MODES)}")
+    readers = [s.name for s in SCHEDULES.values() if s.reads_boundaries]
+    if modes and not spec.reads_boundaries:
+        raise ConfigError(f"train.boundaries = {modes} is read only by train.schedule: {' or '.join(readers)} (it is "
+                          f"{spec.name!r}); set --train.schedule={readers[0]} or remove train.boundaries")
+    d = cfg.dni
+    if (d.synthetic_inputs or any(entry.get("synthetic_inputs") for entry in d.boundaries)) \
+            and not spec.synthetic_gradients:
+        dni_schedules = [s.name for s in SCHEDULES.values() if s.synthetic_gradients]
+        raise ConfigError(f"dni.synthetic_inputs is set but train.schedule = {spec.name!r} has no dni boundary to skip "
+                          f"the wait across; use --train.schedule={dni_schedules[0]} (or "
+                          f"{' or '.join(dni_schedules[1:])} with a dni boundary), or drop dni.synthetic_inputs")
+    return spec
 
 
 def resolve(name: str, num_stages: int) -> ScheduleSpec:
@@ -33,7 +68,7 @@ def resolve(name: str, num_stages: int) -> ScheduleSpec:
 def check_layout(cfg: Config, num_stages: int) -> ScheduleSpec:
     """One process per stage: the schedule must fit the world size. Returns the schedule to run."""
     name = cfg.train.schedule
-    spec = get(name)
+    spec = check_config(cfg)
     if num_stages < spec.min_stages:
         raise LaunchError(f"train.schedule = {name!r} needs at least {spec.min_stages} stages (processes); "
                           "start more with torchrun")

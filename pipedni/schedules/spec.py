@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Optional, Union
+from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
-from pipedni.boundary import Spec, StageShapes
 from pipedni.config import Config
 from pipedni.metrics.records import MetricSpec
+from pipedni.split.crossing import Spec, StageShapes
 from pipedni.stage import Stage
 from pipedni.transport import NullTransport, Transport
 
@@ -43,6 +43,16 @@ def no_weight_copies(cfg: Config) -> int:
 
 
 @dataclass(frozen=True)
+class Variant:
+    """A named way to run a schedule that the bench and the simulator offer as a mode of its own
+    (``cdni``: dni whose predictors see the labels): its settings, as command-line overrides."""
+
+    name: str
+    overrides: tuple[str, ...] = ()
+    default: bool = True  # among the bench's default modes
+
+
+@dataclass(frozen=True)
 class ScheduleSpec:
     """One schedule. Adding a schedule is a module defining one of these plus a registry line."""
 
@@ -59,3 +69,33 @@ class ScheduleSpec:
     predictor_boundaries: Callable[[Config, int], tuple[int, ...]] = no_predictors
     copies_weights: Callable[[Config], int] = no_weight_copies
     wait_grad_header: str = "wait grad s"  # what wait_grad_sec means under it, in the console
+    # How a batch is cut: the setting its microbatch count comes from (None: whole batches), and
+    # whether the bench sweeps that count.
+    microbatch_key: Optional[str] = "train.microbatches"
+    sweeps_microbatches: bool = True
+    # What the simulator replays: a locked plan of schedules/actions.py, or each boundary's mode
+    # (stage i -> i+1; from train.boundaries where the schedule reads them) for a decoupled one.
+    plan: Optional[str] = None
+    boundary_modes: Optional[Callable[[int, Sequence[str]], tuple[str, ...]]] = None
+    reads_boundaries: bool = False  # train.boundaries is its setting
+    synthetic_gradients: bool = False  # may have dni boundaries (dni.synthetic_inputs needs one)
+    variants: tuple[Variant, ...] = ()  # its bench/simulator modes (none: one, by its name)
+
+    @property
+    def decoupled(self) -> bool:
+        return self.boundary_modes is not None
+
+    def microbatches(self, cfg: Config) -> int:
+        """The microbatches a batch runs in under this schedule."""
+        if self.microbatch_key is None:
+            return 1
+        section, key = self.microbatch_key.split(".")
+        return getattr(getattr(cfg, section), key)
+
+    def runs_microbatches(self, m: int) -> int:
+        """What ``m`` microbatches asked of the simulator become (whole batches: 1)."""
+        return 1 if self.microbatch_key is None else m
+
+    def modes(self) -> tuple[Variant, ...]:
+        """Its modes for the bench and the simulator: its variants, or itself."""
+        return self.variants or (Variant(self.name, default=not self.reads_boundaries),)

@@ -20,10 +20,11 @@ from typing import Optional
 
 from pipedni.config import Config, load_config
 from pipedni.errors import USER_ERRORS, ConfigError
-from pipedni.link import LinkSpec
 from pipedni.metrics.timeline import Event, draw
+from pipedni.schedules import registry
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent
 from pipedni.sim.pipeline import SimResult, simulate
+from pipedni.transport.link import LinkSpec
 
 PARTS = {"forward": "forward_sec", "backward": "backward_sec", "optimizer": "optimizer_sec", "predictor": "predictor_sec"}
 
@@ -82,7 +83,7 @@ def replay_run(cfg: Config, measured: list[list[Event]], costs: PipelineCost,
     recorded = sorted({e.step for events in measured for e in events})
     first, count = recorded[0], len(recorded)
     schedule = cfg.train.schedule
-    m = cfg.dni.microbatches if schedule == "dni" else cfg.train.microbatches
+    m = registry.get(schedule).microbatches(cfg)
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     result = simulate(schedule, costs, m, first + count + 1, link, cfg.data.batch_size, max(first, 1),
                       cfg.train.boundaries, cfg.delayed.delay, cfg.dni.max_staleness,

@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Optional
 
 from pipedni.errors import ConfigError
-from pipedni.wire import HEADER_LEN
+from pipedni.transport.wire import HEADER_LEN
 
 HEADER_BYTES = HEADER_LEN * 8  # the int64 header every message carries before its payload
 FORWARD_SHARE = 1 / 3  # of fwd_bwd_sec, when a profile does not time forward and backward apart

@@ -13,13 +13,13 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from pipedni.errors import ConfigError
-from pipedni.link import LinkSpec
 from pipedni.metrics.timeline import Event
+from pipedni.schedules.streams import (DEFAULT_DELAY, DEFAULT_MAX_STALENESS, check_staleness, pipeline_streams,
+                                       simulated)
 from pipedni.sim.costs import PipelineCost
-from pipedni.sim.replay import StageTrace, replay
-from pipedni.sim.streams import (DECOUPLED, DEFAULT_DELAY, DEFAULT_MAX_STALENESS, SCHEDULES, boundary_modes,
-                                 effective_microbatches, pipeline_streams)
-from pipedni.schedules.boundary_rules import delays
+from pipedni.sim.replay import StageTrace
+from pipedni.sim.shared import replay
+from pipedni.transport.link import LinkSpec
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,9 @@ def measure(schedule: str, m: int, traces: list[StageTrace], steps: int, batch_s
 def check(schedule: str, num_stages: int, num_microbatches: int, steps: int, batch_size: int,
           warmup_steps: int, link: LinkSpec, delay: int, max_staleness: int, cores: int = 0) -> None:
     """Every input a simulation could fail on, with the value and the fix."""
-    if schedule not in SCHEDULES:
-        raise ConfigError(f"schedule {schedule!r} is not simulated; choose one of {', '.join(SCHEDULES)}")
-    if schedule in DECOUPLED and num_stages < 2:
-        raise ConfigError(f"schedule {schedule!r} needs at least 2 stages, got {num_stages}")
+    spec = simulated(schedule)
+    if num_stages < spec.min_stages:
+        raise ConfigError(f"schedule {schedule!r} needs at least {spec.min_stages} stages, got {num_stages}")
     for name, value, low in (("num_microbatches", num_microbatches, 1), ("batch_size", batch_size, 1),
                              ("warmup_steps", warmup_steps, 0), ("delay", delay, 1),
                              ("max_staleness", max_staleness, 0), ("cores", cores, 0)):
@@ -83,20 +82,11 @@ def check(schedule: str, num_stages: int, num_microbatches: int, steps: int, bat
     if steps < warmup_steps + 2:
         raise ConfigError(f"steps = {steps} leaves under 2 timed steps after warmup_steps = {warmup_steps}; "
                           f"give at least {warmup_steps + 2}")
-    if effective_microbatches(schedule, num_microbatches) > batch_size:
+    if spec.runs_microbatches(num_microbatches) > batch_size:
         raise ConfigError(f"num_microbatches = {num_microbatches} is more than batch_size = {batch_size}; "
                           "a microbatch holds at least one sample")
     if link.latency_sec < 0 or link.bytes_per_sec < 0:
         raise ConfigError(f"link {link}: latency and bandwidth must be >= 0 (0 bandwidth: unlimited)")
-
-
-def _check_staleness(modes: Sequence[str], delay: int, max_staleness: int) -> None:
-    """A dni boundary must wait as long as the stage after it returns gradients late (as ``check_mixed``)."""
-    d = delays(modes, delay)
-    for i, mode in enumerate(modes):
-        if mode == "dni" and d[i + 1] > max_staleness:
-            raise ConfigError(f"boundary {i} is dni but stage {i + 1} returns gradients {d[i + 1]} step(s) late; "
-                              f"set max_staleness to {d[i + 1]} or more")
 
 
 def simulate(schedule: str, costs: PipelineCost, num_microbatches: int = 1, steps: int = 20,
@@ -110,9 +100,9 @@ def simulate(schedule: str, costs: PipelineCost, num_microbatches: int = 1, step
     ``cores``: 0, a processor per stage; else the stages share that many ([Note: shared cores])."""
     n = costs.num_stages
     check(schedule, n, num_microbatches, steps, batch_size, warmup_steps, link, delay, max_staleness, cores)
-    if schedule in DECOUPLED:
-        _check_staleness(boundary_modes(schedule, n, boundaries), delay, max_staleness)
-    m = effective_microbatches(schedule, num_microbatches)
+    spec = simulated(schedule)
+    check_staleness(spec, n, boundaries, delay, max_staleness)
+    m = spec.runs_microbatches(num_microbatches)
     streams = pipeline_streams(schedule, n, m, steps, boundaries, delay, max_staleness, reduce_norm, trusted)
     traces = replay(streams, costs, m, link, record, cores)
     return measure(schedule, m, traces, steps, batch_size, warmup_steps)

@@ -3,7 +3,7 @@
 [Note: replay order]
 Each stage runs its actions in order on a clock of its own. Compute takes its cost; SEND costs
 the sender ``message_sec`` and the message is delivered at ``LinkModel.deliver_at`` of that
-time on the edge direction's own link (link.py, [Note: emulated links]); RECV waits until the
+time on the edge direction's own link (pipedni/transport/link.py, [Note: emulated links]); RECV waits until the
 message named by (kind, step, microbatch, from stage, to stage) is delivered; ALL_REDUCE waits
 until every stage has reached it. A delivery time depends only on the sender's clock and the
 earlier messages on the same direction, which that one sender sent before, and a RECV waits
@@ -22,11 +22,11 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence, Union
 
-from pipedni.link import LinkModel, LinkSpec
 from pipedni.metrics.timeline import Event
 from pipedni.schedules.actions import DeadlockError
+from pipedni.schedules.streams import SimAction, Stream
 from pipedni.sim.costs import HEADER_BYTES, PipelineCost, StageCost
-from pipedni.sim.streams import SimAction, Stream
+from pipedni.transport.link import LinkModel, LinkSpec
 
 Key = tuple[str, int, int, int, int]  # (F or B, step, microbatch, from stage, to stage)
 CATEGORY = {"F": "forward", "B": "backward", "SG": "predictor", "FIT": "predictor", "STEP": "optimizer",
@@ -211,15 +211,3 @@ def shares_processors(num_stages: int, cores: int, receive_sec: float) -> bool:
     """Whether a replay needs shared.py's one clock: fewer cores than stages, or messages whose
     receipt takes processor time beside a stage's compute."""
     return 0 < cores < num_stages or receive_sec > 0
-
-
-def replay(streams: Sequence[Stream], costs: PipelineCost, num_microbatches: int, link: LinkSpec = LinkSpec(),
-           record: bool = True, cores: int = 0) -> list[StageTrace]:
-    """Every stage's trace after replaying ``streams`` (see [Note: replay order]); raises
-    ``DeadlockError`` naming the stuck stages and what each waits for. ``cores``: 0, every stage on
-    a processor of its own; else the stages share that many (see [Note: shared cores] in shared.py).
-    Messages that cost their receiver (``costs.receive_sec``) need shared.py's one clock too."""
-    if shares_processors(len(streams), cores, costs.receive_sec):
-        from pipedni.sim.shared import SharedReplay  # it extends Replay
-        return SharedReplay(streams, costs, num_microbatches, link, record, cores).run()
-    return Replay(streams, costs, num_microbatches, link, record).run()

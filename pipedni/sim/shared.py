@@ -21,7 +21,7 @@ and C >= N this gives exactly the times of ``Replay`` (tested), which stays the 
 A message costs processor time at both ends. The sender's main thread pays ``message_sec``
 (the header, the posting), which the replay has always charged. The receiving side's work
 (the transport's copy off the socket, the receiver thread that decodes the header and files the
-message: see transport.py) runs beside the stage's own thread, so a stage never waits for it
+message: see pipedni/transport/transport.py) runs beside the stage's own thread, so a stage never waits for it
 when a processor is free, but it takes a share of a busy one. That share is what a decoupled
 pipeline on few cores pays and a locked one hardly does: a locked stage is idle while its next
 message comes in, a decoupled stage is computing. ``receive_sec`` models it: a message
@@ -34,10 +34,10 @@ from __future__ import annotations
 from collections import Counter, deque
 from typing import Sequence
 
-from pipedni.link import LinkSpec
+from pipedni.schedules.streams import Stream
 from pipedni.sim.costs import PipelineCost
-from pipedni.sim.replay import Key, Replay, StageTrace, StageProcess
-from pipedni.sim.streams import Stream
+from pipedni.sim.replay import Key, Replay, StageProcess, StageTrace, shares_processors
+from pipedni.transport.link import LinkSpec
 
 TICK = 1e-12  # seconds: work left or a wake-up closer than this counts as now (float rounding)
 Direction = tuple[int, int]  # (from stage, to stage)
@@ -130,3 +130,14 @@ class SharedReplay(Replay):
             if wake <= self.now + TICK:
                 del self.sleep[index]
                 self.runnable.append(index)
+
+
+def replay(streams: Sequence[Stream], costs: PipelineCost, num_microbatches: int, link: LinkSpec = LinkSpec(),
+           record: bool = True, cores: int = 0) -> list[StageTrace]:
+    """Every stage's trace after replaying ``streams`` (see [Note: replay order] in replay.py); raises
+    ``DeadlockError`` naming the stuck stages and what each waits for. ``cores``: 0, every stage on
+    a processor of its own; else the stages share that many (see [Note: shared cores] above).
+    Messages that cost their receiver (``costs.receive_sec``) need the one clock too."""
+    if shares_processors(len(streams), cores, costs.receive_sec):
+        return SharedReplay(streams, costs, num_microbatches, link, record, cores).run()
+    return Replay(streams, costs, num_microbatches, link, record).run()

@@ -54,12 +54,13 @@ from typing import Callable, Optional
 from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
 from pipedni.config import load_config
-from pipedni.link import LinkSpec
+from pipedni.schedules import registry
+from pipedni.schedules.streams import SIMULATED, effective_microbatches
 from pipedni.sim.beside import trusted_run
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.sim.replay import shares_processors
-from pipedni.sim.streams import SCHEDULES, effective_microbatches
+from pipedni.transport.link import LinkSpec
 
 CALIBRATION_ROUNDS = 8  # replays of the calibration job on shared cores (see the module's note)
 
@@ -81,7 +82,7 @@ def costs_for(results: dict, row: dict, message_sec: float, receive_sec: float =
     base = from_profile(results["profile"], message_sec=message_sec, together=True, microbatches=m)
     sent = [s["bytes_sent_per_step"] for s in row["stages"]]
     activation = activations_from_sent(sent)
-    predicts = row["mode"] in ("dni", "cdni", "mixed")  # only they run a predictor (its profiled cost)
+    predicts = registry.mode(row["mode"])[0].synthetic_gradients  # only they run a predictor (its profiled cost)
     stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec if predicts else 0.0,
                         activation[i], activation[i - 1] if i > 0 else 0.0) for i, s in enumerate(base.stages)]
     return PipelineCost(tuple(stages), message_sec, receive_sec)
@@ -181,7 +182,7 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
     reference = {row["label"]: row for row in (calibration or {}).get("throughput", [])}
     out = []
     for row in results["throughput"]:
-        if row["mode"] not in SCHEDULES or (calibration is not None and row["label"] not in reference):
+        if row["mode"] not in SIMULATED or (calibration is not None and row["label"] not in reference):
             continue
         costs = costs_for(results, row, message_sec, receive_sec)
         if calibration is not None:  # see [Note: calibrating on real runs]

@@ -1,4 +1,4 @@
-"""``pipedni.split``: cut any ``nn.Module`` into stage modules (trace.py: the graph; cuts.py:
+"""``pipedni.split``: cut any ``nn.Module`` into stage modules (trace.py: the graph; points.py:
 where to cut; stages.py: what crosses and the stage modules; plan.py: what comes back)."""
 
 from __future__ import annotations
@@ -9,14 +9,14 @@ import torch.fx as fx
 from torch import nn
 
 from pipedni.errors import PartitionError
-from pipedni.split.cuts import (SplitPoints, ancestors, belongs, block_starts, blocks, check_segments, compute_nodes,
+from pipedni.split.points import (SplitPoints, ancestors, belongs, block_starts, blocks, check_segments, compute_nodes,
                                 cuts_of, parameter_balance, parse_points, resolve_cuts, segment_names)
 from pipedni.split.plan import BoundaryTensor, SplitPlan, tied_groups
 from pipedni.split.stages import crossings, install, make_stage_module, model_output, stage_graph, stage_of_nodes
 from pipedni.split.trace import TRACERS, Traced, describe_values, trace
 
 if TYPE_CHECKING:
-    from pipedni.partition_cost import LayerCosts
+    from pipedni.split.cost import LayerCosts
 
 Timer = Callable[[list[tuple[str, nn.Module]], tuple[Any, Any]], "LayerCosts"]  # see split's timer
 
@@ -33,11 +33,11 @@ def split(model: nn.Module, num_stages: int, example_inputs: Any, split_points: 
     cut before (a list), or a dict naming "beginning" or "end" for each; without them
     ``method`` chooses cuts between blocks: "parameters", "uniform" (block counts) or "time"
     (each run of blocks' forward+backward on the example, timed: see [Note: partition by time]
-    in partition_cost.py; ``plan.note`` says what was measured). ``output``: which item of a
+    in cost.py; ``plan.note`` says what was measured). ``output``: which item of a
     tuple or dict the model returns is the last stage's output (default: the first).
     ``tracer``: "fx", "export" or "chain" alone (default: each in turn, see trace.py).
     ``timer``: what "time" measures, ``(runs, example) -> LayerCosts`` over (name, module)
-    runs of blocks (default: ``partition_cost.layer_costs``, forward+backward and an SGD step).
+    runs of blocks (default: ``cost.layer_costs``, forward+backward and an SGD step).
     The stages share the model's parameters and buffers (no copies); timing leaves them as
     they were.
     """
@@ -82,7 +82,7 @@ def _timed_cuts(model: nn.Module, traced: Traced, num_stages: int, output: Any,
     runs = [(name, make_stage_module(model, g, None, f"Run{i}")) for i, (name, g) in enumerate(zip(names, graphs))]
     example = tuple(traced.example[name] for name in traced.input_names)
     if timer is None:
-        from pipedni.partition_cost import layer_costs  # here: it builds on the engine's modules
+        from pipedni.split.cost import layer_costs  # here: it builds on the engine's modules
 
         timer = layer_costs
     costs = timer(runs, (example, None))

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch import nn
 
 from pipedni.errors import PartitionError
-from pipedni.split.cuts import compute_nodes
+from pipedni.split.points import compute_nodes
 from pipedni.split.trace import Value
 
 

@@ -7,7 +7,7 @@ How stage i learns from stage i+1 is the boundary's mode:
     async   the true gradient of an earlier step (delayed gradients: DDG,    d_i = d_{i+1} + delayed.delay
             arXiv 1804.10574; PipeDream, SOSP 2019; 2BW, arXiv 2006.09503)
     dni     at once, from its synthetic gradient; the predictor fits the     d_i = 0
-            true gradient when it arrives (dni.* settings, see dni/link.py)
+            true gradient when it arrives (dni.* settings, see synthetic_gradients.py)
 
 d_i is stage i's delay (the last stage is exact: d_{N-1} = 0). At step t stage i runs, for each
 of ``train.microbatches`` microbatches (``async``: the whole batch), the forward of step t (and
@@ -29,7 +29,7 @@ stage i's delay, and so every delay upstream of it, would change when the warm-u
 
 With ``dni.synthetic_inputs`` on a dni boundary, stage i+1 may also train on its input predicted
 from the network input instead of waiting for stage i's activation; the worker asks its
-``InputLink`` at each wait (dni/input_link.py, [Note: catching up on a true input]).
+``SyntheticInputEnd`` at each wait (synthetic_inputs.py, [Note: catching up on a true input]).
 
 [Note: the untrusted fallback]
 A dni stage whose predictor is not trusted (``dni.min_cosine``, see dni/predictors.py) has no
@@ -82,17 +82,18 @@ from typing import Iterable, Optional, Sequence
 
 import torch
 
-from pipedni.boundary import gradient_spec, value_bytes
 from pipedni.config import Config
-from pipedni.dni.input_link import METRICS as SI_METRICS
-from pipedni.dni.input_link import InputLink
-from pipedni.dni.link import METRICS, SyntheticLink
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.actions import action_name
-from pipedni.schedules.boundary_rules import check_decoupled, check_mixed, delays, fallback_delay
-from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.modes import (BoundaryMode, check_decoupled, check_mixed, delays, every_boundary,
+                                     fallback_delay, listed_modes)
 from pipedni.schedules.passes import EvalResult
+from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.synthetic_gradients import METRICS, SyntheticGradientEnd
+from pipedni.schedules.synthetic_inputs import METRICS as SI_METRICS
+from pipedni.schedules.synthetic_inputs import SyntheticInputEnd
 from pipedni.schedules.worker import Microbatch, TiedSync, Timers, Worker, grad_norm, split_batch
+from pipedni.split.crossing import gradient_spec, value_bytes
 from pipedni.transport import Kind
 
 @dataclass
@@ -116,7 +117,7 @@ class BoundaryWorker(Worker):
         self.num_microbatches = microbatches
         self.running = 0  # the step train_step runs: actions of an earlier one are named so
         dni = cfg.dni.for_boundary(i)
-        self.link = SyntheticLink(ctx, dni, microbatches) if self.mode == "dni" else None
+        self.link = SyntheticGradientEnd(ctx, dni, microbatches) if self.mode == "dni" else None
         self.warmup_steps = dni.warmup_steps if self.mode == "dni" else 0
         self.fallback = fallback_delay(boundaries, i, d, dni.fallback) if self.mode == "dni" else 0
         if self.mode == "dni" and dni.fallback == "delayed" and not self.fallback:
@@ -132,7 +133,7 @@ class BoundaryWorker(Worker):
         before = cfg.dni.for_boundary(i - 1) if i > 0 and boundaries[i - 1] == "dni" else None
         self.inputs = None  # forward unlocking: see [Note: catching up on a true input]
         if before is not None and before.synthetic_inputs:
-            self.inputs = InputLink(ctx, before, self.link, self._send_input_grad, self._update)
+            self.inputs = SyntheticInputEnd(ctx, before, self.link, self._send_input_grad, self._update)
         self.predict_from = before.warmup_steps if self.inputs is not None else 0  # the boundary's warm-up is locked
 
     def _key(self, step: int, mb: int) -> int:
@@ -305,12 +306,10 @@ class BoundaryWorker(Worker):
                     tensor.copy_(state["weights_before_update"][name])
 
 
-def _build_async(ctx: WorkerContext) -> BoundaryWorker:
-    return BoundaryWorker(ctx, ["async"] * (ctx.stage.num_stages - 1), microbatches=1)
-
-
-def _build_mixed(ctx: WorkerContext) -> BoundaryWorker:
-    return BoundaryWorker(ctx, ctx.cfg.train.boundaries, ctx.cfg.train.microbatches)
+def build_decoupled(ctx: WorkerContext, spec: ScheduleSpec) -> BoundaryWorker:
+    """The worker of a schedule given by its boundary modes (``ScheduleSpec.boundary_modes``)."""
+    modes = spec.boundary_modes(ctx.stage.num_stages, ctx.cfg.train.boundaries)
+    return BoundaryWorker(ctx, list(modes), spec.microbatches(ctx.cfg))
 
 
 def _dni_boundaries(cfg: Config, num_stages: int) -> tuple[int, ...]:
@@ -338,10 +337,14 @@ def _mixed_copies(cfg: Config) -> int:
 
 DNI_METRICS = METRICS + SI_METRICS  # a schedule with dni boundaries, which may have synthetic inputs
 ASYNC = ScheduleSpec("async", "delayed true gradients: stage i updates from the gradient of step t - d_i "
-                     "(delayed.* settings)", build=_build_async, min_stages=2, locked=False, metrics=METRICS,
-                     wait_grad_header="backpressure s", copies_weights=_async_copies)
+                     "(delayed.* settings)", build=lambda ctx: build_decoupled(ctx, ASYNC), min_stages=2, locked=False,
+                     metrics=METRICS,
+                     wait_grad_header="backpressure s", copies_weights=_async_copies,
+                     microbatch_key=None, sweeps_microbatches=False, boundary_modes=every_boundary(BoundaryMode.ASYNC))
 MIXED = ScheduleSpec("mixed", "each boundary locked, dni or async (train.boundaries; dni.*, delayed.* settings)",
-                     build=_build_mixed, min_stages=2, locked=False, check=check_mixed, metrics=DNI_METRICS,
+                     build=lambda ctx: build_decoupled(ctx, MIXED), min_stages=2, locked=False, check=check_mixed,
+                     metrics=DNI_METRICS,
                      wait_grad_header="wait grad s", predictor_boundaries=_dni_boundaries,
-                     copies_weights=_mixed_copies)
+                     copies_weights=_mixed_copies, boundary_modes=listed_modes, reads_boundaries=True,
+                     synthetic_gradients=True)
 SPECS = (ASYNC, MIXED)

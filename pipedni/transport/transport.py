@@ -51,12 +51,12 @@ from typing import Container, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-from pipedni.boundary import Spec, Value, describe_headers, describe_spec, spec_matches
-from pipedni.edge import IDLE_WAIT, DirectInbox, Inbox, Outbox, ThreadInbox
 from pipedni.errors import TransportError
-from pipedni.link import LinkSpec
 from pipedni.metrics.timeline import NullTimeline, Timeline
-from pipedni.wire import Header, Kind, describe_message as _what
+from pipedni.split.crossing import Spec, Value, describe_headers, describe_spec, spec_matches
+from pipedni.transport.edge import IDLE_WAIT, DirectInbox, Inbox, Outbox, ThreadInbox
+from pipedni.transport.link import LinkSpec
+from pipedni.transport.wire import Header, Kind, describe_message as _what
 
 # Sends in flight per direction. A completed gloo send is only known complete once waited on,
 # so a larger window would keep that many already-delivered tensors alive for nothing.

@@ -12,7 +12,7 @@ One step of stage i (see "The DNI step" in docs/design.md):
 Nothing waits for a gradient unless the oldest stored step is ``dni.max_staleness`` steps old:
 then the stage blocks on it (back-pressure, bounded memory). Until its predictor agrees with
 the true gradients (``dni.min_cosine``) a stage learns from them one step late instead, as
-``async`` (schedules/boundaries.py, [Note: the untrusted fallback]).
+``async`` (decoupled.py, [Note: the untrusted fallback]).
 Each non-last stage receives exactly one gradient per microbatch of every step, so ``finish``
 knows what is owed. The first ``dni.warmup_steps`` steps run locked 1F1B whose plan fits the
 predictor on each true gradient before its backward uses it (a ``FIT`` action).
@@ -35,10 +35,10 @@ import torch
 from pipedni.config import Config
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.boundaries import DNI_METRICS, BoundaryWorker, dni_copies
-from pipedni.schedules.boundary_rules import check_synthetic_inputs
+from pipedni.schedules.decoupled import DNI_METRICS, BoundaryWorker, dni_copies
 from pipedni.schedules.executor import LockedExecutor
-from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.modes import BoundaryMode, check_synthetic_inputs, every_boundary
+from pipedni.schedules.spec import ScheduleSpec, Variant, WorkerContext
 from pipedni.schedules.worker import Microbatch
 
 
@@ -80,11 +80,19 @@ def check_dni(cfg: Config, num_stages: int) -> None:
                               "use train.schedule: mixed with train.boundaries for a warm-up per boundary")
 
 
-def every_boundary(cfg: Config, num_stages: int) -> tuple[int, ...]:
+def every_predictor(cfg: Config, num_stages: int) -> tuple[int, ...]:
     return tuple(range(num_stages - 1))
 
 
+# The bench's and the simulator's modes: plain DNI, cDNI (predictors see the labels) and cDNI with
+# synthetic inputs (forward unlocking), each at its defaults otherwise.
+VARIANTS = (
+    Variant("dni", ("--dni.condition_on_labels=false", "--dni.synthetic_inputs=false")),
+    Variant("cdni", ("--dni.condition_on_labels=true", "--dni.synthetic_inputs=false")),
+    Variant("unlock", ("--dni.condition_on_labels=true", "--dni.synthetic_inputs=true"), default=False),
+)
 SPEC = ScheduleSpec("dni", "DNI: every stage updates at once from a synthetic gradient (dni.* settings)",
                     build=DNIWorker, min_stages=2, locked=False, check=check_dni, metrics=DNI_METRICS,
-                    predictor_boundaries=every_boundary, copies_weights=dni_copies,
-                    wait_grad_header="backpressure s")
+                    predictor_boundaries=every_predictor, copies_weights=dni_copies,
+                    wait_grad_header="backpressure s", microbatch_key="dni.microbatches",
+                    boundary_modes=every_boundary(BoundaryMode.DNI), synthetic_gradients=True, variants=VARIANTS)

@@ -1,13 +1,13 @@
 """A stage's end of a dni boundary: its predictor, and the outputs awaiting their true gradient.
 
 Every schedule with a synthetic-gradient boundary (``dni``, and ``mixed`` where a boundary is
-dni) keeps one ``SyntheticLink`` per such boundary. The stage backpropagates ``predict``'s
+dni) keeps one ``SyntheticGradientEnd`` per such boundary. The stage backpropagates ``predict``'s
 gradient at once and hands the link what fitting will need (``keep``); the true gradient of
 each microbatch arrives later from the next stage, tagged with its step, and is fitted then
 (``fit_ready``). A stage whose oldest stored step is ``max_staleness`` steps old waits for
 its gradients (``back_pressure``): memory stays bounded. Steps of an untrusted predictor that
 fall back to the true gradient are not stored here: the worker keeps them and fits them as
-their gradients come due (schedules/boundaries.py, [Note: the untrusted fallback]).
+their gradients come due (decoupled.py, [Note: the untrusted fallback]).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ from typing import Optional
 
 import torch
 
-from pipedni.boundary import Spec, TensorSpec, Value, gradient_spec, trained_indices, trained_specs
 from pipedni.config import DNIConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose
@@ -27,6 +26,7 @@ from pipedni.metrics.records import MetricSpec, StepStats
 from pipedni.schedules.actions import action_name
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Timers
+from pipedni.split.crossing import Spec, TensorSpec, Value, gradient_spec, trained_indices, trained_specs
 from pipedni.transport import Kind
 
 Entry = tuple[list[torch.Tensor], Optional[torch.Tensor]]  # a microbatch's trained outputs and its labels (cDNI)
@@ -48,7 +48,7 @@ class FitLog:
             stats.extra["staleness"] = sum(self.staleness) / len(self.staleness)
 
 
-class SyntheticLink:
+class SyntheticGradientEnd:
     """The predictor of the boundary after ``ctx.stage`` and the store of steps awaiting their
     true gradients (oldest first).
 

@@ -6,7 +6,7 @@ long sequence or a parameter-free layer costs far more per parameter than a wide
 runs one microbatch of the real data through deep copies of the layers one by one on the
 stage's device (torchgpipe's ``balance_by_time``) and times each layer's forward+backward, plus
 its share of an optimizer step (one step per ``train.microbatches`` microbatches; with the
-parameter copies ``async`` makes every step: see boundaries._async_copies). A ``dni`` stage
+parameter copies ``async`` makes every step: see decoupled._async_copies). A ``dni`` stage
 also predicts and fits a synthetic gradient for its output: with an explicit ``dni.kind`` the
 cut before layer j costs that predictor on layer j-1's output, timed; ``dni.kind: auto`` sizes
 each predictor to at most ``sizing.BUDGET`` of its stage, so every stage but the last counts
@@ -30,18 +30,18 @@ from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from pipedni.boundary import Spec, TensorSpec, Value, describe_spec, input_slice, input_to, spec_of, trained_specs
 from pipedni.config import Config, DNIConfig, OptimConfig
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import BUDGET, median_sec, predictor_sec
 from pipedni.errors import ConfigError, PartitionError
 from pipedni.optim import build_optimizer
-from pipedni.partition import Sample, min_max_balance, num_params, part_costs
-from pipedni.schedules import registry
+from pipedni.split.balance import Sample, min_max_balance, num_params, part_costs
+from pipedni.split.crossing import Spec, TensorSpec, Value, describe_spec, input_slice, input_to, spec_of, trained_specs
 from pipedni.stage import loss_fn
 
 if TYPE_CHECKING:
     from pipedni.data import Dataset
+    from pipedni.schedules.spec import ScheduleSpec
 
 ITERS = 5  # timed calls per measurement (the median counts), after one untimed warm-up call
 ROUNDS = 3  # measurements of each layer, interleaved (the least counts: see _timed_layers)
@@ -110,11 +110,11 @@ def layer_costs(layers: Layers, sample: Sample, optim: Optional[OptimConfig] = N
     return LayerCosts(tuple(name for name, _ in named), tuple(seconds), (0.0,) * len(named), _rows(sample[0]))
 
 
-def run_costs(cfg: Config, layers: Layers, sample: Sample, num_classes: int, num_stages: int) -> LayerCosts:
+def run_costs(cfg: Config, spec: ScheduleSpec, layers: Layers, sample: Sample, num_classes: int,
+              num_stages: int) -> LayerCosts:
     """What each layer and cut costs a stage of this run, on ``sample``, one microbatch (see
     [Note: partition by time])."""
     named, device = _named(layers), _device(sample[0])
-    spec = registry.get(cfg.train.schedule)  # what its stages pay beyond their layers
     copies = spec.copies_weights(cfg)
     predictors = spec.predictor_boundaries(cfg, num_stages)
     with _own_rng(device):
@@ -149,10 +149,10 @@ def _with_predictors(costs: LayerCosts, cfg: Config, outputs: Sequence[Spec], nu
     return costs
 
 
-def time_balance(cfg: Config, model: nn.Sequential, train_set: Dataset, device: torch.device,
+def time_balance(cfg: Config, spec: ScheduleSpec, model: nn.Sequential, train_set: Dataset, device: torch.device,
                  num_stages: int) -> tuple[list[int], str]:
     """The balance ``partition.method: time`` gives this run, and the line saying why."""
-    costs = run_costs(cfg, model, microbatch_of(cfg, train_set, device), train_set.num_classes, num_stages)
+    costs = run_costs(cfg, spec, model, microbatch_of(cfg, train_set, device), train_set.num_classes, num_stages)
     balance = costs.balance(num_stages)
     return balance, costs.describe(balance, min_max_balance([num_params(layer) for layer in model], num_stages))
 

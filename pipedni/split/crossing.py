@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Optional, Sequence, Union
 import torch
 
 if TYPE_CHECKING:
-    from pipedni.wire import Header
+    from pipedni.transport.wire import Header
 
 
 @dataclass(frozen=True)

@@ -36,9 +36,9 @@ import torch
 
 from pipedni.config import DNIConfig
 from pipedni.dni.inputs import SyntheticInput, SyntheticInputTrainer
-from pipedni.dni.link import SyntheticLink
 from pipedni.metrics.records import MetricSpec, StepStats
 from pipedni.schedules.spec import WorkerContext
+from pipedni.schedules.synthetic_gradients import SyntheticGradientEnd
 from pipedni.schedules.worker import Microbatch, Timers
 from pipedni.transport import Kind
 
@@ -53,13 +53,13 @@ class Late:
     grad: Optional[torch.Tensor]  # the gradient at the predicted input (dni.si_gradient: prediction)
 
 
-class InputLink:
+class SyntheticInputEnd:
     """The input model of the boundary before ``ctx.stage`` and its microbatches awaiting their
     true activations, oldest first. ``link`` is the stage's own synthetic-gradient link (None on
     the last stage); ``send_grad(step, mb, grad)`` sends an input gradient upstream and
     ``update(timers, count)`` makes an optimizer step, as the worker does."""
 
-    def __init__(self, ctx: WorkerContext, cfg: DNIConfig, link: Optional[SyntheticLink],
+    def __init__(self, ctx: WorkerContext, cfg: DNIConfig, link: Optional[SyntheticGradientEnd],
                  send_grad: Callable, update: Callable):
         self.stage, self.transport, self.cfg, self.link = ctx.stage, ctx.transport, cfg, link
         self.send_grad, self.update = send_grad, update

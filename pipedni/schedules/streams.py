@@ -5,8 +5,8 @@ Locked schedules repeat ``stage_actions`` every step; decoupled ones come from
 ``decoupled_stream``, see [Note: the decoupled stream].
 
 [Note: the decoupled stream]
-``decoupled_stream`` mirrors ``BoundaryWorker.train_step`` (schedules/boundaries.py) with every
-dni predictor trusted. At step t stage i, with delay d_i (``boundary_rules.delays``), runs for each
+``decoupled_stream`` mirrors ``BoundaryWorker.train_step`` (decoupled.py) with every
+dni predictor trusted. At step t stage i, with delay d_i (``modes.delays``), runs for each
 microbatch: RECV_F (not stage 0), F, SEND_F (not the last stage); on the last stage B and
 SEND_B at once; across a dni boundary SG (the predictor), B and SEND_B at once. Then an update
 (STEP) if it backpropagated at once, else the true backward of step s = t - d_i (RECV_B, B,
@@ -17,7 +17,7 @@ prediction in SG (``StageCost.predictor_sec`` is predict + fit), so a stream nev
 timing. ``finish`` holds the true backwards still owed and the gradients still unreceived.
 
 An untrusted dni stage (``trusted=False``: its predictor not yet agreeing with the true
-gradients, [Note: the untrusted fallback] in boundaries.py) backpropagates the true gradient
+gradients, [Note: the untrusted fallback] in decoupled.py) backpropagates the true gradient
 1 + d_{i+1} steps late, as an async stage would, fitting its predictor on each gradient as it
 arrives (SG, between RECV_B and B: the fit's cosine decides trust); its own true backward is then
 what waits for the gradient (no separate back-pressure).
@@ -32,11 +32,15 @@ from typing import Iterator, NamedTuple, Sequence
 
 from pipedni.config.sections import DelayedConfig, DNIConfig
 from pipedni.errors import ConfigError
-from pipedni.schedules.actions import LOCKED_PLANS, action_name, stage_actions
-from pipedni.schedules.boundary_rules import MODES, delays
+from pipedni.schedules import registry
+from pipedni.schedules.actions import action_name, stage_actions
+from pipedni.schedules.modes import delays
+from pipedni.schedules.spec import ScheduleSpec
 
-DECOUPLED = ("dni", "cdni", "async", "mixed")  # cdni: dni whose predictor sees labels (its cost, profiled)
-SCHEDULES = tuple(p for p in LOCKED_PLANS if p != "single") + DECOUPLED
+# What the simulator replays: every mode (a schedule or a variant: cdni's predictor sees the
+# labels, which its profiled cost shows) of a multi-stage schedule with a plan or boundary modes.
+SIMULATED = tuple(name for name, (spec, _) in registry.MODES.items()
+                  if spec.max_stages is None and (spec.plan is not None or spec.decoupled))
 DEFAULT_DELAY = DelayedConfig().delay
 DEFAULT_MAX_STALENESS = DNIConfig().max_staleness
 
@@ -116,28 +120,39 @@ def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: in
            + [SimAction("RECV_B", s, mb) for s in unreceived for mb in range(num_microbatches)])
 
 
-def boundary_modes(schedule: str, num_stages: int, boundaries: Sequence[str] = ()) -> list[str]:
-    """Each boundary's mode under a decoupled ``schedule`` (``mixed``: ``boundaries`` itself)."""
-    if schedule in ("dni", "cdni", "async"):
-        return [{"cdni": "dni"}.get(schedule, schedule)] * (num_stages - 1)
-    if len(boundaries) != num_stages - 1 or any(m not in MODES for m in boundaries):
-        raise ConfigError(f"mixed needs {num_stages - 1} boundary mode(s) of {', '.join(MODES)} for {num_stages} "
-                          f"stages, got {list(boundaries)}")
-    return list(boundaries)
+def simulated(mode: str) -> ScheduleSpec:
+    """The schedule of a mode the simulator replays."""
+    if mode not in SIMULATED:
+        raise ConfigError(f"schedule {mode!r} is not simulated; choose one of {', '.join(SIMULATED)}")
+    return registry.mode(mode)[0]
 
 
-def effective_microbatches(schedule: str, num_microbatches: int) -> int:
-    """The microbatches a schedule runs a batch in: the engine runs ``async`` on whole batches."""
-    return 1 if schedule == "async" else num_microbatches
+def check_staleness(spec: ScheduleSpec, num_stages: int, boundaries: Sequence[str], delay: int,
+                    max_staleness: int) -> None:
+    """A dni boundary must wait as long as the stage after it returns gradients late (as ``check_mixed``)."""
+    if not spec.decoupled:
+        return
+    modes = spec.boundary_modes(num_stages, boundaries)
+    d = delays(modes, delay)
+    for i, mode in enumerate(modes):
+        if mode == "dni" and d[i + 1] > max_staleness:
+            raise ConfigError(f"boundary {i} is dni but stage {i + 1} returns gradients {d[i + 1]} step(s) late; "
+                              f"set max_staleness to {d[i + 1]} or more")
 
 
-def pipeline_streams(schedule: str, num_stages: int, num_microbatches: int, steps: int,
+def effective_microbatches(mode: str, num_microbatches: int) -> int:
+    """The microbatches a mode runs a batch in (the engine runs ``async`` on whole batches)."""
+    return registry.mode(mode)[0].runs_microbatches(num_microbatches)
+
+
+def pipeline_streams(mode: str, num_stages: int, num_microbatches: int, steps: int,
                      boundaries: Sequence[str] = (), delay: int = DEFAULT_DELAY,
                      max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False,
                      trusted: bool = True) -> list[Stream]:
-    """Every stage's stream for ``steps`` training steps under ``schedule``."""
-    m = effective_microbatches(schedule, num_microbatches)
-    if schedule not in DECOUPLED:
-        return [locked_stream(schedule, i, num_stages, m, steps, reduce_norm) for i in range(num_stages)]
-    modes = boundary_modes(schedule, num_stages, boundaries)
+    """Every stage's stream for ``steps`` training steps under ``mode``."""
+    spec = simulated(mode)
+    m = spec.runs_microbatches(num_microbatches)
+    if not spec.decoupled:
+        return [locked_stream(spec.plan, i, num_stages, m, steps, reduce_norm) for i in range(num_stages)]
+    modes = spec.boundary_modes(num_stages, boundaries)
     return [list(decoupled_stream(modes, i, m, steps, delay, max_staleness, trusted)) for i in range(num_stages)]

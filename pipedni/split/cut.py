@@ -13,15 +13,15 @@ import torch.distributed as dist
 from torch import nn
 
 from pipedni import data as datasets
-from pipedni.boundary import StageShapes, input_slice, input_to, named
 from pipedni.config import Config
 from pipedni.errors import ConfigError, PipeDNIError, among_stages
-from pipedni.partition import describe, partition
-from pipedni.partition_cost import run_costs, time_balance
 from pipedni.runtime import Runtime
-from pipedni.schedules import registry
+from pipedni.schedules.spec import ScheduleSpec
 from pipedni.split import SplitPlan, split
-from pipedni.split.cuts import parse_points
+from pipedni.split.cost import run_costs, time_balance
+from pipedni.split.crossing import StageShapes, input_slice, input_to, named
+from pipedni.split.partition import describe, partition
+from pipedni.split.points import parse_points
 from pipedni.stage import TiedWeight
 
 T = TypeVar("T")
@@ -47,13 +47,13 @@ def from_rank_zero(runtime: Runtime, compute: Callable[[], T]) -> T:
     return box[0]
 
 
-def partition_method(cfg: Config, num_stages: int) -> str:
+def partition_method(cfg: Config, spec: ScheduleSpec, num_stages: int) -> str:
     """``partition.method`` with ``auto`` resolved: ``time`` for a decoupled schedule on several
     stages (its stages pay what a parameter count cannot see: predictors, weight copies), else
     ``parameters`` (a split that does not depend on timing)."""
     if cfg.partition.method != "auto":
         return cfg.partition.method
-    return "time" if num_stages > 1 and not registry.get(cfg.train.schedule).locked else "parameters"
+    return "time" if num_stages > 1 and not spec.locked else "parameters"
 
 
 @dataclass
@@ -85,27 +85,29 @@ class Cut:
                 for group, holders in enumerate(self.tied) for s, name in holders if s == stage_index]
 
 
-def cut_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: datasets.Dataset) -> Cut:
+def cut_model(cfg: Config, spec: ScheduleSpec, runtime: Runtime, model: nn.Module,
+              train_set: datasets.Dataset) -> Cut:
     """The ``Cut`` of ``model`` for this run: ``partition`` for an ``nn.Sequential``,
     ``pipedni.split`` for any other model or named split points."""
     n = runtime.num_stages
     if cfg.model.split_points or not isinstance(model, nn.Sequential):
-        return split_model(cfg, runtime, model, train_set)
+        return split_model(cfg, spec, runtime, model, train_set)
     if isinstance(train_set.inputs, tuple):
         raise ConfigError(f"the data gives {len(train_set.inputs)} inputs per sample, {train_set.describe_inputs()}, "
                           f"but {type(model).__name__} is an nn.Sequential, which takes one; return a model whose "
                           "forward takes them from model.factory")
     balance = cfg.partition.balance if n > 1 else None
-    method, note = partition_method(cfg, n), ""
+    method, note = partition_method(cfg, spec, n), ""
     if balance is None and method == "time" and 1 < n <= len(model):
-        balance, note = from_rank_zero(runtime, lambda: time_balance(cfg, model, train_set, runtime.device, n))
+        balance, note = from_rank_zero(runtime, lambda: time_balance(cfg, spec, model, train_set, runtime.device, n))
     stages = partition(model, n, balance, method)
     if n > 1 and cfg.partition.balance is None:
         cfg = dataclasses.replace(cfg, partition=dataclasses.replace(cfg.partition, balance=[len(s) for s in stages]))
     return Cut(stages, "\n".join(filter(None, [describe(stages), note])), cfg)
 
 
-def split_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: datasets.Dataset) -> Cut:
+def split_model(cfg: Config, spec: ScheduleSpec, runtime: Runtime, model: nn.Module,
+                train_set: datasets.Dataset) -> Cut:
     """``cut_model`` for a model that is not an ``nn.Sequential`` (or is cut at named modules):
     ``pipedni.split`` on one microbatch of the training set; ``partition.method: time`` times
     its runs of blocks on rank 0, which tells the others where it cut."""
@@ -114,11 +116,11 @@ def split_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: data
         raise ConfigError(f"partition.balance = {cfg.partition.balance} counts the layers of an nn.Sequential; cut "
                           f"{type(model).__name__} with model.split_points (module names) instead")
     rows = max(2, cfg.data.batch_size // max(1, cfg.train.microbatches))  # export: a batch of 1 would be fixed
-    example, method = example_inputs(train_set, rows), partition_method(cfg, n)
+    example, method = example_inputs(train_set, rows), partition_method(cfg, spec, n)
     parse_points(model, cfg.model.split_points)  # a name that is no module is a mistake, however many stages
     points = cfg.model.split_points if n > 1 else []  # one process runs the whole model
     if method == "time" and n > 1 and not points:
-        plan = timed_split(cfg, runtime, model, example, train_set.targets[:rows], train_set.num_classes)
+        plan = timed_split(cfg, spec, runtime, model, example, train_set.targets[:rows], train_set.num_classes)
     else:
         plan = split(model, n, example, points or None, method)
     if n > 1 and not cfg.model.split_points:
@@ -127,7 +129,7 @@ def split_model(cfg: Config, runtime: Runtime, model: nn.Module, train_set: data
                plan.input_names)
 
 
-def timed_split(cfg: Config, runtime: Runtime, model: nn.Module, example: Any, labels: torch.Tensor,
+def timed_split(cfg: Config, spec: ScheduleSpec, runtime: Runtime, model: nn.Module, example: Any, labels: torch.Tensor,
                 num_classes: int) -> SplitPlan:
     """``split`` by ``method="time"`` with this run's costs (``run_costs``: its optimizer,
     microbatches, weight copies and predictors, on its device), measured on rank 0 alone; the
@@ -135,7 +137,7 @@ def timed_split(cfg: Config, runtime: Runtime, model: nn.Module, example: Any, l
     n, device, timed = runtime.num_stages, runtime.device, []
 
     def costs(runs, sample):
-        return run_costs(cfg, runs, (input_to(sample[0], device), labels.to(device)), num_classes, n)
+        return run_costs(cfg, spec, runs, (input_to(sample[0], device), labels.to(device)), num_classes, n)
 
     def on_rank_zero() -> list[str]:
         timed.append(split(model, n, example, None, "time", timer=costs))

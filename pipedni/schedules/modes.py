@@ -1,17 +1,46 @@
 """The rules of a pipeline of boundary modes (``locked``, ``dni``, ``async``): each stage's delay
 and the untrusted fallback's, and what a layout and a stage's boundaries must satisfy before a
-``BoundaryWorker`` (boundaries.py) runs them."""
+``BoundaryWorker`` (decoupled.py) runs them."""
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Sequence
 
-from pipedni.boundary import describe_spec
 from pipedni.config import Config
 from pipedni.errors import LaunchError, PartitionError
 from pipedni.schedules.spec import WorkerContext
+from pipedni.split.crossing import describe_spec
 
-MODES = ("locked", "dni", "async")
+class BoundaryMode(str, Enum):
+    """How stage i learns from stage i+1 (see decoupled.py); equal to its name."""
+
+    LOCKED = "locked"
+    DNI = "dni"
+    ASYNC = "async"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+MODES = tuple(mode.value for mode in BoundaryMode)
+
+
+def every_boundary(mode: BoundaryMode):
+    """The boundary modes of a schedule whose every boundary learns one way."""
+    def modes(num_stages: int, boundaries: Sequence[str] = ()) -> tuple[str, ...]:
+        return (mode.value,) * (num_stages - 1)
+
+    return modes
+
+
+def listed_modes(num_stages: int, boundaries: Sequence[str] = ()) -> tuple[str, ...]:
+    """``mixed``'s boundary modes: ``train.boundaries`` itself, one known mode per boundary."""
+    if len(boundaries) != num_stages - 1 or any(m not in MODES for m in boundaries):
+        raise LaunchError(f"train.boundaries = {list(boundaries)} has {len(boundaries)} entries but {num_stages} "
+                          f"stages have {num_stages - 1} boundaries; give one mode ({', '.join(MODES)}) per "
+                          "boundary stage i -> i+1")
+    return tuple(boundaries)
 
 
 def delays(boundaries: Sequence[str], delay: int) -> list[int]:
@@ -48,11 +77,7 @@ def check_synthetic_inputs(cfg: Config, modes: Sequence[str]) -> None:
 
 def check_mixed(cfg: Config, num_stages: int) -> None:
     """The boundary list fits the stages, and every dni boundary can wait as long as it must."""
-    modes = cfg.train.boundaries
-    if len(modes) != num_stages - 1:
-        raise LaunchError(
-            f"train.boundaries = {modes} has {len(modes)} entries but {num_stages} stages have {num_stages - 1} "
-            f"boundaries; give one mode (locked, dni or async) per boundary stage i -> i+1")
+    modes = list(listed_modes(num_stages, cfg.train.boundaries))
     check_synthetic_inputs(cfg, modes)
     d = delays(modes, cfg.delayed.delay)
     for i, mode in enumerate(modes):
@@ -84,7 +109,7 @@ def check_mixed(cfg: Config, num_stages: int) -> None:
 def check_decoupled(ctx: WorkerContext, boundaries: Sequence[str]) -> None:
     """A boundary of several tensors (a split model's: see [Note: what crosses a boundary] in
     split/stages.py) can be decoupled when some of its tensors need a gradient: a dni boundary
-    predicts each one's (see ``SyntheticLink``), an async one delays them all; masks, ids and
+    predicts each one's (see ``SyntheticGradientEnd``), an async one delays them all; masks, ids and
     other tensors without one travel alongside. Synthetic inputs predict one tensor from one
     network input, so they need a bare one of each."""
     stage, i = ctx.stage, ctx.stage.stage_index

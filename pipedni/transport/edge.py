@@ -15,10 +15,11 @@ from typing import Container, Optional
 import torch
 import torch.distributed as dist
 
-from pipedni.boundary import Value
 from pipedni.errors import TransportError
-from pipedni.link import Link, LinkSpec
-from pipedni.wire import HEADER_BYTES, HEADER_LEN, Header, Kind, NextSize, combined, describe_message as _what, next_size
+from pipedni.split.crossing import Value
+from pipedni.transport.link import Link, LinkSpec
+from pipedni.transport.wire import (HEADER_BYTES, HEADER_LEN, Header, Kind, NextSize, combined, next_size,
+                                    describe_message as _what)
 
 Part = tuple[Header, torch.Tensor, object]  # one tensor of a message as received: header, payload, CUDA event
 # Receiver threads block until the peer's CLOSE message; consumers enforce the real timeout.
