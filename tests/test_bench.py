@@ -60,6 +60,7 @@ def test_plan_inputs_are_checked():
         parse_counts("0,2", "--microbatches")
 
 
+@pytest.mark.slow
 def test_a_bad_mode_or_config_value_is_one_line_and_exit_2():
     proc = bench("configs/bench_mlp_fashion.yaml", "--modes=fast", timeout=60)
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -68,6 +69,7 @@ def test_a_bad_mode_or_config_value_is_one_line_and_exit_2():
     assert proc.returncode == 2 and "unknown key" in proc.stderr and "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_missing_data_stops_the_benchmark_with_the_fix(tmp_path):
     proc = bench("configs/bench_mlp_fashion.yaml", "--data.name=mnist", f"--data.root={tmp_path}",
                  f"--out={tmp_path / 'out'}", timeout=120)
@@ -75,6 +77,7 @@ def test_missing_data_stops_the_benchmark_with_the_fix(tmp_path):
     assert "per-stage profile failed" in proc.stderr and "python -m pipedni.data fetch mnist" in proc.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(600)  # a whole bench (profile, 6 jobs, 8 budget runs), then the grid's report over it
 def test_tiny_end_to_end_run_writes_every_figure(tmp_path, capsys):
     out = tmp_path / "out"
@@ -180,6 +183,7 @@ def test_a_grid_cell_compares_time_to_target_with_the_locked_job_that_got_there_
     assert "| 0 ms | 1 Gbit/s | 0.39 | 29.3 s (gpipe M=8) | 24.5 s |" in markdown(grid)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)  # four bench runs (a profile and one job each), then the simulator over them
 def test_an_interleaved_grid_runs_every_cell_in_each_round_and_merges_the_rounds(tmp_path, capsys):
     """--interleave: round r runs one repeat of every cell, in an order rotated by r; each cell's

@@ -86,6 +86,7 @@ def test_predictor_learns_the_true_gradient(tmp_path):
     assert untrusted[0] == 1 and untrusted[-50:] == [0] * 50, untrusted
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian package dataset-fashion-mnist not installed")
 @pytest.mark.parametrize("num_stages,conditioned", [(2, False), (4, True)])
 def test_dni_and_cdni_learn_fashion_mnist(tmp_path, num_stages, conditioned):

@@ -65,6 +65,7 @@ def _train(rank: int, world_size: int, root: str, vocab: int) -> list:
     return out
 
 
+@pytest.mark.slow
 def test_gpt2_and_llama_match_one_process_the_tied_head_stays_the_embedding_and_decoupled_runs_learn(tmp_path):
     vocab = len(set(write_kjv(tmp_path / "data" / "kjv.jsonl")))
     summaries = run_distributed(_train, 3, str(tmp_path), vocab, timeout=600)

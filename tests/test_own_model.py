@@ -139,6 +139,7 @@ def test_a_decoupled_cut_where_nothing_needs_a_gradient_is_one_clear_error(tmp_p
     assert "across a dni boundary, none of them needing a gradient" in str(errors[0])
 
 
+@pytest.mark.slow
 def test_the_config_route_trains_a_resnet_on_its_own_data_under_torchrun_and_exports_its_state_dict(tmp_path):
     run_dir = tmp_path / "run"
     args = ["configs/mlp_fashion.yaml", "--data.factory=own_models:images", "--data.num_classes=10", "--data.batch_size=24",
@@ -241,6 +242,7 @@ def test_tied_copies_under_decoupled_schedules_take_the_sum_of_every_copys_updat
     assert seen[0][1] == seen[1][1] == seen[2][1] and seen[0][3] == seen[2][3]
 
 
+@pytest.mark.slow
 def test_the_script_route_under_torchrun_equals_one_process_with_its_own_data_and_loss(tmp_path):
     """tests/own_script.py calls pipedni.fit with its model, torch Datasets and a label-smoothing
     loss; 2 stages under torchrun must end where the same script ends alone."""

@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from pipedni import checkpoint
@@ -116,6 +117,7 @@ def stage_pids(run_dir: Path, rank: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_a_killed_stage_restarts_from_the_last_checkpoint_and_finishes(tmp_path):
     """kill -9 of stage 1 mid-run under --max-restarts=1: torchrun restarts both stages, they
     resume from the latest checkpoint by themselves, and the run ends with every step done."""
@@ -147,6 +149,7 @@ def test_a_killed_stage_restarts_from_the_last_checkpoint_and_finishes(tmp_path)
     assert logged == list(range(steps))  # the steps after the checkpoint were redone once, not logged twice
 
 
+@pytest.mark.slow
 def test_divergence_stops_the_run_with_one_line(tmp_path):
     """The issue's lr 1e12: a nan loss used to train on, write summary.json and exit 0."""
     proc = launch(["-n", "2", "configs/mlp_fashion.yaml", "--data.name=synthetic", f"--run.dir={tmp_path}",

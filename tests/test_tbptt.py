@@ -118,6 +118,7 @@ def test_bad_settings_are_clear_errors():
         CopyStream(2, 0)
 
 
+@pytest.mark.slow
 def test_the_experiment_script_runs_each_task(tmp_path):
     """scripts/dni_rnn.py, one tiny cell per task (the LM on a small text in kjv's format)."""
     (tmp_path / "kjv").mkdir()

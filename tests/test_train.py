@@ -17,6 +17,7 @@ from pipedni.runtime import Runtime
 from helpers import REPO, RankFailed, needs_fashion, one_line_error, run_cli, run_distributed
 
 
+@pytest.mark.slow
 @needs_fashion
 def test_four_stage_fashion_mnist_run_learns_and_writes_its_outputs(tmp_path):
     run_dir = tmp_path / "run"
@@ -59,6 +60,7 @@ def test_plain_python_runs_the_whole_model_in_one_process(tmp_path):
     assert summary["schedule"] == "single" and summary["num_stages"] == 1
 
 
+@pytest.mark.slow
 def test_config_mistakes_exit_2_with_one_line(tmp_path):
     proc = run_cli(["configs/mlp_fashion.yaml", "--train.shedule=gpipe"], nproc=None, timeout=60)
     assert proc.returncode == 2
@@ -186,6 +188,7 @@ def test_a_failing_stage_ends_its_neighbour_instead_of_hanging(tmp_path):
     assert "stage 0/2 lost the connection from stage 1" in str(results[0].error)
 
 
+@pytest.mark.slow
 def test_launch_wrapper_exits_with_the_stage_error_code_and_one_line(tmp_path):
     """Plain torchrun exits 1 with a traceback summary when a stage fails; pipedni.launch keeps
     the stage's exit code (2: user mistake) and its one line, printed once, not once per rank."""
@@ -211,6 +214,7 @@ def _time_limited(rank, world_size, run_dir):
     return summary
 
 
+@pytest.mark.slow
 def test_time_limit_stops_every_stage_at_the_same_evaluation(tmp_path):
     """train.time_limit_sec is checked at evaluations, where the ranks agree on the largest
     training clock: a DNI first stage that runs ahead must stop at the same step as the last."""

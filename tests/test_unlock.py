@@ -98,6 +98,7 @@ def test_complete_unlock_runs_ahead_within_its_bound_and_evaluates_the_true_chai
     assert set(state["synthetic_input"]) == {"model", "optimizer", "agreement"}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("slow_first", [True, False])
 def test_the_arrived_policy_predicts_only_what_has_not_arrived(tmp_path, slow_first):
     """Synthetic inputs on boundary 1 only (mixed, both boundaries dni). Behind a slow stage 0,
