@@ -60,7 +60,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
                    "default 3 (medians are reported)")
     p.add_argument("--target", type=float, help="target test accuracy (default: the lowest any locked pipeline "
                    "reached within the budget)")
-    p.add_argument("--docs", help="also regenerate this docs page's section for the config (e.g. docs/benchmarks.md)")
+    p.add_argument("--docs", help="also regenerate this docs page's section for the config (e.g. docs/benchmark_tables.md)")
     p.add_argument("--job-timeout", type=float, default=900.0, help="seconds before a job counts as hung")
     p.add_argument("--rotate", type=int, default=0, help="start the interleaved order rotated by this many jobs, "
                    "default 0 (python -m pipedni.bench.grid --interleave gives each round's index)")

@@ -1,6 +1,6 @@
 """Benchmark results out: ``results.json``, CSV files, rich tables, PNG plots and a docs section.
 
-``python -m pipedni.bench.report DIR [DIR ...] [--docs docs/benchmarks.md]`` redoes all of it
+``python -m pipedni.bench.report DIR [DIR ...] [--docs docs/benchmark_tables.md]`` redoes all of it
 from saved ``results.json`` files. Each workload owns one marked section of the docs page, so
 regenerating one keeps the others and every hand-written paragraph outside the markers.
 """
@@ -233,7 +233,7 @@ def update_docs(path: Path, results_list: list[dict]) -> None:
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipedni.bench.report", description=__doc__.splitlines()[0])
     parser.add_argument("dirs", nargs="+", help="benchmark output directories (holding results.json)")
-    parser.add_argument("--docs", help="docs page to update, e.g. docs/benchmarks.md")
+    parser.add_argument("--docs", help="docs page to update, e.g. docs/benchmark_tables.md")
     parser.add_argument("--target", type=float, help="target test accuracy (default: the lowest any locked "
                         "pipeline reached within the budget)")
     args = parser.parse_args(argv)

@@ -193,7 +193,7 @@ class DNIConfig:
     )
     synthetic_inputs: bool = _f(
         False, "Forward unlocking: stage i+1 may train on its input predicted from the network input "
-               "instead of waiting for stage i's activation (see si_* and docs/usage.md).",
+               "instead of waiting for stage i's activation (see si_* and docs/decoupled.md).",
     )
     si_policy: Literal["arrived", "always"] = _f(
         "arrived", "synthetic_inputs: arrived (the true activation when it is already there, else the "
@@ -263,7 +263,7 @@ class DistConfig:
             "sends in flight per direction).")
     link_latency_ms: float = _f(
         0.0, "Emulated one-way latency of every link between neighbouring stages, per message (ms; 0: off). "
-             "See docs/usage.md, 'Emulated slow links'.",
+             "See docs/benchmarking.md, 'Emulated slow links'.",
     )
     link_bandwidth_mbps: float = _f(
         0.0, "Emulated bandwidth of every link, per direction (Mbit/s; 0: unlimited): a message occupies its "

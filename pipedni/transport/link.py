@@ -20,7 +20,7 @@ pays too. Holding it on the receiving side needs no thread: the waits happen whe
 waits for its message anyway, so an emulated run costs the stages' processors no more than a
 plain one. (An earlier link posted each message from a thread of its own at its delivery time;
 with it, the MLP's slower stage spent at least 10% more compute per step than in a plain run on
-29 of 40 jobs of the benchmark grid, without it on 4 of 40: docs/benchmarks.md.)
+29 of 40 jobs of the benchmark grid, without it on 4 of 40.)
 Messages on the wire are bounded (``capacity``): a sender that outruns its link waits until
 the oldest in flight is delivered, and that wait counts as send wait, as it would on a real
 link.

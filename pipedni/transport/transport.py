@@ -26,7 +26,7 @@ stops the sender (back-pressure, not memory growth; at most ``SEND_WINDOW`` send
 ``queue_size`` if smaller, in flight). The thread costs each message a hop, though: it must be
 scheduled and take the GIL before the consumer can have the message, and then wake the
 consumer; on 2 busy cores that was 1.4 ms a message more than torch's bare ``irecv``
-(scripts/transport_bench.py, docs/benchmarks.md), 1F1B's gap to torch's Schedule1F1B at M=8.
+(scripts/transport_bench.py), 1F1B's gap to torch's Schedule1F1B at M=8.
 A locked schedule knows what it waits for and never asks without waiting, so its stages
 (``direct_receive``) receive on the consumer's own thread, as torch's schedules do: ``take``
 completes the posted receive itself (filing any other message that comes first) and posts the

@@ -14,7 +14,7 @@ empty part), and whether each tensor needs a gradient.
 A point-to-point send on gloo or NCCL moves its data only once the matching receive is posted.
 A receiver that posts the payload's receive only after its header arrives adds a round trip
 through the receiver thread to every message (0.16-0.19 ms on this machine's gloo, measured by
-scripts/transport_bench.py before and after: docs/benchmarks.md). torch's pipelining avoids it
+scripts/transport_bench.py before and after). torch's pipelining avoids it
 by fixing every shape at start-up; our transport knows no schedule, so it guesses instead: both
 ends of a direction keep the same ``NextSize`` per part over the payload sizes sent so far, and once
 ``REPEATS_TO_GUESS`` payloads in a row had one size, the receiver posts the next header's
@@ -32,7 +32,7 @@ A guessed payload of up to ``COMBINED_MAX`` bytes shares one buffer with its hea
 receiver posts a single receive of header and guess together, and the sender sends its header
 and payload (or the filler) copied into one buffer, so a guessed message is one point-to-point
 operation instead of two (each costs the two processes' communication threads a wake-up:
-0.1-0.2 ms on this machine, docs/benchmarks.md). Larger payloads keep a receive of their own:
+0.1-0.2 ms on this machine; docs/benchmarks.md, "The transport's cost per message"). Larger payloads keep a receive of their own:
 copying them would cost more than the operation saved.
 """
 
