@@ -19,43 +19,92 @@ completeness and deadlock without processes and ``format_grid`` prints the tick 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from enum import Enum
+from typing import Callable, NamedTuple, Union
 
-LOCKED_PLANS = ("single", "naive", "gpipe", "1f1b")
+
+class ActionKind(str, Enum):
+    """What a stage does; equal to (and formatted as) its name, the timelines' prefix."""
+
+    RECV_F = "RECV_F"  # take an activation from the previous stage
+    F = "F"  # forward
+    SEND_F = "SEND_F"  # hand the output to the next stage
+    SG = "SG"  # a dni predictor's call: predict a synthetic gradient, or fit one (the simulator's streams)
+    RECV_B = "RECV_B"  # take a gradient from the next stage
+    FIT = "FIT"  # fit a predictor on an arrived gradient before the backward uses it (DNI's warm-up)
+    B = "B"  # backward
+    SEND_B = "SEND_B"  # hand the input's gradient to the previous stage
+    REDUCE_TIED = "REDUCE_TIED"  # sum a tied weight's gradients over its holders
+    ALL_REDUCE = "ALL_REDUCE"  # sum the squared gradient norm over every stage (clipping)
+    STEP = "STEP"  # optimizer
+
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 class Action(NamedTuple):
-    kind: str  # RECV_F, F, SEND_F, RECV_B, FIT, B, SEND_B, REDUCE_TIED, ALL_REDUCE, STEP
+    kind: ActionKind
     microbatch: int = -1  # -1: the whole batch (REDUCE_TIED, ALL_REDUCE, STEP)
 
     def __str__(self) -> str:
         return action_name(self.kind, self.microbatch)
 
 
-def action_name(kind: str, microbatch: int = -1, step: int = 0, running_step: int = 0) -> str:
+def action_name(kind: Union[ActionKind, str], microbatch: int = -1, step: int = 0, running_step: int = 0) -> str:
     """How the timelines name an action, measured and simulated alike: ``F3``, ``STEP``; ``B3 (step 5)``
     when it works on another step's batch than the one running (a delayed backward)."""
     base = kind if microbatch < 0 else f"{kind}{microbatch}"
     return base if step == running_step else f"{base} (step {step})"
 
 
-def _forward(stage: int, num_stages: int, m: int) -> list[Action]:
-    acts = [] if stage == 0 else [Action("RECV_F", m)]
-    acts.append(Action("F", m))
-    return acts if stage == num_stages - 1 else acts + [Action("SEND_F", m)]
+def forward_actions(stage: int, num_stages: int, m: int) -> list[Action]:
+    """Microbatch ``m``'s forward on ``stage``: receive its input, run, send its output."""
+    acts = [] if stage == 0 else [Action(ActionKind.RECV_F, m)]
+    acts.append(Action(ActionKind.F, m))
+    return acts if stage == num_stages - 1 else acts + [Action(ActionKind.SEND_F, m)]
 
 
-def _backward(stage: int, num_stages: int, m: int) -> list[Action]:
-    acts = [] if stage == num_stages - 1 else [Action("RECV_B", m)]
-    acts.append(Action("B", m))
-    return acts if stage == 0 else acts + [Action("SEND_B", m)]
+def backward_actions(stage: int, num_stages: int, m: int) -> list[Action]:
+    """Microbatch ``m``'s backward on ``stage``: receive its output's gradient, run, send its input's."""
+    acts = [] if stage == num_stages - 1 else [Action(ActionKind.RECV_B, m)]
+    acts.append(Action(ActionKind.B, m))
+    return acts if stage == 0 else acts + [Action(ActionKind.SEND_B, m)]
 
 
-def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: int,
+# A locked plan: (stage, N, M) -> the stage's forwards and backwards of one batch, in order.
+Plan = Callable[[int, int, int], list[Action]]
+
+
+def naive_plan(stage: int, n: int, m: int) -> list[Action]:
+    return [a for mb in range(m) for a in forward_actions(stage, n, mb) + backward_actions(stage, n, mb)]
+
+
+def gpipe_plan(stage: int, n: int, m: int) -> list[Action]:
+    return ([a for mb in range(m) for a in forward_actions(stage, n, mb)]
+            + [a for mb in range(m) for a in backward_actions(stage, n, mb)])
+
+
+def one_f_one_b_plan(stage: int, n: int, m: int) -> list[Action]:
+    warmup = min(n - 1 - stage, m)
+    acts = [a for mb in range(warmup) for a in forward_actions(stage, n, mb)]
+    for k in range(m - warmup):
+        acts += forward_actions(stage, n, warmup + k) + backward_actions(stage, n, k)
+    return acts + [a for mb in range(m - warmup, m) for a in backward_actions(stage, n, mb)]
+
+
+PLANS: dict[str, Plan] = {"single": naive_plan, "naive": naive_plan, "gpipe": gpipe_plan, "1f1b": one_f_one_b_plan}
+LOCKED_PLANS = tuple(PLANS)
+
+
+def stage_actions(schedule: Union[str, Plan], stage: int, num_stages: int, num_microbatches: int,
                   reduce_norm: bool = False, reduce_tied: bool = False) -> list[Action]:
-    """The ordered actions of ``stage`` for one training step (one batch) under ``schedule``;
-    with ``reduce_norm`` an ``ALL_REDUCE`` of the gradient norm precedes the ``STEP``, with
-    ``reduce_tied`` (the stage holds a tied weight) a ``REDUCE_TIED`` precedes both."""
+    """The ordered actions of ``stage`` for one training step (one batch) under ``schedule`` (a
+    name of ``PLANS``, or a plan); with ``reduce_norm`` an ``ALL_REDUCE`` of the gradient norm
+    precedes the ``STEP``, with ``reduce_tied`` (the stage holds a tied weight) a ``REDUCE_TIED``
+    precedes both."""
     if not 0 <= stage < num_stages:
         raise ValueError(f"stage {stage} out of range for {num_stages} stages")
     n, m = num_stages, num_microbatches
@@ -63,26 +112,12 @@ def stage_actions(schedule: str, stage: int, num_stages: int, num_microbatches: 
         if n != 1:
             raise ValueError(f"schedule 'single' runs one process, got {n} stages")
         n, m = 1, 1
-    acts: list[Action] = []
-    if schedule in ("single", "naive"):
-        for mb in range(m):
-            acts += _forward(stage, n, mb) + _backward(stage, n, mb)
-    elif schedule == "gpipe":
-        for mb in range(m):
-            acts += _forward(stage, n, mb)
-        for mb in range(m):
-            acts += _backward(stage, n, mb)
-    elif schedule == "1f1b":
-        warmup = min(n - 1 - stage, m)
-        for mb in range(warmup):
-            acts += _forward(stage, n, mb)
-        for k in range(m - warmup):
-            acts += _forward(stage, n, warmup + k) + _backward(stage, n, k)
-        for mb in range(m - warmup, m):
-            acts += _backward(stage, n, mb)
-    else:
+    plan = schedule if callable(schedule) else PLANS.get(schedule)
+    if plan is None:
         raise ValueError(f"unknown schedule {schedule!r}; choose one of {', '.join(LOCKED_PLANS)}")
-    return acts + [Action("REDUCE_TIED")] * reduce_tied + [Action("ALL_REDUCE")] * reduce_norm + [Action("STEP")]
+    acts = plan(stage, n, m)
+    ends = [ActionKind.REDUCE_TIED] * reduce_tied + [ActionKind.ALL_REDUCE] * reduce_norm + [ActionKind.STEP]
+    return acts + [Action(kind) for kind in ends]
 
 
 def with_fits(plan: list[Action]) -> list[Action]:
@@ -90,8 +125,8 @@ def with_fits(plan: list[Action]) -> list[Action]:
     out: list[Action] = []
     for action in plan:
         out.append(action)
-        if action.kind == "RECV_B":
-            out.append(Action("FIT", action.microbatch))
+        if action.kind == ActionKind.RECV_B:
+            out.append(Action(ActionKind.FIT, action.microbatch))
     return out
 
 
@@ -123,19 +158,19 @@ def simulate(plans: list[list[Action]]) -> list[list[str]]:
             did_compute = False
             while pos[s] < len(plans[s]):
                 act = plans[s][pos[s]]
-                if act.kind in ("F", "B"):
+                if act.kind in (ActionKind.F, ActionKind.B):
                     if did_compute:
                         break
                     did_compute = True
                     grid[s].append(str(act))
-                elif act.kind in ("STEP", "FIT", "REDUCE_TIED"):
+                elif act.kind in (ActionKind.STEP, ActionKind.FIT, ActionKind.REDUCE_TIED):
                     pass  # REDUCE_TIED waits only for holders past their last message: it cannot block one
-                elif act.kind == "ALL_REDUCE":  # a collective: every stage must have reached its own
+                elif act.kind == ActionKind.ALL_REDUCE:  # a collective: every stage must have reached its own
                     if not _all_reached(plans, pos, reduced, reduced[s]):
                         break
                     reduced[s] += 1
                 elif act.kind.startswith("SEND"):
-                    dst = s + 1 if act.kind == "SEND_F" else s - 1
+                    dst = s + 1 if act.kind == ActionKind.SEND_F else s - 1
                     key = (act.kind[-1], dst, act.microbatch)
                     if key in sent or not 0 <= dst < n:
                         raise DeadlockError(f"stage {s}: {act} is sent twice or to no stage")
@@ -163,7 +198,8 @@ def simulate(plans: list[list[Action]]) -> list[list[str]]:
 
 def _all_reached(plans: list[list[Action]], pos: list[int], reduced: list[int], index: int) -> bool:
     """Whether every stage has passed, or stands at, its ``index``-th ALL_REDUCE."""
-    return all(reduced[t] > index or (reduced[t] == index and pos[t] < len(plan) and plan[pos[t]].kind == "ALL_REDUCE")
+    return all(reduced[t] > index or (reduced[t] == index and pos[t] < len(plan)
+                                      and plan[pos[t]].kind == ActionKind.ALL_REDUCE)
                for t, plan in enumerate(plans))
 
 

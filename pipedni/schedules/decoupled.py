@@ -84,7 +84,7 @@ import torch
 
 from pipedni.config import Config
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.actions import action_name
+from pipedni.schedules.actions import ActionKind, action_name
 from pipedni.schedules.modes import (BoundaryMode, check_decoupled, check_mixed, delays, every_boundary,
                                      fallback_delay, listed_modes)
 from pipedni.schedules.passes import EvalResult
@@ -201,11 +201,11 @@ class BoundaryWorker(Worker):
         else:
             if self.inputs is not None:
                 self.inputs.before_true_input(step, mb, piece, timers)
-            x = timers.run_as(self._name("RECV_F", step, mb), "wait_input", transport.recv, "prev", Kind.ACTIVATION,
-                              step, mb, self.shapes.input)
+            x = timers.run_as(self._name(ActionKind.RECV_F, step, mb), "wait_input", transport.recv, "prev",
+                              Kind.ACTIVATION, step, mb, self.shapes.input)
             if self.inputs is not None:
                 self.inputs.took_true_input(piece, x, timers)
-        forward, backward = self._name("F", step, mb), self._name("B", step, mb)
+        forward, backward = self._name(ActionKind.F, step, mb), self._name(ActionKind.B, step, mb)
         if stage.is_last:  # exact: the loss's gradient at once
             timers.run_as(forward, "compute", stage.forward, key, x, piece.targets, piece.weight)
             self._send_input_grad(step, mb, timers.run_as(backward, "compute", stage.backward, key))
@@ -221,7 +221,7 @@ class BoundaryWorker(Worker):
             return _Kept(replay=x if replay else None)
         labels = self.link.labels(piece.targets)
         if at_once:
-            grad = timers.run_as(self._name("SG", step, mb), "compute", self.link.predict, h, labels)
+            grad = timers.run_as(self._name(ActionKind.SG, step, mb), "compute", self.link.predict, h, labels)
             self._send_input_grad(step, mb, timers.run_as(backward, "compute", stage.backward, key, grad))
         return _Kept(replay=x if replay else None, fit=(h, labels))
 
@@ -230,14 +230,14 @@ class BoundaryWorker(Worker):
         stage = self.stage
         for mb, kept in enumerate(self.pending.pop(step)[1]):
             key = self._key(step, mb)
-            grad = timers.run_as(self._name("RECV_B", step, mb), "wait_grad", self.transport.recv, "next",
+            grad = timers.run_as(self._name(ActionKind.RECV_B, step, mb), "wait_grad", self.transport.recv, "next",
                                  Kind.GRADIENT, step, mb, gradient_spec(self.shapes.output))
             if kept.replay is not None:  # features replay: the forward again, on the current weights
-                timers.run_as(self._name("F", step, mb), "compute", stage.forward, key, kept.replay)
+                timers.run_as(self._name(ActionKind.F, step, mb), "compute", stage.forward, key, kept.replay)
             if kept.fit is not None:  # dni warm-up or fallback: the predictor learns from every true gradient
-                timers.run_as(self._name("SG", step, mb), "compute", self.link.fit, *kept.fit, grad,
+                timers.run_as(self._name(ActionKind.SG, step, mb), "compute", self.link.fit, *kept.fit, grad,
                               self.link.step - step)
-            self._send_input_grad(step, mb, timers.run_as(self._name("B", step, mb), "compute", stage.backward,
+            self._send_input_grad(step, mb, timers.run_as(self._name(ActionKind.B, step, mb), "compute", stage.backward,
                                                           key, grad))
 
     def _send_input_grad(self, step: int, mb: int, grad_in: Optional[torch.Tensor]) -> None:
@@ -249,7 +249,7 @@ class BoundaryWorker(Worker):
         """One optimizer step, on ``step``'s gradients (None: the running step's); with ``drop``, on no
         gradients (the optimizer skips every parameter); ``count``: a batch's (an idle update is not,
         see ``Stage.step``)."""
-        name = self._name("STEP", self.running if step is None else step)
+        name = self._name(ActionKind.STEP, self.running if step is None else step)
         if drop:  # nothing to measure or check: the optimizer skips every parameter
             self.stage.optimizer.zero_grad(set_to_none=True)
             norm = None

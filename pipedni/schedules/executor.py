@@ -8,12 +8,12 @@ it, to the ``fit`` it was built with (DNI's warm-up fits its predictor on true g
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.actions import Action, stage_actions, with_fits
+from pipedni.schedules.actions import Action, Plan, stage_actions, with_fits
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Microbatch, Timers, grad_norm, split_batch, sum_tied
 from pipedni.split.crossing import gradient_spec
@@ -24,8 +24,8 @@ Fit = Callable[[torch.Tensor, Microbatch, torch.Tensor], None]
 
 
 class LockedExecutor:
-    def __init__(self, ctx: WorkerContext, schedule: str, num_microbatches: int, whole_model_norm: bool = True,
-                 fit: Optional[Fit] = None):
+    def __init__(self, ctx: WorkerContext, schedule: Union[str, Plan], num_microbatches: int,
+                 whole_model_norm: bool = True, fit: Optional[Fit] = None):
         """``whole_model_norm``: clip by the norm of every stage's gradients (an ``ALL_REDUCE``
         in the plan), as one process would; else by this stage's alone."""
         self.stage, self.transport, self.shapes = ctx.stage, ctx.transport, ctx.shapes

@@ -28,6 +28,19 @@ def get(name: str) -> ScheduleSpec:
     return SCHEDULES[name]
 
 
+def register(spec: ScheduleSpec) -> ScheduleSpec:
+    """Add a schedule defined outside pipedni (see "Adding a schedule" in docs/design.md): from
+    then on ``train.schedule: <its name>`` runs it, and the bench and the simulator offer its
+    modes. Register it in every process before the config is checked (a torchrun job imports
+    the module that registers it, e.g. through ``model.factory``)."""
+    taken = [name for name in (spec.name, *(v.name for v in spec.modes())) if name in SCHEDULES or name in MODES]
+    if taken:
+        raise ConfigError(f"schedule {spec.name!r}: the name {taken[0]!r} is taken; choose another")
+    SCHEDULES[spec.name] = spec
+    MODES.update({variant.name: (spec, variant) for variant in spec.modes()})
+    return spec
+
+
 def mode(name: str) -> tuple[ScheduleSpec, Variant]:
     """A bench or simulator mode's schedule and settings."""
     if name not in MODES:

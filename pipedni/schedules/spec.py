@@ -12,6 +12,7 @@ from pipedni.stage import Stage
 from pipedni.transport import NullTransport, Transport
 
 if TYPE_CHECKING:
+    from pipedni.schedules.actions import Plan
     from pipedni.schedules.worker import Worker
 
 
@@ -75,7 +76,7 @@ class ScheduleSpec:
     sweeps_microbatches: bool = True
     # What the simulator replays: a locked plan of schedules/actions.py, or each boundary's mode
     # (stage i -> i+1; from train.boundaries where the schedule reads them) for a decoupled one.
-    plan: Optional[str] = None
+    plan: Optional[Union[str, "Plan"]] = None  # a name of actions.PLANS, or a plan of its own
     boundary_modes: Optional[Callable[[int, Sequence[str]], tuple[str, ...]]] = None
     reads_boundaries: bool = False  # train.boundaries is its setting
     synthetic_gradients: bool = False  # may have dni boundaries (dni.synthetic_inputs needs one)

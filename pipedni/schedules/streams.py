@@ -28,19 +28,15 @@ timeline and its stream can be compared call by call (tests/test_sim_engine.py).
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence, Union
 
 from pipedni.config.sections import DelayedConfig, DNIConfig
 from pipedni.errors import ConfigError
 from pipedni.schedules import registry
-from pipedni.schedules.actions import action_name, stage_actions
+from pipedni.schedules.actions import ActionKind, Plan, action_name, stage_actions
 from pipedni.schedules.modes import delays
 from pipedni.schedules.spec import ScheduleSpec
 
-# What the simulator replays: every mode (a schedule or a variant: cdni's predictor sees the
-# labels, which its profiled cost shows) of a multi-stage schedule with a plan or boundary modes.
-SIMULATED = tuple(name for name, (spec, _) in registry.MODES.items()
-                  if spec.max_stages is None and (spec.plan is not None or spec.decoupled))
 DEFAULT_DELAY = DelayedConfig().delay
 DEFAULT_MAX_STALENESS = DNIConfig().max_staleness
 
@@ -49,7 +45,7 @@ class SimAction(NamedTuple):
     """One thing a stage does: a kind of ``Action`` (plus SG: the dni predictor's call), the
     training step whose batch it works on (a delayed backward: an earlier one) and the microbatch."""
 
-    kind: str  # RECV_F, F, SEND_F, SG, RECV_B, B, SEND_B, FIT, ALL_REDUCE, STEP
+    kind: ActionKind
     step: int
     microbatch: int = -1  # -1: the whole batch
 
@@ -61,7 +57,7 @@ class SimAction(NamedTuple):
 Stream = list[list[SimAction]]  # one list per training step, then the finish
 
 
-def locked_stream(schedule: str, stage: int, num_stages: int, num_microbatches: int, steps: int,
+def locked_stream(schedule: Union[str, Plan], stage: int, num_stages: int, num_microbatches: int, steps: int,
                   reduce_norm: bool = False) -> Stream:
     """``stage_actions`` of every step in turn (a locked step needs nothing from another step)."""
     plan = stage_actions(schedule, stage, num_stages, num_microbatches, reduce_norm)
@@ -71,15 +67,15 @@ def locked_stream(schedule: str, stage: int, num_stages: int, num_microbatches: 
 def _forward(stage: int, num_stages: int, mode: str, step: int, mb: int, at_once: bool) -> list[SimAction]:
     """One microbatch's forward, and its backward where that runs at once."""
     last = stage == num_stages - 1
-    acts = [] if stage == 0 else [SimAction("RECV_F", step, mb)]
-    acts.append(SimAction("F", step, mb))
+    acts = [] if stage == 0 else [SimAction(ActionKind.RECV_F, step, mb)]
+    acts.append(SimAction(ActionKind.F, step, mb))
     if not last:
-        acts.append(SimAction("SEND_F", step, mb))
+        acts.append(SimAction(ActionKind.SEND_F, step, mb))
     if mode == "dni" and at_once:
-        acts.append(SimAction("SG", step, mb))
+        acts.append(SimAction(ActionKind.SG, step, mb))
     if at_once:
-        acts.append(SimAction("B", step, mb))
-        acts += [SimAction("SEND_B", step, mb)] * (stage > 0)
+        acts.append(SimAction(ActionKind.B, step, mb))
+        acts += [SimAction(ActionKind.SEND_B, step, mb)] * (stage > 0)
     return acts
 
 
@@ -87,9 +83,9 @@ def _true_backward(stage: int, step: int, num_microbatches: int, fits: bool) -> 
     """The backward of ``step`` from the true gradients (``fits``: the predictor fitted on each), then its update."""
     acts = []
     for mb in range(num_microbatches):
-        acts += ([SimAction("RECV_B", step, mb)] + [SimAction("SG", step, mb)] * fits + [SimAction("B", step, mb)]
-                 + [SimAction("SEND_B", step, mb)] * (stage > 0))
-    return acts + [SimAction("STEP", step)]
+        kinds = [ActionKind.RECV_B] + [ActionKind.SG] * fits + [ActionKind.B] + [ActionKind.SEND_B] * (stage > 0)
+        acts += [SimAction(kind, step, mb) for kind in kinds]
+    return acts + [SimAction(ActionKind.STEP, step)]
 
 
 def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: int, steps: int,
@@ -108,22 +104,29 @@ def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: in
         for mb in range(num_microbatches):
             acts += _forward(stage, num_stages, mode, t, mb, at_once)
         if at_once:
-            acts.append(SimAction("STEP", t))
+            acts.append(SimAction(ActionKind.STEP, t))
         elif t >= d:
             acts += _true_backward(stage, t - d, num_microbatches, mode == "dni")
         if waits and t >= max_staleness:
-            acts += [SimAction("RECV_B", t - max_staleness, mb) for mb in range(num_microbatches)]
+            acts += [SimAction(ActionKind.RECV_B, t - max_staleness, mb) for mb in range(num_microbatches)]
         yield acts
     owed = [] if at_once else range(max(0, steps - d), steps)
     unreceived = range(max(0, steps - max_staleness), steps) if waits else []
     yield ([a for s in owed for a in _true_backward(stage, s, num_microbatches, mode == "dni")]
-           + [SimAction("RECV_B", s, mb) for s in unreceived for mb in range(num_microbatches)])
+           + [SimAction(ActionKind.RECV_B, s, mb) for s in unreceived for mb in range(num_microbatches)])
+
+
+def simulated_modes() -> tuple[str, ...]:
+    """What the simulator replays: every mode (a schedule or a variant: cdni's predictor sees the
+    labels, which its profiled cost shows) of a multi-stage schedule with a plan or boundary modes."""
+    return tuple(name for name, (spec, _) in registry.MODES.items()
+                 if spec.max_stages is None and (spec.plan is not None or spec.decoupled))
 
 
 def simulated(mode: str) -> ScheduleSpec:
     """The schedule of a mode the simulator replays."""
-    if mode not in SIMULATED:
-        raise ConfigError(f"schedule {mode!r} is not simulated; choose one of {', '.join(SIMULATED)}")
+    if mode not in simulated_modes():
+        raise ConfigError(f"schedule {mode!r} is not simulated; choose one of {', '.join(simulated_modes())}")
     return registry.mode(mode)[0]
 
 

@@ -23,7 +23,7 @@ from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose
 from pipedni.errors import ConfigError
 from pipedni.metrics.records import MetricSpec, StepStats
-from pipedni.schedules.actions import action_name
+from pipedni.schedules.actions import ActionKind, action_name
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Timers
 from pipedni.split.crossing import Spec, TensorSpec, Value, gradient_spec, trained_indices, trained_specs
@@ -133,7 +133,7 @@ class SyntheticGradientEnd:
         """While the oldest step awaiting its gradients is ``max_staleness`` steps old or more, wait for it."""
         while self.store and self.step - next(iter(self.store)) >= self.cfg.max_staleness:
             step, mb = self._oldest()
-            grad = timers.run_as(action_name("RECV_B", mb, step, self.step), "wait_grad", self._recv, step, mb)
+            grad = timers.run_as(action_name(ActionKind.RECV_B, mb, step, self.step), "wait_grad", self._recv, step, mb)
             timers.run("compute", self._fit_arrived, step, mb, grad)
 
     def drain(self) -> None:

@@ -6,11 +6,11 @@ replay (the event core; shared: stages sharing fewer cores than there are stages
 ``python -m pipedni.sim`` (one run or a sweep over stage counts).
 """
 
-from pipedni.schedules.streams import SIMULATED, SimAction, decoupled_stream, locked_stream, pipeline_streams
+from pipedni.schedules.streams import SimAction, decoupled_stream, locked_stream, pipeline_streams
 from pipedni.sim.costs import PipelineCost, StageCost, from_profile, uniform
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.sim.replay import StageTrace
 from pipedni.sim.shared import replay
 
-__all__ = ["PipelineCost", "SIMULATED", "SimAction", "SimResult", "StageCost", "StageTrace", "decoupled_stream",
+__all__ = ["PipelineCost", "SimAction", "SimResult", "StageCost", "StageTrace", "decoupled_stream",
            "from_profile", "locked_stream", "pipeline_streams", "replay", "simulate", "uniform"]

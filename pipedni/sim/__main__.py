@@ -21,7 +21,7 @@ from typing import NoReturn, Optional
 from pipedni.errors import USER_ERRORS, ConfigError
 from pipedni.metrics.timeline import chrome_trace, draw
 from pipedni.schedules.actions import DeadlockError
-from pipedni.schedules.streams import DEFAULT_DELAY, DEFAULT_MAX_STALENESS, SIMULATED, effective_microbatches
+from pipedni.schedules.streams import DEFAULT_DELAY, DEFAULT_MAX_STALENESS, effective_microbatches, simulated_modes
 from pipedni.sim.costs import PipelineCost, from_profile, uniform
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.transport.link import LinkSpec
@@ -38,7 +38,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = _Parser(prog="python -m pipedni.sim", description=__doc__.splitlines()[0])
-    p.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(SIMULATED)} (default 1f1b)")
+    p.add_argument("--schedule", default="1f1b", help=f"one of {', '.join(simulated_modes())} (default 1f1b)")
     p.add_argument("--stages", type=int, help="pipeline stages (default: the profile's, else 4)")
     p.add_argument("--microbatches", type=int, default=1, help="microbatches per batch (async runs 1)")
     p.add_argument("--steps", type=int, default=50, help="training steps simulated, default 50")

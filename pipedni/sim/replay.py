@@ -23,16 +23,17 @@ from dataclasses import dataclass, field
 from typing import Sequence, Union
 
 from pipedni.metrics.timeline import Event
-from pipedni.schedules.actions import DeadlockError
+from pipedni.schedules.actions import ActionKind, DeadlockError
 from pipedni.schedules.streams import SimAction, Stream
 from pipedni.sim.costs import HEADER_BYTES, PipelineCost, StageCost
 from pipedni.transport.link import LinkModel, LinkSpec
 
 Key = tuple[str, int, int, int, int]  # (F or B, step, microbatch, from stage, to stage)
-CATEGORY = {"F": "forward", "B": "backward", "SG": "predictor", "FIT": "predictor", "STEP": "optimizer",
-            "SEND_F": "send", "SEND_B": "send", "RECV_F": "wait for activation", "RECV_B": "wait for gradient",
-            "ALL_REDUCE": "optimizer"}
-COMPUTE = ("F", "B", "SG", "FIT", "STEP")  # what counts as busy (an all-reduce's wait does not)
+K = ActionKind
+CATEGORY = {K.F: "forward", K.B: "backward", K.SG: "predictor", K.FIT: "predictor", K.STEP: "optimizer",
+            K.SEND_F: "send", K.SEND_B: "send", K.RECV_F: "wait for activation", K.RECV_B: "wait for gradient",
+            K.ALL_REDUCE: "optimizer"}
+COMPUTE = (K.F, K.B, K.SG, K.FIT, K.STEP)  # what counts as busy (an all-reduce's wait does not)
 
 
 @dataclass
@@ -128,7 +129,7 @@ class Replay:
             return True
         if kind.startswith("RECV_"):
             return self._recv(p, action)
-        if kind == "ALL_REDUCE":
+        if kind == ActionKind.ALL_REDUCE:
             return self._all_reduce(p)
         raise ValueError(f"stage {p.index}: unknown action kind {kind!r} in {action}")
 
@@ -137,10 +138,9 @@ class Replay:
         kind, cost = action.kind, p.cost
         if kind.startswith("SEND_"):
             return self.costs.message_sec
-        if kind == "STEP":
+        if kind == ActionKind.STEP:
             return cost.optimizer_sec
-        per_batch = {"F": cost.forward_sec, "B": cost.backward_sec, "SG": cost.predictor_sec,
-                     "FIT": cost.predictor_sec}
+        per_batch = {K.F: cost.forward_sec, K.B: cost.backward_sec, K.SG: cost.predictor_sec, K.FIT: cost.predictor_sec}
         return per_batch[kind] / self.m if kind in per_batch else 0.0
 
     def _finish_work(self, p: StageProcess, action: SimAction) -> None:
@@ -150,7 +150,7 @@ class Replay:
 
     def _send(self, p: StageProcess, action: SimAction) -> None:
         """Post ``action``'s message at ``p.clock``, the end of its sender's cost."""
-        forward = action.kind == "SEND_F"
+        forward = action.kind == ActionKind.SEND_F
         dst = p.index + 1 if forward else p.index - 1
         if not 0 <= dst < self.n:
             raise ValueError(f"stage {p.index}: {action} sends to stage {dst}, which does not exist")
@@ -169,7 +169,7 @@ class Replay:
             self.runnable.append(self.waiting.pop(key))
 
     def _recv(self, p: StageProcess, action: SimAction) -> bool:
-        src = p.index - 1 if action.kind == "RECV_F" else p.index + 1
+        src = p.index - 1 if action.kind == ActionKind.RECV_F else p.index + 1
         key: Key = (action.kind[-1], action.step, action.microbatch, src, p.index)
         if key not in self.mailbox:
             self.waiting[key], p.waits_for = p.index, key
@@ -203,7 +203,7 @@ class Replay:
 
 def _what(key: Key) -> str:
     kind, step, mb, src, dst = key
-    noun = "activation" if kind == "F" else "gradient"
+    noun = "activation" if kind == ActionKind.F else "gradient"
     return f"the {noun} of step {step} microbatch {mb} from stage {src} to stage {dst}"
 
 

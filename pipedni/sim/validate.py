@@ -55,7 +55,7 @@ from pipedni.bench.__main__ import slug
 from pipedni.bench.report import md_table
 from pipedni.config import load_config
 from pipedni.schedules import registry
-from pipedni.schedules.streams import SIMULATED, effective_microbatches
+from pipedni.schedules.streams import effective_microbatches, simulated_modes
 from pipedni.sim.beside import trusted_run
 from pipedni.sim.costs import PipelineCost, StageCost, activations_from_sent, from_profile
 from pipedni.sim.pipeline import SimResult, simulate
@@ -182,7 +182,7 @@ def compare(results: dict, message_sec: float = 0.0, calibration: Optional[dict]
     reference = {row["label"]: row for row in (calibration or {}).get("throughput", [])}
     out = []
     for row in results["throughput"]:
-        if row["mode"] not in SIMULATED or (calibration is not None and row["label"] not in reference):
+        if row["mode"] not in simulated_modes() or (calibration is not None and row["label"] not in reference):
             continue
         costs = costs_for(results, row, message_sec, receive_sec)
         if calibration is not None:  # see [Note: calibrating on real runs]
