@@ -20,6 +20,7 @@ from pipedni import checkpoint
 from pipedni import data as datasets
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
+from pipedni.crossing import input_spec
 from pipedni.errors import ConfigError, DivergenceError, LaunchError, among_stages, same_on_every_rank
 from pipedni.importing import import_function
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
@@ -34,7 +35,6 @@ from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker
-from pipedni.split.crossing import input_spec
 from pipedni.split.cut import Cut, cut_model
 from pipedni.stage import Loss, NonFinite, Stage, loss_fn
 from pipedni.transport import NullTransport, Transport

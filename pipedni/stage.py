@@ -13,10 +13,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipedni.config import OptimConfig
+from pipedni.crossing import PROBE_ROWS, Spec, Value, example, spec_of
 from pipedni.errors import PartitionError
 from pipedni.optim import build_optimizer, build_scheduler
-from pipedni.split.balance import num_params
-from pipedni.split.crossing import PROBE_ROWS, Spec, Value, example, spec_of
+
+
+def num_params(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
 
 
 def loss_fn(scores: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

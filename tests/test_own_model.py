@@ -17,6 +17,7 @@ import torch
 
 from pipedni import data as datasets
 from pipedni.config import load_config
+from pipedni.crossing import input_split
 from pipedni.engine import Trainer, with_saved_balance
 from pipedni.errors import PartitionError, PipeDNIError
 from pipedni.export import merge_checkpoints
@@ -24,7 +25,6 @@ from pipedni.models import build_model
 from pipedni.optim import build_optimizer
 from pipedni.runtime import Runtime
 from pipedni.schedules import registry
-from pipedni.split.crossing import input_split
 from pipedni.split.cut import cut_model
 from pipedni.stage import loss_fn
 from helpers import REPO, RankFailed, run_cli, assert_same_parameters, free_port, one_line_error, run_distributed

@@ -12,8 +12,9 @@ import pipedni
 from pipedni.config import ModelConfig
 from pipedni.errors import ConfigError, PartitionError
 from pipedni.models import MODELS, build_model, has_batchnorm
-from pipedni.split.balance import min_max_balance, num_params, part_costs, uniform_balance
+from pipedni.split.balance import min_max_balance, part_costs, uniform_balance
 from pipedni.split.partition import describe, partition, resolve_balance
+from pipedni.stage import num_params
 
 MNIST_SHAPE = (1, 28, 28)
 

@@ -4,8 +4,8 @@ import torch
 from torch import nn
 
 from pipedni.config import DNIConfig, OptimConfig
+from pipedni.crossing import StageShapes, TensorSpec
 from pipedni.dni.sizing import candidates, choose, stage_sec
-from pipedni.split.crossing import StageShapes, TensorSpec
 from pipedni.stage import Stage
 
 WIDTH = 256

@@ -7,8 +7,8 @@ import time
 import pytest
 import torch
 
+from pipedni.crossing import TensorSpec
 from pipedni.errors import TransportError
-from pipedni.split.crossing import TensorSpec
 from pipedni.transport import SEND_WINDOW, Header, Kind, Transport
 from pipedni.transport.wire import NextSize
 from helpers import CPU, RankFailed, chain_steps, changing_messages, recv_error, run_distributed, same_values, tuple_messages

@@ -9,8 +9,8 @@ import time
 
 import torch
 
+from pipedni.crossing import TensorSpec
 from pipedni.errors import TransportError
-from pipedni.split.crossing import TensorSpec
 from pipedni.transport import Kind, Transport
 from pipedni.transport.wire import COMBINED_MAX
 from helpers import CPU, RankFailed, chain_steps, changing_messages, recv_error, run_distributed, same_values, tuple_messages

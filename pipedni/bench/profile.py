@@ -30,6 +30,7 @@ import torch
 from pipedni import data as datasets
 from pipedni.bench.plan import parse_counts
 from pipedni.config import Config, load_config
+from pipedni.crossing import StageShapes, TensorSpec
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose, median_sec
 from pipedni.engine import one_input_shape
@@ -37,7 +38,6 @@ from pipedni.errors import USER_ERRORS
 from pipedni.models import build_model
 from pipedni.runtime import choose_device
 from pipedni.schedules.worker import grad_norm
-from pipedni.split.crossing import StageShapes, TensorSpec
 from pipedni.split.partition import partition
 from pipedni.stage import Stage
 

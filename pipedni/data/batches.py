@@ -6,9 +6,9 @@ from typing import Iterator
 
 import torch
 
+from pipedni.crossing import Value, input_rows, input_slice
 from pipedni.data.dataset import Dataset
 from pipedni.errors import DataError
-from pipedni.split.crossing import Value, input_rows, input_slice
 
 
 def steps_per_epoch(num_samples: int, batch_size: int) -> int:

@@ -10,8 +10,8 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from pipedni.config import DataConfig
+from pipedni.crossing import Value, describe_spec, input_spec
 from pipedni.errors import DataError
-from pipedni.split.crossing import Value, describe_spec, input_spec
 
 
 @dataclass

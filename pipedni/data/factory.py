@@ -9,10 +9,10 @@ from typing import Any, Mapping, Sequence
 import torch
 
 from pipedni.config import DataConfig
+from pipedni.crossing import Value, describe_spec, input_spec, num_inputs
 from pipedni.data.dataset import Dataset
 from pipedni.errors import DataError
 from pipedni.importing import call, import_function
-from pipedni.split.crossing import Value, describe_spec, input_spec, num_inputs
 
 
 def load(cfg: DataConfig) -> tuple[Dataset, Dataset]:

@@ -11,10 +11,10 @@ from pathlib import Path
 import torch
 
 from pipedni.config import DataConfig
+from pipedni.crossing import input_slice
 from pipedni.data import factory, idx, kjv, mnist_5k, synthetic
 from pipedni.data.dataset import Dataset, Source
 from pipedni.errors import DataError
-from pipedni.split.crossing import input_slice
 
 DATASETS: dict[str, Source] = {
     source.name: source

@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 
 from pipedni.config import DNIConfig
+from pipedni.crossing import StageShapes, TensorSpec, example, trained_specs
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
-from pipedni.split.crossing import StageShapes, TensorSpec, example, trained_specs
 from pipedni.stage import Stage
 
 BUDGET = 0.12  # predict+fit time as a fraction of the stage's forward+backward

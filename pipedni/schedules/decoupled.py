@@ -83,6 +83,7 @@ from typing import Iterable, Optional, Sequence
 import torch
 
 from pipedni.config import Config
+from pipedni.crossing import gradient_spec, value_bytes
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.actions import ActionKind, action_name
 from pipedni.schedules.modes import (BoundaryMode, check_decoupled, check_mixed, delays, every_boundary,
@@ -93,7 +94,6 @@ from pipedni.schedules.synthetic_gradients import METRICS, SyntheticGradientEnd
 from pipedni.schedules.synthetic_inputs import METRICS as SI_METRICS
 from pipedni.schedules.synthetic_inputs import SyntheticInputEnd
 from pipedni.schedules.worker import Microbatch, TiedSync, Timers, Worker, grad_norm, split_batch
-from pipedni.split.crossing import gradient_spec, value_bytes
 from pipedni.transport import Kind
 
 @dataclass

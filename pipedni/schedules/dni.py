@@ -89,7 +89,8 @@ def every_predictor(cfg: Config, num_stages: int) -> tuple[int, ...]:
 VARIANTS = (
     Variant("dni", ("--dni.condition_on_labels=false", "--dni.synthetic_inputs=false")),
     Variant("cdni", ("--dni.condition_on_labels=true", "--dni.synthetic_inputs=false")),
-    Variant("unlock", ("--dni.condition_on_labels=true", "--dni.synthetic_inputs=true"), default=False),
+    Variant("unlock", ("--dni.condition_on_labels=true", "--dni.synthetic_inputs=true"), default=False,
+            simulated=False),
 )
 SPEC = ScheduleSpec("dni", "DNI: every stage updates at once from a synthetic gradient (dni.* settings)",
                     build=DNIWorker, min_stages=2, locked=False, check=check_dni, metrics=DNI_METRICS,

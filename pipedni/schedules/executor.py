@@ -12,11 +12,11 @@ from typing import Callable, Optional, Union
 
 import torch
 
+from pipedni.crossing import gradient_spec
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.actions import Action, Plan, stage_actions, with_fits
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Microbatch, Timers, grad_norm, split_batch, sum_tied
-from pipedni.split.crossing import gradient_spec
 from pipedni.transport import Kind
 
 # Called with (a microbatch's output, detached; the microbatch; the true gradient of that output).

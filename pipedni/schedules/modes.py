@@ -8,9 +8,9 @@ from enum import Enum
 from typing import Sequence
 
 from pipedni.config import Config
+from pipedni.crossing import describe_spec
 from pipedni.errors import LaunchError, PartitionError
 from pipedni.schedules.spec import WorkerContext
-from pipedni.split.crossing import describe_spec
 
 class BoundaryMode(str, Enum):
     """How stage i learns from stage i+1 (see decoupled.py); equal to its name."""

@@ -9,8 +9,8 @@ from typing import Iterable, Optional
 
 import torch
 
+from pipedni.crossing import PROBE_ROWS, Spec, StageShapes, Value, describe_spec, example, input_to, spec_of
 from pipedni.errors import PartitionError
-from pipedni.split.crossing import PROBE_ROWS, Spec, StageShapes, Value, describe_spec, example, input_to, spec_of
 from pipedni.stage import Stage, num_correct
 from pipedni.transport import Kind
 

@@ -16,11 +16,11 @@ import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
 from pipedni.config import Config
+from pipedni.crossing import Spec, Value, example, gradient_spec, input_to
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker, grad_norm, sum_tied
-from pipedni.split.crossing import Spec, Value, example, gradient_spec, input_to
 from pipedni.stage import loss_fn
 
 

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional, Sequence, Union
 
 from pipedni.config import Config
+from pipedni.crossing import Spec, StageShapes
 from pipedni.metrics.records import MetricSpec
-from pipedni.split.crossing import Spec, StageShapes
 from pipedni.stage import Stage
 from pipedni.transport import NullTransport, Transport
 
@@ -51,6 +51,7 @@ class Variant:
     name: str
     overrides: tuple[str, ...] = ()
     default: bool = True  # among the bench's default modes
+    simulated: bool = True  # the simulator replays it (its streams have no synthetic inputs)
 
 
 @dataclass(frozen=True)

@@ -119,8 +119,8 @@ def decoupled_stream(boundaries: Sequence[str], stage: int, num_microbatches: in
 def simulated_modes() -> tuple[str, ...]:
     """What the simulator replays: every mode (a schedule or a variant: cdni's predictor sees the
     labels, which its profiled cost shows) of a multi-stage schedule with a plan or boundary modes."""
-    return tuple(name for name, (spec, _) in registry.MODES.items()
-                 if spec.max_stages is None and (spec.plan is not None or spec.decoupled))
+    return tuple(name for name, (spec, variant) in registry.MODES.items()
+                 if variant.simulated and spec.max_stages is None and (spec.plan is not None or spec.decoupled))
 
 
 def simulated(mode: str) -> ScheduleSpec:

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from pipedni.config import DNIConfig
+from pipedni.crossing import Spec, TensorSpec, Value, gradient_spec, trained_indices, trained_specs
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import choose
 from pipedni.errors import ConfigError
@@ -26,7 +27,6 @@ from pipedni.metrics.records import MetricSpec, StepStats
 from pipedni.schedules.actions import ActionKind, action_name
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Timers
-from pipedni.split.crossing import Spec, TensorSpec, Value, gradient_spec, trained_indices, trained_specs
 from pipedni.transport import Kind
 
 Entry = tuple[list[torch.Tensor], Optional[torch.Tensor]]  # a microbatch's trained outputs and its labels (cDNI)

@@ -16,11 +16,11 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
+from pipedni.crossing import Value, input_split, input_to
 from pipedni.metrics.records import StepStats
 from pipedni.metrics.timeline import WAITS, category_of
 from pipedni.schedules.passes import EvalResult, evaluate
 from pipedni.schedules.spec import WorkerContext
-from pipedni.split.crossing import Value, input_split, input_to
 from pipedni.stage import Stage
 
 

@@ -9,9 +9,9 @@ import torch.fx as fx
 from torch import nn
 
 from pipedni.errors import PartitionError
+from pipedni.split.plan import BoundaryTensor, SplitPlan, tied_groups
 from pipedni.split.points import (SplitPoints, ancestors, belongs, block_starts, blocks, check_segments, compute_nodes,
                                 cuts_of, parameter_balance, parse_points, resolve_cuts, segment_names)
-from pipedni.split.plan import BoundaryTensor, SplitPlan, tied_groups
 from pipedni.split.stages import crossings, install, make_stage_module, model_output, stage_graph, stage_of_nodes
 from pipedni.split.trace import TRACERS, Traced, describe_values, trace
 

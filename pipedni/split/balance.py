@@ -6,13 +6,8 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 import torch
-from torch import nn
 
 Sample = tuple[Any, Optional[torch.Tensor]]  # one microbatch: its inputs (a tensor or a tuple) and labels (or None)
-
-
-def num_params(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
 
 
 def uniform_balance(num_layers: int, num_stages: int) -> list[int]:

@@ -31,13 +31,13 @@ import torch
 from torch import nn
 
 from pipedni.config import Config, DNIConfig, OptimConfig
+from pipedni.crossing import Spec, TensorSpec, Value, describe_spec, input_slice, input_to, spec_of, trained_specs
 from pipedni.dni.predictors import SyntheticGradientTrainer, labels_per_sample
 from pipedni.dni.sizing import BUDGET, median_sec, predictor_sec
 from pipedni.errors import ConfigError, PartitionError
 from pipedni.optim import build_optimizer
-from pipedni.split.balance import Sample, min_max_balance, num_params, part_costs
-from pipedni.split.crossing import Spec, TensorSpec, Value, describe_spec, input_slice, input_to, spec_of, trained_specs
-from pipedni.stage import loss_fn
+from pipedni.split.balance import Sample, min_max_balance, part_costs
+from pipedni.stage import loss_fn, num_params
 
 if TYPE_CHECKING:
     from pipedni.data import Dataset

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -14,15 +14,17 @@ from torch import nn
 
 from pipedni import data as datasets
 from pipedni.config import Config
+from pipedni.crossing import StageShapes, input_slice, input_to, named
 from pipedni.errors import ConfigError, PipeDNIError, among_stages
 from pipedni.runtime import Runtime
-from pipedni.schedules.spec import ScheduleSpec
 from pipedni.split import SplitPlan, split
 from pipedni.split.cost import run_costs, time_balance
-from pipedni.split.crossing import StageShapes, input_slice, input_to, named
 from pipedni.split.partition import describe, partition
 from pipedni.split.points import parse_points
 from pipedni.stage import TiedWeight
+
+if TYPE_CHECKING:
+    from pipedni.schedules.spec import ScheduleSpec
 
 T = TypeVar("T")
 

@@ -14,8 +14,9 @@ from torch import nn
 
 from pipedni.config import OptimConfig
 from pipedni.errors import PartitionError
-from pipedni.split.balance import Sample, min_max_balance, num_params, uniform_balance
+from pipedni.split.balance import Sample, min_max_balance, uniform_balance
 from pipedni.split.cost import layer_costs
+from pipedni.stage import num_params
 
 
 METHODS = ("uniform", "parameters", "time", "auto")

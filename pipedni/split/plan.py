@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from pipedni.errors import CheckpointError
-from pipedni.split.balance import num_params
+from pipedni.stage import num_params
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,8 @@ import torch.fx as fx
 from torch import nn
 
 from pipedni.errors import PartitionError
-from pipedni.split.balance import min_max_balance, num_params, uniform_balance
+from pipedni.split.balance import min_max_balance, uniform_balance
+from pipedni.stage import num_params
 
 SplitPoints = Union[Sequence[str], Mapping[str, str]]
 WHERE = ("beginning", "end")

@@ -15,8 +15,8 @@ from typing import Container, Optional
 import torch
 import torch.distributed as dist
 
+from pipedni.crossing import Value
 from pipedni.errors import TransportError
-from pipedni.split.crossing import Value
 from pipedni.transport.link import Link, LinkSpec
 from pipedni.transport.wire import (HEADER_BYTES, HEADER_LEN, Header, Kind, NextSize, combined, next_size,
                                     describe_message as _what)

@@ -51,9 +51,9 @@ from typing import Container, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from pipedni.crossing import Spec, Value, describe_headers, describe_spec, spec_matches
 from pipedni.errors import TransportError
 from pipedni.metrics.timeline import NullTimeline, Timeline
-from pipedni.split.crossing import Spec, Value, describe_headers, describe_spec, spec_matches
 from pipedni.transport.edge import IDLE_WAIT, DirectInbox, Inbox, Outbox, ThreadInbox
 from pipedni.transport.link import LinkSpec
 from pipedni.transport.wire import Header, Kind, describe_message as _what
