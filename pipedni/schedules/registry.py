@@ -31,8 +31,8 @@ def get(name: str) -> ScheduleSpec:
 def register(spec: ScheduleSpec) -> ScheduleSpec:
     """Add a schedule defined outside pipedni (see "Adding a schedule" in docs/design.md): from
     then on ``train.schedule: <its name>`` runs it, and the bench and the simulator offer its
-    modes. Register it in every process before the config is checked (a torchrun job imports
-    the module that registers it, e.g. through ``model.factory``)."""
+    modes. Every process registers it before its config is checked: a script run with
+    ``pipedni.fit`` (under torchrun) registers it at import."""
     taken = [name for name in (spec.name, *(v.name for v in spec.modes())) if name in SCHEDULES or name in MODES]
     if taken:
         raise ConfigError(f"schedule {spec.name!r}: the name {taken[0]!r} is taken; choose another")

@@ -3,8 +3,9 @@
 [Note: transport layout]
 Every edge (i, i+1) gets two dedicated 2-rank process groups, one per direction, created in
 the same order on every rank. One direction is then used by exactly one thread on each side
-(the main thread sends, a receiver thread receives), so ops on one group never interleave and
-a slow gradient never queues behind activations. Groups are warmed up at start-up: NCCL
+(the main thread sends; one thread receives: a receiver thread, or the consumer's own under
+direct receive, see [Note: who receives]), so ops on one group never interleave and a slow
+gradient never queues behind activations. Groups are warmed up at start-up: NCCL
 connects lazily, and a send may block until the matching receive is posted.
 
 Every message is a fixed-size int64 header (kind, step, microbatch, dtype, wire dtype, shape)
