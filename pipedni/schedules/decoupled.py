@@ -13,13 +13,13 @@ d_i is stage i's delay (the last stage is exact: d_{N-1} = 0). At step t stage i
 of ``train.microbatches`` microbatches (``async``: the whole batch), the forward of step t (and
 across a dni boundary its synthetic backward at once); then the true backward of step
 s = t - d_i (each microbatch's gradient from stage i+1, backpropagated, its input gradient sent
-to stage i-1 tagged s); then one update. Stage i+1 answers for step s at its own step
+to stage i-1 tagged s); then one update: the actions of steps.decoupled_step, which the worker
+executes one by one and the simulator replays. Stage i+1 answers for step s at its own step
 s + d_{i+1}, so stage i waits only for what stage i+1 can already have done (no deadlock: by
 induction from the last stage) and runs at most d_i - d_{i+1} steps ahead of it. The delays are
 fixed, not "whatever has arrived", so a run is deterministic and equals one process applying
-the same delays (tests/test_delayed.py, tests/test_mixed.py). The d_i updates still owed when
-training ends are made by ``finish`` (the drain): every stage makes one update per batch, and
-every message sent is received.
+the same delays (tests/test_delayed.py, tests/test_mixed.py). ``finish`` makes the d_i updates
+still owed: every stage makes one update per batch, and every message sent is received.
 
 A dni boundary stores each step's outputs until their gradients arrive, stage i+1 returning
 them d_{i+1} steps late: ``dni.max_staleness`` must be at least that (checked at start-up). Its
@@ -90,10 +90,11 @@ from pipedni.schedules.modes import (BoundaryMode, check_decoupled, check_mixed,
                                      fallback_delay, listed_modes)
 from pipedni.schedules.passes import EvalResult
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
+from pipedni.schedules.steps import Due, SimAction, decoupled_finish, decoupled_step
 from pipedni.schedules.synthetic_gradients import METRICS, SyntheticGradientEnd
 from pipedni.schedules.synthetic_inputs import METRICS as SI_METRICS
 from pipedni.schedules.synthetic_inputs import SyntheticInputEnd
-from pipedni.schedules.worker import Microbatch, TiedSync, Timers, Worker, grad_norm, split_batch
+from pipedni.schedules.worker import TiedSync, Timers, Worker, grad_norm, split_batch
 from pipedni.transport import Kind
 
 @dataclass
@@ -144,6 +145,9 @@ class BoundaryWorker(Worker):
         return action_name(kind, mb, step, self.running)
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
+        """One step as ``steps.decoupled_step`` gives it for this stage's state (the simulator's
+        streams replay the same function): its work, then the fits of what has arrived, then
+        the back-pressure waits."""
         stage, timers = self.stage, Timers(self.transport)
         self.running = step
         synthetic = self.link is not None and step >= self.warmup_steps
@@ -152,32 +156,31 @@ class BoundaryWorker(Worker):
         trusted = synthetic and self.link.trusted  # see [Note: trusting the predictor]
         at_once = stage.is_last or trusted or (synthetic and not self.fallback)  # backpropagated in the forward
         late = 0 if at_once else self.fallback if synthetic else self.delay  # steps until its true backward
-        params = None
+        self.params = None
         if late and (self.stashing or self.predicting):
-            params = timers.run("compute", stage.stash, late if self.predicting else 0)
+            self.params = timers.run("compute", stage.stash, late if self.predicting else 0)
         may_predict = self.inputs is not None and at_once and step >= self.predict_from
         if self.inputs is not None:
             self.inputs.begin(step, may_predict, timers)
-        pieces = split_batch(stage, inputs, targets, self.num_microbatches, keep_inputs=self.inputs is not None)
-        kept = [self._forward(step, mb, piece, at_once, late, params, timers) for mb, piece in enumerate(pieces)]
-        norm = None
-        if at_once:  # the loss's gradient, or the predictor's (dropped while it is untrusted)
-            source = "gradient" if stage.is_last else f"synthetic gradient of boundary {stage.stage_index}"
-            norm = self._update(timers, step, drop=synthetic and not trusted, source=source)
-        else:
-            self.pending[step] = (step + late, kept)
-        while self.pending and next(iter(self.pending.values()))[0] <= step:  # true gradients now due
-            due = next(iter(self.pending))
-            self._backward(due, timers)
-            norm = self._update(timers, due)
+        self.pieces = split_batch(stage, inputs, targets, self.num_microbatches, keep_inputs=self.inputs is not None)
+        self.kept = [_Kept() for _ in self.pieces]
+        self.replay_now = late > 0 and not self.stashing  # features replay: only the input is kept
+        if not at_once:
+            self.pending[step] = (step + late, self.kept)
+        work, waits = decoupled_step(stage.stage_index, stage.num_stages, step, self.num_microbatches, at_once,
+                                     self.link is not None, self._due(step),
+                                     self._waits_for(step, synthetic))
+        self.norm, self.drop = None, synthetic and not trusted  # untrusted at once: the update is dropped
+        self._run(work, timers)
         if synthetic:
             if at_once and not stage.is_last:
-                self.link.keep(step, {mb: k.fit for mb, k in enumerate(kept)})
+                self.link.keep(step, {mb: k.fit for mb, k in enumerate(self.kept)})
             timers.run("compute", self.link.fit_ready, next(iter(self.pending), None))
-            self.link.back_pressure(timers)
+            if waits:
+                self.link.back_pressure(timers)  # waits as long as the oldest stored step is that old
         if self.inputs is not None:
             self.inputs.end(timers)
-        stats = timers.stats(step, stage, norm)
+        stats = timers.stats(step, stage, self.norm)
         if self.inputs is not None:
             self.inputs.write(stats)
         if self.link is not None:
@@ -189,56 +192,104 @@ class BoundaryWorker(Worker):
         self.tied.after(step)
         return stats
 
-    def _forward(self, step: int, mb: int, piece: Microbatch, at_once: bool, late: int,
-                 params: Optional[dict[str, torch.Tensor]], timers: Timers) -> _Kept:
-        """Microbatch ``mb`` of ``step`` forward (and its backward, where that happens at once)."""
-        stage, transport, key = self.stage, self.transport, self._key(step, mb)
+    def _waits_for(self, step: int, synthetic: bool) -> Optional[int]:
+        """The step a dni stage's back-pressure waits on: ``dni.max_staleness`` steps back."""
+        back = step - self.link.cfg.max_staleness if synthetic else -1
+        return None if back < 0 else back
+
+    def _due(self, step: int) -> list[Due]:
+        """The kept steps whose true backward is due by ``step``, oldest first (one not yet due
+        holds back the ones after it), each with whether its forward is replayed."""
+        due = []
+        for kept_step, (due_step, kept) in self.pending.items():
+            if due_step > step:
+                break
+            replay = kept_step == step and self.replay_now or any(k.replay is not None for k in kept)
+            due.append(Due(kept_step, replay))
+        return due
+
+    def _run(self, actions: Sequence[SimAction], timers: Timers) -> None:
+        """Execute actions in order: a forward-phase action works on the running step's
+        microbatch, one after a RECV_B of a true backward on that backward's step."""
+        self.backward_of, self.predicted, self.timers = None, set(), timers
+        self.received, self.outputs, self.grads = {}, {}, {}  # by microbatch, within the step
+        for action in actions:
+            if action.kind == ActionKind.RECV_B:
+                self.backward_of = action.step
+            getattr(self, f"_do_{action.kind.lower()}")(action.step, action.microbatch)
+
+    def _do_recv_f(self, step: int, mb: int) -> None:
+        piece, timers, key = self.pieces[mb], self.timers, self._key(step, mb)
         if self.inputs is not None and self.inputs.predicts(step, mb):
             self.inputs.train_predicted(step, mb, key, piece, timers)
-            return _Kept()  # its synthetic-gradient fit is kept when its true input comes
-        if stage.is_first:
-            x = piece.inputs
-        else:
-            if self.inputs is not None:
-                self.inputs.before_true_input(step, mb, piece, timers)
-            x = timers.run_as(self._name(ActionKind.RECV_F, step, mb), "wait_input", transport.recv, "prev",
-                              Kind.ACTIVATION, step, mb, self.shapes.input)
-            if self.inputs is not None:
-                self.inputs.took_true_input(piece, x, timers)
-        forward, backward = self._name(ActionKind.F, step, mb), self._name(ActionKind.B, step, mb)
-        if stage.is_last:  # exact: the loss's gradient at once
-            timers.run_as(forward, "compute", stage.forward, key, x, piece.targets, piece.weight)
-            self._send_input_grad(step, mb, timers.run_as(backward, "compute", stage.backward, key))
-            return _Kept()
-        replay = late > 0 and not self.stashing  # features replay: only the input is kept
-        if replay:
-            with torch.no_grad():
-                h = timers.run_as(forward, "compute", stage.run, x, params)
-        else:
-            h = timers.run_as(forward, "compute", stage.forward, key, x, None, 1.0, params)
-        transport.send("next", Kind.ACTIVATION, step, mb, h)
-        if self.link is None:
-            return _Kept(replay=x if replay else None)
-        labels = self.link.labels(piece.targets)
-        if at_once:
-            grad = timers.run_as(self._name(ActionKind.SG, step, mb), "compute", self.link.predict, h, labels)
-            self._send_input_grad(step, mb, timers.run_as(backward, "compute", stage.backward, key, grad))
-        return _Kept(replay=x if replay else None, fit=(h, labels))
+            self.predicted.add(mb)  # its synthetic-gradient fit is kept when its true input comes
+            return
+        if self.inputs is not None:
+            self.inputs.before_true_input(step, mb, piece, timers)
+        self.received[mb] = timers.run_as(self._name(ActionKind.RECV_F, step, mb), "wait_input", self.transport.recv,
+                                          "prev", Kind.ACTIVATION, step, mb, self.shapes.input)
+        if self.inputs is not None:
+            self.inputs.took_true_input(piece, self.received[mb], timers)
 
-    def _backward(self, step: int, timers: Timers) -> None:
-        """The true backward of every microbatch of ``step``, as its gradient arrives."""
-        stage = self.stage
-        for mb, kept in enumerate(self.pending.pop(step)[1]):
-            key = self._key(step, mb)
-            grad = timers.run_as(self._name(ActionKind.RECV_B, step, mb), "wait_grad", self.transport.recv, "next",
-                                 Kind.GRADIENT, step, mb, gradient_spec(self.shapes.output))
-            if kept.replay is not None:  # features replay: the forward again, on the current weights
-                timers.run_as(self._name(ActionKind.F, step, mb), "compute", stage.forward, key, kept.replay)
-            if kept.fit is not None:  # dni warm-up or fallback: the predictor learns from every true gradient
-                timers.run_as(self._name(ActionKind.SG, step, mb), "compute", self.link.fit, *kept.fit, grad,
-                              self.link.step - step)
-            self._send_input_grad(step, mb, timers.run_as(self._name(ActionKind.B, step, mb), "compute", stage.backward,
-                                                          key, grad))
+    def _do_f(self, step: int, mb: int) -> None:
+        stage, key, name = self.stage, self._key(step, mb), self._name(ActionKind.F, step, mb)
+        if self.backward_of is not None:  # features replay: the forward again, on the current weights
+            self.timers.run_as(name, "compute", stage.forward, key, self.pending[step][1][mb].replay)
+            return
+        if mb in self.predicted:
+            return
+        piece = self.pieces[mb]
+        x = piece.inputs if stage.is_first else self.received.pop(mb)
+        if stage.is_last:  # exact: the loss's gradient at once
+            self.timers.run_as(name, "compute", stage.forward, key, x, piece.targets, piece.weight)
+            return
+        if self.replay_now:
+            with torch.no_grad():
+                h = self.timers.run_as(name, "compute", stage.run, x, self.params)
+        else:
+            h = self.timers.run_as(name, "compute", stage.forward, key, x, None, 1.0, self.params)
+        self.outputs[mb] = h
+        labels = self.link.labels(piece.targets) if self.link is not None else None
+        self.kept[mb] = _Kept(replay=x if self.replay_now else None, fit=(h, labels) if self.link is not None else None)
+
+    def _do_send_f(self, step: int, mb: int) -> None:
+        if mb not in self.predicted:
+            self.transport.send("next", Kind.ACTIVATION, step, mb, self.outputs.pop(mb))
+
+    def _do_sg(self, step: int, mb: int) -> None:
+        name = self._name(ActionKind.SG, step, mb)
+        if self.backward_of is None:  # at once: the synthetic gradient the backward uses
+            if mb not in self.predicted:
+                h, labels = self.kept[mb].fit
+                self.grads[mb] = self.timers.run_as(name, "compute", self.link.predict, h, labels)
+            return
+        kept = self.pending[step][1][mb]  # the true gradient arrived: the predictor learns from it
+        self.timers.run_as(name, "compute", self.link.fit, *kept.fit, self.grads[mb], self.link.step - step)
+
+    def _do_b(self, step: int, mb: int) -> None:
+        if self.backward_of is None and mb in self.predicted:
+            return
+        gradient = () if self.backward_of is None and self.stage.is_last else (self.grads.pop(mb),)
+        self.grads[mb] = self.timers.run_as(self._name(ActionKind.B, step, mb), "compute", self.stage.backward,
+                                            self._key(step, mb), *gradient)
+
+    def _do_send_b(self, step: int, mb: int) -> None:
+        if self.backward_of is not None or mb not in self.predicted:
+            self._send_input_grad(step, mb, self.grads.pop(mb))
+
+    def _do_recv_b(self, step: int, mb: int) -> None:
+        """A true backward's gradient (back-pressure waits are the link's: see train_step)."""
+        self.grads[mb] = self.timers.run_as(self._name(ActionKind.RECV_B, step, mb), "wait_grad", self.transport.recv,
+                                            "next", Kind.GRADIENT, step, mb, gradient_spec(self.shapes.output))
+
+    def _do_step(self, step: int, mb: int) -> None:
+        if self.backward_of is None:  # the loss's gradient, or the predictor's (dropped while it is untrusted)
+            source = "gradient" if self.stage.is_last else f"synthetic gradient of boundary {self.stage.stage_index}"
+            self.norm = self._update(self.timers, step, drop=self.drop, source=source)
+            return
+        del self.pending[step]
+        self.norm = self._update(self.timers, step)
+        self.backward_of = None
 
     def _send_input_grad(self, step: int, mb: int, grad_in: Optional[torch.Tensor]) -> None:
         if not self.stage.is_first:
@@ -263,10 +314,9 @@ class BoundaryWorker(Worker):
         timers = Timers(self.transport)
         if self.inputs is not None:
             self.inputs.settle(timers)
-        while self.pending:
-            due = next(iter(self.pending))
-            self._backward(due, timers)
-            self._update(timers, due)
+        owed = [Due(step, any(k.replay is not None for k in kept)) for step, (_, kept) in self.pending.items()]
+        self.pieces, self.kept, self.replay_now, self.drop = [], [], False, False
+        self._run(decoupled_finish(self.stage.stage_index, self.num_microbatches, owed, self.link is not None), timers)
         if self.link is not None:
             self.link.drain()
         self.tied.sync()  # a checkpoint or the end: every copy the same

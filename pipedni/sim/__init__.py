@@ -6,7 +6,8 @@ replay (the event core; shared: stages sharing fewer cores than there are stages
 ``python -m pipedni.sim`` (one run or a sweep over stage counts).
 """
 
-from pipedni.schedules.streams import SimAction, decoupled_stream, locked_stream, pipeline_streams
+from pipedni.schedules.steps import SimAction
+from pipedni.schedules.streams import decoupled_stream, locked_stream, pipeline_streams
 from pipedni.sim.costs import PipelineCost, StageCost, from_profile, uniform
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.sim.replay import StageTrace

@@ -87,7 +87,8 @@ def replay_run(cfg: Config, measured: list[list[Event]], costs: PipelineCost,
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
     result = simulate(schedule, costs, m, first + count + 1, link, cfg.data.batch_size, max(first, 1),
                       cfg.train.boundaries, cfg.delayed.delay, cfg.dni.max_staleness,
-                      reduce_norm=cfg.optim.grad_clip > 0, trusted=trusted)
+                      reduce_norm=cfg.optim.grad_clip > 0, trusted=trusted,
+                      recompute=not cfg.delayed.weight_stashing)
     return result, first, count
 
 

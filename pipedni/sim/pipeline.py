@@ -93,16 +93,17 @@ def simulate(schedule: str, costs: PipelineCost, num_microbatches: int = 1, step
              link: LinkSpec = LinkSpec(), batch_size: int = 256, warmup_steps: int = 1,
              boundaries: Sequence[str] = (), delay: int = DEFAULT_DELAY,
              max_staleness: int = DEFAULT_MAX_STALENESS, reduce_norm: bool = False,
-             record: bool = True, trusted: bool = True, cores: int = 0) -> SimResult:
+             record: bool = True, trusted: bool = True, cores: int = 0, recompute: bool = False) -> SimResult:
     """``steps`` training steps of ``schedule`` on ``costs.num_stages`` stages, every edge direction
     a link of ``link``; ``boundaries``: the modes under ``mixed``; ``record``: keep the events;
     ``trusted``: every dni predictor trusted (else each dni stage in the untrusted fallback);
-    ``cores``: 0, a processor per stage; else the stages share that many ([Note: shared cores])."""
+    ``cores``: 0, a processor per stage; else the stages share that many ([Note: shared cores]);
+    ``recompute``: a delayed backward recomputes its forward (``delayed.weight_stashing: false``)."""
     n = costs.num_stages
     check(schedule, n, num_microbatches, steps, batch_size, warmup_steps, link, delay, max_staleness, cores)
     spec = simulated(schedule)
     check_staleness(spec, n, boundaries, delay, max_staleness)
     m = spec.runs_microbatches(num_microbatches)
-    streams = pipeline_streams(schedule, n, m, steps, boundaries, delay, max_staleness, reduce_norm, trusted)
+    streams = pipeline_streams(schedule, n, m, steps, boundaries, delay, max_staleness, reduce_norm, trusted, recompute)
     traces = replay(streams, costs, m, link, record, cores)
     return measure(schedule, m, traces, steps, batch_size, warmup_steps)

@@ -24,7 +24,8 @@ from typing import Sequence, Union
 
 from pipedni.metrics.timeline import Event
 from pipedni.schedules.actions import ActionKind, DeadlockError
-from pipedni.schedules.streams import SimAction, Stream
+from pipedni.schedules.steps import SimAction
+from pipedni.schedules.streams import Stream
 from pipedni.sim.costs import HEADER_BYTES, PipelineCost, StageCost
 from pipedni.transport.link import LinkModel, LinkSpec
 
