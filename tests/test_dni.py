@@ -130,8 +130,8 @@ def _train_language_model(rank, world_size, run_dir, overrides):
     trainer = Trainer(cfg, gloo_runtime(rank, world_size))
     summary = trainer.fit()
     trainer.close()
-    link = trainer.worker.link
-    return summary, trainer.worker.transport.counts(), None if link is None else link.sg.model.net[0].in_features
+    end = trainer.worker.gradients
+    return summary, trainer.worker.transport.counts(), None if end is None else end.sg.model.net[0].in_features
 
 
 @pytest.mark.parametrize("conditioned", [False, True])

@@ -73,8 +73,8 @@ def _train_cases(rank: int, world_size: int, root: str) -> list:
         trainer = Trainer(_config(Path(root), name, modes, extra), runtime)
         trainer.fit()
         trainer.close()  # raises if any message was left unconsumed
-        link = getattr(trainer.worker, "link", None)
-        state = None if link is None else {k: v.numpy().copy() for k, v in link.sg.model.state_dict().items()}
+        end = getattr(trainer.worker, "gradients", None)
+        state = None if end is None else {k: v.numpy().copy() for k, v in end.sg.model.state_dict().items()}
         out.append((trainer.worker.transport.counts(), state))  # numpy: plain pickles across processes
     return out
 

@@ -54,7 +54,7 @@ def _runs(rank: int, world_size: int, root: str, cases: list, resume_from_four: 
         trainer = Trainer(make_config(run_dir, schedule, *extra), runtime)
         if schedule == "dni" and extra and not trainer.runtime.is_last:  # the predictor came back with the stage
             saved = torch.load(folder(root / "dni", 4) / f"stage{rank}.pt", weights_only=False)["synthetic_gradient"]
-            now = trainer.worker.link.state_dict()
+            now = trainer.worker.gradients.state_dict()
             restored.append(saved["agreement"] == now["agreement"] and all(
                 torch.equal(saved["model"][k], v) for k, v in now["model"].items()))
         trainer.fit()

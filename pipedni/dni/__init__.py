@@ -1,6 +1,8 @@
-"""Decoupled Neural Interfaces: the synthetic-gradient predictors, a stage's end of a dni boundary
-(``link``) and the ``dni`` schedule's worker; ``Boundary``, the same predictor inside a user's
-own model or loop (``interface``), and truncated BPTT with synthetic gradients (``tbptt``)."""
+"""Decoupled Neural Interfaces, the parts with no schedule in them: the synthetic-gradient
+predictors (``predictors``), choosing one by cost (``sizing``), synthetic input models
+(``inputs``); ``Boundary``, the same predictor inside a user's own model or loop
+(``interface``), and truncated BPTT with synthetic gradients (``tbptt``). The schedules that
+use them live in ``pipedni.schedules`` (``dni``, ``decoupled``, ``synthetic_gradients``)."""
 
 from pipedni.dni.interface import Boundary
 

@@ -118,7 +118,7 @@ class BoundaryWorker(Worker):
         self.num_microbatches = microbatches
         self.running = 0  # the step train_step runs: actions of an earlier one are named so
         dni = cfg.dni.for_boundary(i)
-        self.link = SyntheticGradientEnd(ctx, dni, microbatches) if self.mode == "dni" else None
+        self.gradients = SyntheticGradientEnd(ctx, dni, microbatches) if self.mode == "dni" else None
         self.warmup_steps = dni.warmup_steps if self.mode == "dni" else 0
         self.fallback = fallback_delay(boundaries, i, d, dni.fallback) if self.mode == "dni" else 0
         if self.mode == "dni" and dni.fallback == "delayed" and not self.fallback:
@@ -134,7 +134,7 @@ class BoundaryWorker(Worker):
         before = cfg.dni.for_boundary(i - 1) if i > 0 and boundaries[i - 1] == "dni" else None
         self.inputs = None  # forward unlocking: see [Note: catching up on a true input]
         if before is not None and before.synthetic_inputs:
-            self.inputs = SyntheticInputEnd(ctx, before, self.link, self._send_input_grad, self._update)
+            self.inputs = SyntheticInputEnd(ctx, before, self.gradients, self._send_input_grad, self._update)
         self.predict_from = before.warmup_steps if self.inputs is not None else 0  # the boundary's warm-up is locked
 
     def _key(self, step: int, mb: int) -> int:
@@ -150,10 +150,10 @@ class BoundaryWorker(Worker):
         the back-pressure waits."""
         stage, timers = self.stage, Timers(self.transport)
         self.running = step
-        synthetic = self.link is not None and step >= self.warmup_steps
-        if self.link is not None:
-            self.link.begin(step)
-        trusted = synthetic and self.link.trusted  # see [Note: trusting the predictor]
+        synthetic = self.gradients is not None and step >= self.warmup_steps
+        if self.gradients is not None:
+            self.gradients.begin(step)
+        trusted = synthetic and self.gradients.trusted  # see [Note: trusting the predictor]
         at_once = stage.is_last or trusted or (synthetic and not self.fallback)  # backpropagated in the forward
         late = 0 if at_once else self.fallback if synthetic else self.delay  # steps until its true backward
         self.params = None
@@ -168,23 +168,23 @@ class BoundaryWorker(Worker):
         if not at_once:
             self.pending[step] = (step + late, self.kept)
         work, waits = decoupled_step(stage.stage_index, stage.num_stages, step, self.num_microbatches, at_once,
-                                     self.link is not None, self._due(step),
+                                     self.gradients is not None, self._due(step),
                                      self._waits_for(step, synthetic))
         self.norm, self.drop = None, synthetic and not trusted  # untrusted at once: the update is dropped
         self._run(work, timers)
         if synthetic:
             if at_once and not stage.is_last:
-                self.link.keep(step, {mb: k.fit for mb, k in enumerate(self.kept)})
-            timers.run("compute", self.link.fit_ready, next(iter(self.pending), None))
+                self.gradients.keep(step, {mb: k.fit for mb, k in enumerate(self.kept)})
+            timers.run("compute", self.gradients.fit_ready, next(iter(self.pending), None))
             if waits:
-                self.link.back_pressure(timers)  # waits as long as the oldest stored step is that old
+                self.gradients.back_pressure(timers)  # waits as long as the oldest stored step is that old
         if self.inputs is not None:
             self.inputs.end(timers)
         stats = timers.stats(step, stage, self.norm)
         if self.inputs is not None:
             self.inputs.write(stats)
-        if self.link is not None:
-            self.link.write(stats)
+        if self.gradients is not None:
+            self.gradients.write(stats)
             if synthetic:
                 stats.extra["sg_untrusted"] = int(not trusted)
         elif not stage.is_last:
@@ -194,7 +194,7 @@ class BoundaryWorker(Worker):
 
     def _waits_for(self, step: int, synthetic: bool) -> Optional[int]:
         """The step a dni stage's back-pressure waits on: ``dni.max_staleness`` steps back."""
-        back = step - self.link.cfg.max_staleness if synthetic else -1
+        back = step - self.gradients.cfg.max_staleness if synthetic else -1
         return None if back < 0 else back
 
     def _due(self, step: int) -> list[Due]:
@@ -209,8 +209,7 @@ class BoundaryWorker(Worker):
         return due
 
     def _run(self, actions: Sequence[SimAction], timers: Timers) -> None:
-        """Execute actions in order: a forward-phase action works on the running step's
-        microbatch, one after a RECV_B of a true backward on that backward's step."""
+        """Execute actions in order; from a true backward's RECV_B on, they work on that step."""
         self.backward_of, self.predicted, self.timers = None, set(), timers
         self.received, self.outputs, self.grads = {}, {}, {}  # by microbatch, within the step
         for action in actions:
@@ -249,8 +248,8 @@ class BoundaryWorker(Worker):
         else:
             h = self.timers.run_as(name, "compute", stage.forward, key, x, None, 1.0, self.params)
         self.outputs[mb] = h
-        labels = self.link.labels(piece.targets) if self.link is not None else None
-        self.kept[mb] = _Kept(replay=x if self.replay_now else None, fit=(h, labels) if self.link is not None else None)
+        fit = None if self.gradients is None else (h, self.gradients.labels(piece.targets))
+        self.kept[mb] = _Kept(replay=x if self.replay_now else None, fit=fit)
 
     def _do_send_f(self, step: int, mb: int) -> None:
         if mb not in self.predicted:
@@ -261,10 +260,10 @@ class BoundaryWorker(Worker):
         if self.backward_of is None:  # at once: the synthetic gradient the backward uses
             if mb not in self.predicted:
                 h, labels = self.kept[mb].fit
-                self.grads[mb] = self.timers.run_as(name, "compute", self.link.predict, h, labels)
+                self.grads[mb] = self.timers.run_as(name, "compute", self.gradients.predict, h, labels)
             return
         kept = self.pending[step][1][mb]  # the true gradient arrived: the predictor learns from it
-        self.timers.run_as(name, "compute", self.link.fit, *kept.fit, self.grads[mb], self.link.step - step)
+        self.timers.run_as(name, "compute", self.gradients.fit, *kept.fit, self.grads[mb], self.gradients.step - step)
 
     def _do_b(self, step: int, mb: int) -> None:
         if self.backward_of is None and mb in self.predicted:
@@ -278,7 +277,7 @@ class BoundaryWorker(Worker):
             self._send_input_grad(step, mb, self.grads.pop(mb))
 
     def _do_recv_b(self, step: int, mb: int) -> None:
-        """A true backward's gradient (back-pressure waits are the link's: see train_step)."""
+        """A true backward's gradient (back-pressure waits are the dni end's: see train_step)."""
         self.grads[mb] = self.timers.run_as(self._name(ActionKind.RECV_B, step, mb), "wait_grad", self.transport.recv,
                                             "next", Kind.GRADIENT, step, mb, gradient_spec(self.shapes.output))
 
@@ -316,9 +315,10 @@ class BoundaryWorker(Worker):
             self.inputs.settle(timers)
         owed = [Due(step, any(k.replay is not None for k in kept)) for step, (_, kept) in self.pending.items()]
         self.pieces, self.kept, self.replay_now, self.drop = [], [], False, False
-        self._run(decoupled_finish(self.stage.stage_index, self.num_microbatches, owed, self.link is not None), timers)
-        if self.link is not None:
-            self.link.drain()
+        predicts = self.gradients is not None
+        self._run(decoupled_finish(self.stage.stage_index, self.num_microbatches, owed, predicts), timers)
+        if self.gradients is not None:
+            self.gradients.drain()
         self.tied.sync()  # a checkpoint or the end: every copy the same
 
     def evaluate(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> Optional[EvalResult]:
@@ -332,13 +332,13 @@ class BoundaryWorker(Worker):
         """Inputs kept for recomputation, outputs and labels kept for a dni fit, and the dni store
         (graphs are metered by autograd)."""
         held = [t for _, kept in self.pending.values() for k in kept for t in (k.replay, *(k.fit or ()))]
-        links = [link.held_bytes() for link in (self.link, self.inputs) if link is not None]
-        return sum(map(value_bytes, held)) + sum(links)
+        ends = [end.held_bytes() for end in (self.gradients, self.inputs) if end is not None]
+        return sum(map(value_bytes, held)) + sum(ends)
 
     def extra_state(self) -> dict:
         """The predictor (with its optimizer and agreement), and the weights before the last
         update that weight prediction extrapolates from."""
-        state = {} if self.link is None else {"synthetic_gradient": self.link.state_dict()}
+        state = {} if self.gradients is None else {"synthetic_gradient": self.gradients.state_dict()}
         if self.inputs is not None:
             state["synthetic_input"] = self.inputs.state_dict()
         if self.stage.before is not None:
@@ -346,8 +346,8 @@ class BoundaryWorker(Worker):
         return state
 
     def load_extra_state(self, state: dict) -> None:
-        if self.link is not None and "synthetic_gradient" in state:
-            self.link.load_state_dict(state["synthetic_gradient"])
+        if self.gradients is not None and "synthetic_gradient" in state:
+            self.gradients.load_state_dict(state["synthetic_gradient"])
         if self.inputs is not None and "synthetic_input" in state:
             self.inputs.load_state_dict(state["synthetic_input"])
         if self.stage.before is not None and "weights_before_update" in state:

@@ -54,17 +54,17 @@ class DNIWorker(BoundaryWorker):
 
     def _fit_true_gradient(self, h: torch.Tensor, piece: Microbatch, grad: torch.Tensor) -> None:
         """Warm-up's FIT action: the exact gradient of ``h``, before the backward uses it."""
-        self.link.fit(h, self.link.labels(piece.targets), grad, staleness=0)
+        self.gradients.fit(h, self.gradients.labels(piece.targets), grad, staleness=0)
 
     def train_step(self, step: int, inputs: Optional[torch.Tensor], targets: torch.Tensor) -> StepStats:
         if step >= self.warmup_steps:
             return super().train_step(step, inputs, targets)
-        if self.link is not None:
-            self.link.begin(step)
+        if self.gradients is not None:
+            self.gradients.begin(step)
         stats = self.warmup.run(step, inputs, targets)
         self.tied.reset()  # the locked warm-up kept the copies equal
-        if self.link is not None:
-            self.link.write(stats)
+        if self.gradients is not None:
+            self.gradients.write(stats)
         return stats
 
 

@@ -2,7 +2,7 @@
 
 Every schedule with a synthetic-gradient boundary (``dni``, and ``mixed`` where a boundary is
 dni) keeps one ``SyntheticGradientEnd`` per such boundary. The stage backpropagates ``predict``'s
-gradient at once and hands the link what fitting will need (``keep``); the true gradient of
+gradient at once and hands this end what fitting will need (``keep``); the true gradient of
 each microbatch arrives later from the next stage, tagged with its step, and is fitted then
 (``fit_ready``). A stage whose oldest stored step is ``max_staleness`` steps old waits for
 its gradients (``back_pressure``): memory stays bounded. Steps of an untrusted predictor that
@@ -56,7 +56,7 @@ class SyntheticGradientEnd:
     that needs a gradient (a hidden state, a skip), each fitted on that tensor's true gradient;
     the others (masks, ids) need none. One predictor per tensor, not one over their
     concatenation: the tensors differ in shape (a feature map beside a vector), and each gets
-    the predictor kind that fits it. The stage trusts the link when it trusts every predictor."""
+    the predictor kind that fits it. The stage trusts this end when it trusts every predictor."""
 
     def __init__(self, ctx: WorkerContext, cfg: DNIConfig, microbatches: int):
         self.transport, self.cfg = ctx.transport, cfg

@@ -55,13 +55,13 @@ class Late:
 
 class SyntheticInputEnd:
     """The input model of the boundary before ``ctx.stage`` and its microbatches awaiting their
-    true activations, oldest first. ``link`` is the stage's own synthetic-gradient link (None on
+    true activations, oldest first. ``gradients`` is the stage's own end of its dni boundary (None on
     the last stage); ``send_grad(step, mb, grad)`` sends an input gradient upstream and
     ``update(timers, count)`` makes an optimizer step, as the worker does."""
 
-    def __init__(self, ctx: WorkerContext, cfg: DNIConfig, link: Optional[SyntheticGradientEnd],
+    def __init__(self, ctx: WorkerContext, cfg: DNIConfig, gradients: Optional[SyntheticGradientEnd],
                  send_grad: Callable, update: Callable):
-        self.stage, self.transport, self.cfg, self.link = ctx.stage, ctx.transport, cfg, link
+        self.stage, self.transport, self.cfg, self.gradients = ctx.stage, ctx.transport, cfg, gradients
         self.send_grad, self.update = send_grad, update
         self.input = ctx.shapes.input
         model = SyntheticInput(ctx.network_input.shape[1:], ctx.network_input.dtype, ctx.shapes.input.shape[1:],
@@ -137,31 +137,31 @@ class SyntheticInputEnd:
         stage, x = self.stage, self.si.predict(piece.inputs)
         with stage.frozen_norm_stats():  # till after the backward: it reads the statistics the forward saw
             h = stage.forward(key, x, piece.targets, piece.weight)
-            grad = None if stage.is_last else self.link.predict(h, self.link.labels(piece.targets))
+            grad = None if stage.is_last else self.gradients.predict(h, self.gradients.labels(piece.targets))
             return stage.backward(key, grad)
 
     def _catch_up_one(self, step: int, mb: int, late: Late, h: torch.Tensor) -> None:
-        stage, piece, link = self.stage, late.piece, self.link
+        stage, piece, gradients = self.stage, late.piece, self.gradients
         self.fit(piece, h)
         exact = self.cfg.si_gradient == "true_input"
         if stage.is_last:
             grad_in = stage.input_grad(*stage.input_forward(h, piece.targets, piece.weight)) if exact else late.grad
         else:
-            labels = link.labels(piece.targets)
+            labels = gradients.labels(piece.targets)
             if exact:
                 x, out = stage.input_forward(h)
-                grad_in = stage.input_grad(x, out, link.predict(out.detach(), labels))
+                grad_in = stage.input_grad(x, out, gradients.predict(out.detach(), labels))
             else:
                 with torch.no_grad():
                     out, grad_in = stage.run(h), late.grad
             self.transport.send("next", Kind.ACTIVATION, step, mb, out)
-            link.keep(step, {mb: (out.detach(), labels)})
+            gradients.keep(step, {mb: (out.detach(), labels)})
         self.send_grad(step, mb, grad_in)
 
     def _idle(self, step: int, mb: int, piece: Microbatch, timers: Timers) -> None:
         """Extra updates on predicted inputs of ``piece``'s batch while (step, mb)'s true activation
         has not arrived, as many as ``dni.si_idle_updates`` leaves this step."""
-        trusted = self.si.trusted and (self.link is None or self.link.trusted)  # else it would not update now
+        trusted = self.si.trusted and (self.gradients is None or self.gradients.trusted)  # else it would not update now
         while self.idle_ok and self.idle_left > 0 and trusted and \
                 not self.transport.arrived("prev", Kind.ACTIVATION, step, mb):
             self.idle_left, self.num_idle = self.idle_left - 1, self.num_idle + 1

@@ -3,22 +3,20 @@ where to cut; stages.py: what crosses and the stage modules; plan.py: what comes
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import Any, Callable, Optional
 
 import torch.fx as fx
 from torch import nn
 
 from pipedni.errors import PartitionError
+from pipedni.split.cost import LayerCosts, layer_costs
 from pipedni.split.plan import BoundaryTensor, SplitPlan, tied_groups
 from pipedni.split.points import (SplitPoints, ancestors, belongs, block_starts, blocks, check_segments, compute_nodes,
                                 cuts_of, parameter_balance, parse_points, resolve_cuts, segment_names)
 from pipedni.split.stages import crossings, install, make_stage_module, model_output, stage_graph, stage_of_nodes
 from pipedni.split.trace import TRACERS, Traced, describe_values, trace
 
-if TYPE_CHECKING:
-    from pipedni.split.cost import LayerCosts
-
-Timer = Callable[[list[tuple[str, nn.Module]], tuple[Any, Any]], "LayerCosts"]  # see split's timer
+Timer = Callable[[list[tuple[str, nn.Module]], tuple[Any, Any]], LayerCosts]  # see split's timer
 
 __all__ = ["BoundaryTensor", "SplitPlan", "split"]
 
@@ -81,11 +79,7 @@ def _timed_cuts(model: nn.Module, traced: Traced, num_stages: int, output: Any,
     names = [name or "(before the blocks)" for name in segment_names(bounds, first)]
     runs = [(name, make_stage_module(model, g, None, f"Run{i}")) for i, (name, g) in enumerate(zip(names, graphs))]
     example = tuple(traced.example[name] for name in traced.input_names)
-    if timer is None:
-        from pipedni.split.cost import layer_costs  # here: it builds on the engine's modules
-
-        timer = layer_costs
-    costs = timer(runs, (example, None))
+    costs = (timer or layer_costs)(runs, (example, None))
     balance = costs.balance(num_stages)
     return cuts_of(bounds, balance), costs.describe(balance, parameter_balance(model, bounds, first, num_stages))
 
