@@ -197,15 +197,15 @@ class BoundaryWorker(Worker):
         back = step - self.gradients.cfg.max_staleness if synthetic else -1
         return None if back < 0 else back
 
-    def _due(self, step: int) -> list[Due]:
-        """The kept steps whose true backward is due by ``step``, oldest first (one not yet due
-        holds back the ones after it), each with whether its forward is replayed."""
+    def _due(self, until: Optional[int] = None) -> list[Due]:
+        """The kept steps whose true backward is due by ``until`` (None: all), oldest first (one
+        not yet due holds back the ones after it), each with whether its forward is replayed (a
+        step due the step it ran has no delay, so nothing to replay)."""
         due = []
         for kept_step, (due_step, kept) in self.pending.items():
-            if due_step > step:
+            if until is not None and due_step > until:
                 break
-            replay = kept_step == step and self.replay_now or any(k.replay is not None for k in kept)
-            due.append(Due(kept_step, replay))
+            due.append(Due(kept_step, any(k.replay is not None for k in kept)))
         return due
 
     def _run(self, actions: Sequence[SimAction], timers: Timers) -> None:
@@ -313,7 +313,7 @@ class BoundaryWorker(Worker):
         timers = Timers(self.transport)
         if self.inputs is not None:
             self.inputs.settle(timers)
-        owed = [Due(step, any(k.replay is not None for k in kept)) for step, (_, kept) in self.pending.items()]
+        owed = self._due()
         self.pieces, self.kept, self.replay_now, self.drop = [], [], False, False
         predicts = self.gradients is not None
         self._run(decoupled_finish(self.stage.stage_index, self.num_microbatches, owed, predicts), timers)
