@@ -222,7 +222,7 @@ class Checkpointer:
                  "scheduler": stage.scheduler.state_dict(), "rng": rng_state(stage.device), **extra,
                  "step": step, "stage_index": stage.stage_index, "num_stages": num_stages,
                  "run_token": self.run_token, "layers": stage_layers(stage.module),
-                 "config": config}
+                 "loss_scale": None if stage.loss_scale is None else stage.loss_scale.state_dict(), "config": config}
         failure = ""
         try:
             save_atomic(state, partial / f"stage{stage.stage_index}.pt")
@@ -319,6 +319,8 @@ def restore(stage: Stage, folder: Path, num_stages: int) -> tuple[int, Optional[
     elif own is not None and "optimizer" in own:  # an earlier version's positional state
         stage.optimizer.load_state_dict(own["optimizer"])
     stage.scheduler.load_state_dict(states[0]["scheduler"])
+    if stage.loss_scale is not None and states[0].get("loss_scale"):  # the same on every stage
+        stage.loss_scale.load_state_dict(states[0]["loss_scale"])
     if own is not None and "rng" in own:
         set_rng_state(own["rng"], stage.device)
     return int(states[0]["step"]), own

@@ -18,6 +18,7 @@ from torch import nn
 
 from pipedni import checkpoint
 from pipedni import data as datasets
+from pipedni import recompute
 from pipedni.checkpoint import Checkpointer
 from pipedni.config import Config, save_config
 from pipedni.crossing import input_spec
@@ -30,6 +31,7 @@ from pipedni.metrics.memory import make_meter
 from pipedni.metrics.telemetry import make_telemetry
 from pipedni.metrics.timeline import make_timeline
 from pipedni.models import build_model
+from pipedni.precision import Precision
 from pipedni.runtime import Runtime, restart_attempt
 from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
@@ -75,10 +77,14 @@ def build_transport(cfg: Config, runtime: Runtime, tied: list[list[tuple[int, st
         return NullTransport(timeline)
     wire = torch.device("cpu") if runtime.backend == "gloo" else runtime.device  # gloo: host staging
     link = LinkSpec.from_config(cfg.dist.link_latency_ms, cfg.dist.link_bandwidth_mbps)
-    wire_dtype = None if cfg.dist.wire_dtype == "same" else getattr(torch, cfg.dist.wire_dtype)
+    wire_dtype = precision_of(cfg, runtime).wire_dtype(cfg.dist.wire_dtype)
     return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
                      cfg.dist.timeout_sec, link, wire_dtype, timeline, [[s for s, _ in group] for group in tied],
                      direct_receive)
+
+
+def precision_of(cfg: Config, runtime: Runtime) -> Precision:
+    return Precision(cfg.train.precision, runtime.device.type)
 
 
 def resolve_loss(cfg: Config) -> Loss:
@@ -100,8 +106,9 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, st
     """This rank's stage with its optimizer and transport, its shapes probed end to end, and the
     schedule's worker built around them."""
     i = runtime.stage_index
-    stage = Stage(cut.stages[i], i, runtime.num_stages, runtime.device, cfg.optim, steps, cfg.train.on_nonfinite,
-                  cut.tied_weights(i), loss)
+    module = recompute.apply(cut.stages[i], cfg.train.activation_checkpointing, i)
+    stage = Stage(module, i, runtime.num_stages, runtime.device, cfg.optim, steps, cfg.train.on_nonfinite,
+                  cut.tied_weights(i), loss, precision_of(cfg, runtime))
     transport = build_transport(cfg, runtime, cut.tied, direct_receive=spec.locked)  # see [Note: who receives]
     sample_spec = input_spec(train_set.inputs, train_set.input_names)
     shapes = cut.shapes_named(i, probe_shapes(stage, transport, sample_spec, train_set.num_classes))
@@ -337,7 +344,7 @@ class Trainer:
                        f"{self.spec.name}, {self.runtime.num_stages} stages: {self.cfg.run.timeline_steps} steps")
         t = self.totals
         summary = build_summary(self.spec.name, self.runtime.num_stages, steps, self.cfg.data.batch_size, wall,
-                                t.step_sec, t.steps, self.last_eval, stages)
+                                t.step_sec, t.steps, self.last_eval, stages, self.cfg.train.precision)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.console.finish(summary)
         return summary

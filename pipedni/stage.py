@@ -16,6 +16,7 @@ from pipedni.config import OptimConfig
 from pipedni.crossing import PROBE_ROWS, Spec, Value, example, spec_of
 from pipedni.errors import PartitionError
 from pipedni.optim import build_optimizer, build_scheduler
+from pipedni.precision import FP32, LossScale, Precision, fp32
 
 
 def num_params(module: nn.Module) -> int:
@@ -55,6 +56,22 @@ class NonFinite(Exception):
 
 # train.on_nonfinite: skip gives up on a stage whose last this-many updates were all skipped.
 MAX_SKIPPED_IN_A_ROW = 10
+# fp16: skipped steps in a row (each halving the loss scale) after which the gradients are
+# not overflowing but diverged: 2^16 down to 2^-24.
+MAX_SCALED_SKIPS_IN_A_ROW = 40
+
+
+@contextlib.contextmanager
+def kept_norm_stats(module: nn.Module):
+    """Batch-norm running statistics as they were before the block."""
+    saved = [(b, b.clone()) for m in module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
+             for b in m.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for buffer, value in saved:
+                buffer.copy_(value)
 
 
 def num_correct(scores: torch.Tensor, targets: torch.Tensor) -> int:
@@ -70,12 +87,13 @@ class Stage:
     equal those of one full-batch step. A forward may run on stashed parameters (``stash``): its
     backward then uses the weights the forward used, whatever updates came in between. After
     ``track_updates`` a stash may also be extrapolated along the last update (weight prediction).
+    Forwards run under ``precision``'s autocast; see [Note: mixed precision] in pipedni/precision.py.
     """
 
     def __init__(self, module: nn.Module, stage_index: int, num_stages: int, device: torch.device,
                  optim: OptimConfig, total_steps: int, on_nonfinite: str = "stop", tied: Sequence[TiedWeight] = (),
-                 loss: Loss = loss_fn):
-        """``loss``: the last stage's, of (scores, labels), their mean (``train.loss``).
+                 loss: Loss = loss_fn, precision: Precision = FP32):
+        """``loss``: the last stage's, of (scores, labels), their mean (``train.loss``), taken in fp32.
         ``tied``: the parameters other stages hold too. Locked schedules sum their gradients
         over the holders before each update (``REDUCE_TIED``), so every copy stays the same;
         decoupled ones sum the copies' updates every few steps (``worker.TiedSync``)."""
@@ -93,6 +111,8 @@ class Stage:
         self.before: Optional[dict[str, torch.Tensor]] = None  # the weights before the last update
         self.batch_loss = 0.0  # weighted sum of microbatch losses (last stage)
         self.skipped_updates, self._skipped_in_a_row = 0, 0  # train.on_nonfinite: skip
+        self.precision = precision
+        self.loss_scale = LossScale() if precision.scaled else None
 
     @property
     def num_params(self) -> int:
@@ -122,7 +142,8 @@ class Stage:
         """The module on ``x`` (a tuple is its arguments), on its own weights or on ``params``
         (from ``stash``); keeps nothing."""
         args = x if isinstance(x, tuple) else (x,)
-        return self.module(*args) if params is None else torch.func.functional_call(self.module, params, args)
+        with self.precision.autocast():
+            return self.module(*args) if params is None else torch.func.functional_call(self.module, params, args)
 
     def forward(self, mb: int, x: Value, target: Optional[torch.Tensor] = None,
                 weight: float = 1.0, params: Optional[dict[str, torch.Tensor]] = None) -> Value:
@@ -136,7 +157,7 @@ class Stage:
         if params is not None:
             self.stashes[mb] = params
         if self.is_last:
-            out = self.loss(out, target) * weight
+            out = self.loss(fp32(out), target) * weight
             self.batch_loss += float(out.detach())
         self.outputs[mb] = out
         return _leaves(out) if isinstance(out, tuple) else out.detach()
@@ -151,6 +172,8 @@ class Stage:
             if needing:  # else nothing this stage computed reaches the next one's loss
                 torch.autograd.backward(needing, list(grad))
         else:
+            if self.is_last and self.loss_scale is not None:
+                grad = torch.full_like(out, self.loss_scale.value)  # the gradient of the scaled loss
             out.backward(grad)
         stash = self.stashes.pop(mb, None)
         if stash is not None:  # the gradients landed on the stashed copy: accumulate them on the weights
@@ -169,8 +192,8 @@ class Stage:
         """The module on ``x`` for the gradient of ``x`` alone (``input_grad``; nothing is kept or
         accumulated on the weights): returns ``x`` as differentiated and the output (the loss, last)."""
         x = x.detach().requires_grad_(True)
-        out = self.module(x)
-        return x, self.loss(out, target) * weight if self.is_last else out
+        out = self.run(x)
+        return x, self.loss(fp32(out), target) * weight if self.is_last else out
 
     @staticmethod
     def input_grad(x: torch.Tensor, out: torch.Tensor, grad: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -182,19 +205,19 @@ class Stage:
         """Batch-norm running statistics as they were before the block: a forward on a predicted
         input must not move the statistics evaluation uses (the true chain's). The block holds the
         backward too: batch norm's backward reads the running statistics its forward saw."""
-        saved = [(b, b.clone()) for m in self.module.modules() if isinstance(m, nn.modules.batchnorm._NormBase)
-                 for b in m.buffers()]
-        try:
+        with kept_norm_stats(self.module):
             yield
-        finally:
-            with torch.no_grad():
-                for buffer, value in saved:
-                    buffer.copy_(value)
 
     @property
     def clips(self) -> bool:
         """Whether ``optim.grad_clip`` is on: the schedule then supplies the norm to ``step``."""
         return self.optim_cfg.grad_clip > 0
+
+    @property
+    def needs_norm(self) -> bool:
+        """Whether ``step`` needs the norm the schedule measured: to clip, or as fp16's agreed
+        found-inf (see [Note: mixed precision])."""
+        return self.clips or self.loss_scale is not None
 
     def grad_sq_norm(self) -> torch.Tensor:
         """The squared norm of this stage's accumulated gradients (float64 on the stage's device,
@@ -213,14 +236,15 @@ class Stage:
         not ``count``: an extra update, not a batch's; see ``dni.si_idle_updates``). A
         non-finite loss or gradient (``source`` says where the gradient came from) raises
         ``NonFinite``, or under ``on_nonfinite: skip`` drops the update; returns whether the
-        update was made."""
+        update was made. Under fp16 ``grad_norm`` is the scaled gradients' (the schedule's
+        all-reduce): non-finite, every stage skips the step and lowers its loss scale alike."""
+        if self.loss_scale is not None:
+            grad_norm = self._unscale(grad_norm, source)
+            if grad_norm is None:
+                return False
         problem = self._nonfinite(grad_norm, source)
         if problem is not None:
-            self.optimizer.zero_grad(set_to_none=True)
-            with warnings.catch_warnings():  # torch warns of a schedule step before any optimizer step
-                warnings.simplefilter("ignore", UserWarning)
-                self.scheduler.step()  # the LR schedule stays keyed to the step count
-            self.skipped_updates, self._skipped_in_a_row = self.skipped_updates + 1, self._skipped_in_a_row + 1
+            self._skip()
             if self.on_nonfinite == "stop" or self._skipped_in_a_row >= MAX_SKIPPED_IN_A_ROW:
                 more = "" if self.on_nonfinite == "stop" else f" ({MAX_SKIPPED_IN_A_ROW} updates in a row skipped)"
                 raise NonFinite(problem + more)
@@ -241,6 +265,30 @@ class Stage:
         if count:
             self.scheduler.step()
         return True
+
+    def _skip(self) -> None:
+        """Drop this step's gradients; the LR schedule stays keyed to the step count."""
+        self.optimizer.zero_grad(set_to_none=True)
+        with warnings.catch_warnings():  # torch warns of a schedule step before any optimizer step
+            warnings.simplefilter("ignore", UserWarning)
+            self.scheduler.step()
+        self.skipped_updates, self._skipped_in_a_row = self.skipped_updates + 1, self._skipped_in_a_row + 1
+
+    def _unscale(self, grad_norm: Optional[float], source: str) -> Optional[float]:
+        """fp16: the gradients divided by the loss scale and their norm, or None where the
+        (agreed) scaled norm is not finite: the step is skipped and the scale lowered."""
+        assert grad_norm is not None, "fp16 needs the schedule's all-reduced norm: see Stage.needs_norm"
+        scale, finite = self.loss_scale.value, math.isfinite(grad_norm)
+        self.loss_scale.update(finite)
+        if not finite:
+            self._skip()
+            if self._skipped_in_a_row >= MAX_SCALED_SKIPS_IN_A_ROW:
+                raise NonFinite(f"{source} at every loss scale from 2^16 down to {scale:g}")
+            return None
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(1.0 / scale)
+        return grad_norm / scale
 
     def _nonfinite(self, grad_norm: Optional[float], source: str) -> Optional[str]:
         """What is not finite about this update, or None. The norm comes from the clipping the

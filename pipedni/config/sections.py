@@ -132,6 +132,16 @@ class TrainConfig:
     time_limit_sec: float = _f(
         0.0, "Stop at the first evaluation after this many seconds of training, evaluation excluded (0: off)."
     )
+    precision: Literal["fp32", "bf16", "fp16"] = _f(
+        "fp32", "Compute dtype of every forward (stages, predictors, synthetic inputs) under autocast; weights, "
+                "optimizer state and the loss stay fp32. GPUs: bf16 (A100, H100; fp16 adds a loss scale and runs "
+                "locked schedules only). See docs/usage.md, 'Mixed precision'.",
+    )
+    activation_checkpointing: Literal["none", "blocks", "stage"] = _f(
+        "none", "Recompute activations in the backward instead of keeping them: blocks (each block of an "
+                "nn.Sequential stage: a built-in model's layers) or stage (the whole stage from its input: least "
+                "memory, one more forward). Same gradients either way.",
+    )
     on_nonfinite: Literal["stop", "skip"] = _f(
         "stop", "A non-finite loss or gradient (synthetic ones included): stop the run with an error naming the "
                 "stage and step, the last checkpoint kept; or skip that update (a stage whose last "
@@ -269,9 +279,9 @@ class DistConfig:
         0.0, "Emulated bandwidth of every link, per direction (Mbit/s; 0: unlimited): a message occupies its "
              "link for its bytes / bandwidth, one message at a time.",
     )
-    wire_dtype: Literal["same", "bfloat16", "float16"] = _f(
-        "same", "Dtype floating activations and gradients travel in between stages, cast back on receipt "
-                "(same: their own; bfloat16/float16: half the bytes, at some precision).",
+    wire_dtype: Literal["auto", "same", "bfloat16", "float16"] = _f(
+        "auto", "Dtype floating activations and gradients travel in between stages, cast back on receipt "
+                "(auto: train.precision's compute dtype; same: their own; bfloat16/float16: half the bytes of fp32).",
     )
 
 

@@ -26,6 +26,7 @@ from torch import nn
 from pipedni.config import DNIConfig
 from pipedni.dni.predictors import AGREEMENT_RATE, make_optimizer
 from pipedni.errors import ConfigError
+from pipedni.precision import FP32, Precision, fp32
 
 
 def _hidden(in_features: int, cfg: DNIConfig, width: int) -> tuple[list[nn.Module], int]:
@@ -87,20 +88,27 @@ class SyntheticInputTrainer:
     """One boundary's input model with its optimizer: ``predict`` a stage's input, ``fit`` it on the
     true activation when that arrives, and ``trusted`` while its R^2 is high enough."""
 
-    def __init__(self, model: nn.Module, cfg: DNIConfig, device: torch.device):
-        self.cfg, self.model = cfg, model.to(device)
+    def __init__(self, model: nn.Module, cfg: DNIConfig, device: torch.device, precision: Precision = FP32,
+                 dtype: torch.dtype = torch.float32):
+        """``dtype``: the stage input's, which a prediction stands for; ``precision``: the
+        autocast the model's forwards run under."""
+        self.cfg, self.model, self.precision, self.dtype = cfg, model.to(device), precision, dtype
         self.optimizer = make_optimizer(list(self.model.parameters()), cfg, cfg.si_lr)
         self.agreement = 0.0  # moving average of the fits' R^2: see [Note: trusting the input model]
 
     @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(x)
+        return self._forward(x).to(self.dtype)
+
+    def _forward(self, x: torch.Tensor) -> torch.Tensor:
+        with self.precision.autocast():
+            return self.model(x)
 
     def fit(self, x: torch.Tensor, h: torch.Tensor) -> tuple[float, float]:
         """One regression step towards the true activation ``h`` of network input ``x``; returns the
         loss and the R^2 of the prediction before the step."""
         with torch.enable_grad():
-            prediction = self.model(x)
+            prediction, h = fp32(self._forward(x)), fp32(h)
             loss = F.mse_loss(prediction, h)
         if not torch.isfinite(loss):
             return float(loss), float("nan")

@@ -45,6 +45,7 @@ from torch import nn
 from pipedni.config import DNIConfig
 from pipedni.errors import ConfigError
 from pipedni.optim import fused
+from pipedni.precision import FP32, Precision, fp32
 
 
 AGREEMENT_RATE = 0.1  # weight of each new fit's cosine in a predictor's agreement
@@ -162,8 +163,11 @@ class SyntheticGradientTrainer:
     ``fit`` on the gradients that arrive later. Converts between target units and gradients."""
 
     def __init__(self, feature_shape: tuple[int, ...], num_classes: int, cfg: DNIConfig, device: torch.device,
-                 batch_size: Optional[int], labels_per_sample: int = 1, model: Optional[nn.Module] = None):
-        self.cfg, self.labels_per_sample = cfg, labels_per_sample
+                 batch_size: Optional[int], labels_per_sample: int = 1, model: Optional[nn.Module] = None,
+                 precision: Precision = FP32):
+        """``precision``: the autocast its forwards run under (the engine's ``train.precision``; in a
+        user's loop, whatever autocast the caller runs in)."""
+        self.cfg, self.labels_per_sample, self.precision = cfg, labels_per_sample, precision
         # Gradients of a mean loss over the batch's labels are O(1 / labels per batch), for a whole
         # batch and for a microbatch of it alike (see Stage.forward's weights), hence the batch's
         # label count, not h's rows. See [Note: per-position predictors] for sequences. Without a
@@ -174,6 +178,14 @@ class SyntheticGradientTrainer:
         self.model = (model if model is not None else SyntheticGradient(feature_shape, num_classes, cfg)).to(device)
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = make_optimizer(params, cfg, cfg.lr) if params else None
+        self.dtype = next((p.dtype for p in self.model.parameters() if p.is_floating_point()), None)
+
+    def _forward(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The model on ``h`` as its weights' dtype (a bf16 activation meets fp32 weights: autocast
+        computes in bf16 all the same), under ``precision``'s autocast."""
+        x = h if self.dtype is None or h.dtype == self.dtype or not h.is_floating_point() else h.to(self.dtype)
+        with self.precision.autocast():
+            return self.model(x, labels)
 
     def target_scale(self, h: torch.Tensor) -> float:
         """What a true gradient of ``h`` is multiplied by to make the O(1) regression target."""
@@ -186,7 +198,7 @@ class SyntheticGradientTrainer:
     def predict(self, h: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         """The synthetic gradient to backpropagate through the stage for output ``h``."""
         self.model.train()
-        grad = self.model(h, labels) / self.target_scale(h)
+        grad = self._forward(h, labels).to(h.dtype) / self.target_scale(h)
         if self.cfg.clip > 0:
             norms = grad.reshape(grad.shape[0], -1).norm(dim=1).clamp_min(1e-12)
             factor = (self.cfg.clip / norms).clamp(max=1.0)
@@ -196,9 +208,9 @@ class SyntheticGradientTrainer:
     def fit(self, h: torch.Tensor, labels: Optional[torch.Tensor], grad: torch.Tensor) -> tuple[float, float]:
         """One regression step towards the gradient that arrived for ``h``; returns the loss and
         the cosine between the prediction (before this step) and the arrived gradient."""
-        target = grad * self.target_scale(h)
+        target = fp32(grad) * self.target_scale(h)
         with torch.enable_grad():
-            prediction = self.model(h, labels)
+            prediction = fp32(self._forward(h, labels))
             loss = F.mse_loss(prediction, target)
         if not torch.isfinite(loss):  # a non-finite gradient arrived: the stage reports it, the predictor keeps clear
             return float(loss), float("nan")

@@ -98,7 +98,7 @@ def choose(stage: Stage, shapes: StageShapes, output: TensorSpec, cfg: DNIConfig
     tried, costs = [], []
     for option in candidates(feature_shape, cfg):
         trainer = SyntheticGradientTrainer(feature_shape, num_classes, option, stage.device, batch_size,
-                                           labels_per_sample(feature_shape))
+                                           labels_per_sample(feature_shape), precision=stage.precision)
         costs.append((predictor_sec(trainer, output, rows, labels_shape, stage.device), option))
         tried.append(f"{option.kind} {costs[-1][0] * 1e3:.1f} ms")
         if costs[-1][0] <= BUDGET * own:
@@ -106,6 +106,6 @@ def choose(stage: Stage, shapes: StageShapes, output: TensorSpec, cfg: DNIConfig
     cost, option = costs[-1] if costs[-1][0] <= BUDGET * own else min(costs, key=lambda c: c[0])
     verdict = "within" if cost <= BUDGET * own else "the cheapest, yet over"
     fresh = SyntheticGradientTrainer(feature_shape, num_classes, option, stage.device, batch_size,
-                                     labels_per_sample(feature_shape))  # not the timed one
+                                     labels_per_sample(feature_shape), precision=stage.precision)  # not the timed one
     return fresh, (f"stage {stage.stage_index}: dni.kind auto -> {option.kind}, {verdict} {BUDGET:.0%} of the "
                    f"stage's {own * 1e3:.1f} ms forward+backward for {rows} samples (predict+fit: {', '.join(tried)})")

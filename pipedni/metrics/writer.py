@@ -80,13 +80,15 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 
 def build_summary(cfg_schedule: str, num_stages: int, steps: int, batch_size: int, wall_time_sec: float,
-                  train_sec: float, timed_steps: int, test: Optional[dict], stages: list[dict]) -> dict:
+                  train_sec: float, timed_steps: int, test: Optional[dict], stages: list[dict],
+                  precision: str = "fp32") -> dict:
     """The stable ``summary.json`` contract (see docs/outputs.md)."""
     return {
         "schedule": cfg_schedule,
         "num_stages": num_stages,
         "steps": steps,
         "batch_size": batch_size,
+        "precision": precision,
         "samples_per_sec": batch_size * timed_steps / train_sec if train_sec > 0 else 0.0,
         "wall_time_sec": wall_time_sec,
         "test_accuracy": None if test is None else test["accuracy"],

@@ -33,7 +33,7 @@ class LockedExecutor:
         self.num_microbatches = 1 if schedule == "single" else num_microbatches
         self.whole_model_norm, self.fit = whole_model_norm, fit
         plan = stage_actions(schedule, stage.stage_index, stage.num_stages, num_microbatches,
-                             reduce_norm=stage.clips and whole_model_norm, reduce_tied=bool(stage.tied))
+                             reduce_norm=stage.needs_norm and whole_model_norm, reduce_tied=bool(stage.tied))
         self.plan: list[Action] = with_fits(plan) if fit is not None else plan
         self._microbatches: list[Microbatch] = []
         self._received: dict[int, torch.Tensor] = {}

@@ -11,6 +11,7 @@ import torch
 
 from pipedni.crossing import PROBE_ROWS, Spec, StageShapes, Value, describe_spec, example, input_to, spec_of
 from pipedni.errors import PartitionError
+from pipedni.precision import fp32
 from pipedni.stage import Stage, num_correct
 from pipedni.transport import Kind
 
@@ -67,7 +68,7 @@ def evaluate(stage: Stage, transport, shapes: StageShapes, eval_id: int,
                 transport.send("next", Kind.EVAL, eval_id, b, out)
                 continue
             targets = targets.to(stage.device)
-            loss_sum += float(stage.loss(out, targets)) * targets.numel()  # the mean over every label
+            loss_sum += float(stage.loss(fp32(out), targets)) * targets.numel()  # the mean over every label
             correct += num_correct(out, targets)
             count += targets.numel()
     finally:

@@ -1,8 +1,8 @@
 """The peer: torch.distributed.pipelining's ScheduleGPipe / Schedule1F1B on pipedni's own stages.
 
 For an honest benchmark the peer shares everything but the schedule: the same stage modules,
-data, loss (``stage.loss_fn``), optimizer, LR schedule and clipping (``Stage.step``), metrics and
-evaluation. Forward, backward and their point-to-point messages are torch's (``PipelineStage``
+data, loss (``stage.loss_fn``), precision, optimizer, LR schedule and clipping (``Stage.step``),
+metrics and evaluation. Forward, backward and their point-to-point messages are torch's (``PipelineStage``
 over the default process group). pipedni's transport is used only where torch's schedules have
 nothing to offer: the start-up shape probe and the forward-only evaluation pass.
 """
@@ -19,6 +19,7 @@ from pipedni.config import Config
 from pipedni.crossing import Spec, Value, example, gradient_spec, input_to
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
+from pipedni.precision import Autocast, fp32
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker, grad_norm, sum_tied
 from pipedni.stage import loss_fn
@@ -65,15 +66,22 @@ class PeerWorker(Worker):
         stage, shapes, m = self.stage, self.shapes, ctx.cfg.train.microbatches
         rows = ctx.cfg.data.batch_size // m
         # Static microbatch shapes from the start-up probe: no shape inference round at the first step.
-        self.pipe = _TimedStage(stage.module, stage.stage_index, stage.num_stages, stage.device,
+        module = Autocast(stage.module, stage.precision) if stage.precision.mixed else stage.module
+        self.pipe = _TimedStage(module, stage.stage_index, stage.num_stages, stage.device,
                                 input_args=_example(shapes.input, rows, stage.device, not stage.is_first),
                                 output_args=_example(shapes.output, rows, stage.device, True))
-        self.schedule = schedule(self.pipe, m, loss_fn=loss_fn)
+        self.schedule = schedule(self.pipe, m, loss_fn=self._loss)
         # What torch's schedule sends per step: M activations forward (but the last stage) and M
         # input gradients backward (but the first); torch keeps no byte counters of its own.
         out_bytes = 0 if stage.is_last else _num_bytes(shapes.output, rows)
         in_bytes = 0 if stage.is_first else _num_bytes(gradient_spec(shapes.input), rows)
         self.bytes_per_step = m * (out_bytes + in_bytes)
+
+    def _loss(self, scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The loss torch's schedule backpropagates: in fp32, times fp16's loss scale."""
+        scale = self.stage.loss_scale
+        loss = loss_fn(fp32(scores), targets)
+        return loss if scale is None else loss * scale.value
 
     def train_step(self, step: int, inputs: Optional[Value], targets: torch.Tensor) -> StepStats:
         stage, start = self.stage, time.perf_counter()
@@ -82,6 +90,7 @@ class PeerWorker(Worker):
         x = input_to(inputs, stage.device) if stage.is_first else ()
         args = x if isinstance(x, tuple) else (x,)
         target = targets.to(stage.device) if stage.is_last else None
+        scale = 1.0 if stage.loss_scale is None else stage.loss_scale.value  # before the step moves it
         self.schedule.step(*args, target=target, losses=losses, return_outputs=False)
         reduce_start = time.perf_counter()
         sum_tied(stage, self.transport)
@@ -93,7 +102,7 @@ class PeerWorker(Worker):
                           compute_sec=self.pipe.compute_sec - compute_before + (end - update_start),
                           wait_grad_sec=update_start - reduce_start)
         if stage.is_last:  # each microbatch's mean loss; scale_grads averages them like the gradients
-            stats.loss = float(sum(loss.detach() for loss in losses)) / len(losses)
+            stats.loss = float(sum(loss.detach() for loss in losses)) / len(losses) / scale
         return stats
 
 

@@ -174,7 +174,7 @@ def make_predictor(ctx: WorkerContext, cfg: DNIConfig, microbatches: int, output
     check_labels(stage.stage_index, output.describe(), feature_shape, ctx.labels_shape)
     if cfg.kind != "auto":
         return SyntheticGradientTrainer(feature_shape, ctx.num_classes, cfg, stage.device, batch_size,
-                                        labels_per_sample(feature_shape))
+                                        labels_per_sample(feature_shape), precision=stage.precision)
     sg, choice = choose(stage, ctx.shapes, output, cfg, ctx.num_classes, batch_size, microbatches, ctx.labels_shape)
     print(choice, flush=True)
     return sg

@@ -66,7 +66,7 @@ class SyntheticInputEnd:
         self.input = ctx.shapes.input
         model = SyntheticInput(ctx.network_input.shape[1:], ctx.network_input.dtype, ctx.shapes.input.shape[1:],
                                ctx.num_classes, cfg)
-        self.si = SyntheticInputTrainer(model, cfg, ctx.stage.device)
+        self.si = SyntheticInputTrainer(model, cfg, ctx.stage.device, ctx.stage.precision, ctx.shapes.input.dtype)
         self.late: OrderedDict[tuple[int, int], Late] = OrderedDict()  # (step, microbatch) -> Late
         self.step, self.may_predict, self.idle_ok, self.idle_left = 0, False, False, 0
         self.num_predicted, self.num_idle, self.r2s = 0, 0, []

@@ -113,9 +113,9 @@ class TiedSync:
 
 
 def grad_norm(stage: Stage, transport=None) -> Optional[float]:
-    """The gradient norm ``Stage.step`` clips by: None when clipping is off; this stage's alone,
-    or the whole model's when given the transport (an all-reduce over every stage)."""
-    if not stage.clips:
+    """The gradient norm ``Stage.step`` clips by (or fp16 agrees on): None when it needs none;
+    this stage's alone, or the whole model's when given the transport (an all-reduce over every stage)."""
+    if not stage.needs_norm:
         return None
     sq = stage.grad_sq_norm()
     if transport is not None:
