@@ -20,6 +20,7 @@ from pipedni import checkpoint
 from pipedni import data as datasets
 from pipedni import recompute
 from pipedni.checkpoint import Checkpointer
+from pipedni.compiling import compile_stage, microbatch_rows
 from pipedni.config import Config, save_config
 from pipedni.crossing import input_spec
 from pipedni.errors import ConfigError, DivergenceError, LaunchError, among_stages, same_on_every_rank
@@ -200,6 +201,7 @@ class Trainer:
         self.train_set, self.test_set = (d.in_order(cut.input_names) for d in (self.train_set, self.test_set))
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
         self.worker = build_worker(cfg, runtime, self.spec, cut, self.steps, self.train_set, loss)
+        self.compiled = self._compile() if cfg.train.compile else (None, None)  # (seconds, whether it compiled)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, runtime.rank, runtime.distributed,
                                          run_token(runtime))
         self.start_step = self._resume(folder) if folder is not None else 0
@@ -215,6 +217,13 @@ class Trainer:
         self.last_eval: Optional[dict] = None
         self.start = time.perf_counter()
         self.paused_sec = 0.0  # time spent evaluating and checkpointing: not training time (see train_sec)
+
+    def _compile(self) -> tuple[float, bool]:
+        """train.compile: this stage compiled for the microbatch sizes its schedule runs (see
+        [Note: compiling a stage]); returns the seconds it took and whether it compiled."""
+        worker, cfg = self.worker, self.cfg
+        rows = microbatch_rows(cfg.data.batch_size, self.spec.microbatches(cfg))
+        return compile_stage(worker.stage, worker.shapes, rows, tuple(self.train_set.targets.shape[1:]))
 
     def _resume(self, folder: Path) -> int:
         """Load checkpoint ``folder`` into this rank's stage; returns its step."""
@@ -330,6 +339,7 @@ class Trainer:
         self.totals.peak_activation_bytes = self.meter.peak_bytes
         self.totals.peak_queued_messages = self.worker.transport.peak_queued
         self.totals.skipped_updates = self.worker.stage.skipped_updates
+        self.totals.compile_sec, self.totals.compiled = self.compiled
         mine = ({**self.totals.summary(), **self.telemetry.summary()}, self.worker.transport.timeline.events)
         gathered: list = [mine]
         if self.runtime.distributed:

@@ -11,6 +11,9 @@ replay must not move batch-norm statistics a second time: its recompute context 
 back. The module keeps its own parameter names (its ``forward`` is replaced on the instance,
 not wrapped), so checkpoints, tied weights and the optimizer's names do not change; the replay
 runs on the weights the forward ran on, which under weight stashing are not the module's own.
+Compiled (``train.compile``), the checkpoint is traced into the graph: the compiled backward
+recomputes from the forward's own inputs, stashed weights included, and a buffer's update is
+part of the forward graph alone.
 A ``pipedni.dni.Boundary`` backpropagates inside its own forward, which a replay inside a
 backward cannot do: a stage holding one is refused.
 """
@@ -38,6 +41,8 @@ def _recomputed(self: nn.Module, *args, **kwargs):
     forward = type(self).forward.__get__(self)
     if not torch.is_grad_enabled() or self.__dict__.get("_replaying"):  # evaluation, or the replay itself
         return forward(*args, **kwargs)
+    if torch.compiler.is_compiling():  # train.compile: the compiled backward recomputes from the graph's own inputs
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
     weights = dict(self.named_parameters())
 
     def replay(*args):

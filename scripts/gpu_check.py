@@ -80,14 +80,14 @@ def profile_figures(out: Path, name: str, device: str) -> str:
             f"ideal {ideal:.0f} samples/s{where}")
 
 
-def train_figures(out: Path) -> str:
-    summary = _json(out / "train_run" / "summary.json")
+def train_figures(out: Path, run: str = "train_run") -> str:
+    summary = _json(out / run / "summary.json")
     if not summary:
         return "no summary.json"
     acc = summary.get("test_accuracy")
-    figures = [f"{summary['samples_per_sec']:.0f} samples/s", f"test accuracy {acc:.4f}" if acc is not None else
-               "no test accuracy", f"{summary['steps']} steps of {summary['batch_size']}",
-               f"{summary['wall_time_sec']:.1f} s wall"]
+    figures = [f"{summary['samples_per_sec']:.1f} samples/s", f"precision {summary.get('precision', 'fp32')}",
+               f"test accuracy {acc:.4f}" if acc is not None else "no test accuracy",
+               f"{summary['steps']} steps of {summary['batch_size']}", f"{summary['wall_time_sec']:.1f} s wall"]
     for stage in summary["stages"]:
         memory = stage.get("peak_memory_bytes")
         util = stage.get("gpu_util_percent")
@@ -103,6 +103,8 @@ CHECKS = {  # part name -> (what it checks, its key figures)
     "profile_mlp": ("profile bench_mlp_fashion, 2 stages", lambda out, device: profile_figures(out, "profile_mlp", device)),
     "profile_lm": ("profile bench_transformer_kjv, 2 stages", lambda out, device: profile_figures(out, "profile_lm", device)),
     "train": ("2-stage 1f1b job, both ranks on one device", lambda out, device: train_figures(out)),
+    "gpt2": ("configs/gpt2_small_kjv.yaml, bf16 (stages: see the note)",
+             lambda out, device: train_figures(out, "gpt2_run")),
 }
 
 

@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# One-command GPU check: the gpu-marked tests, each benchmark workload's stages profiled, and a
-# short 2-stage job with both ranks on one GPU (gloo, host staging); prints one markdown table.
+# One-command GPU check: the gpu-marked tests, each benchmark workload's stages profiled, a
+# short 2-stage job with both ranks on one GPU (gloo, host staging), and the GPT-2-small config in
+# bf16 on the GPUs there are; prints one markdown table.
 #
 #   scripts/gpu_check.sh [OUT_DIR]        # OUT_DIR, else $OUT, else gpu_check_out/
 #   GPU_CHECK_DEVICE=cpu scripts/gpu_check.sh /tmp/gc   # rehearsal without a GPU (gpu tests skip)
 #
-# Every part runs under `timeout`, cut short so that all end within BUDGET_SEC (7 minutes); its
+# Every part runs under `timeout`, cut short so that all end within BUDGET_SEC (9 minutes); its
 # stdout/stderr go to OUT_DIR, and a failed part does not stop the next. Exit status: 0 when
 # every part passed.
 # Only command-line entry points are called, never pipedni internals.
@@ -18,9 +19,9 @@ cd "$(dirname "$0")/.."
 PARTS="$OUT_DIR/parts.tsv"  # name, exit code, seconds, note: read by scripts/gpu_check.py
 : > "$PARTS"
 : > "$OUT_DIR/commands.txt"
-rm -rf "$OUT_DIR/train_run" "$OUT_DIR"/{install,env,gpu_tests,profile_mlp,profile_lm,train}.{out,log}  # an earlier run's
+rm -rf "$OUT_DIR"/{train_run,gpt2_run} "$OUT_DIR"/{install,env,gpu_tests,profile_mlp,profile_lm,train,gpt2}.{out,log}  # an earlier run's
 START=$SECONDS
-BUDGET_SEC=420
+BUDGET_SEC=540
 
 # within SECONDS: SECONDS, or what is left of the budget if less (at least 1)
 within() {
@@ -82,7 +83,24 @@ run train 90 python -m pipedni.launch --nproc_per_node=2 configs/bench_mlp_fashi
     --dist.device="$DEVICE" --train.steps=50 --train.microbatches=4 --run.log_every=10 \
     --run.timeline_steps=3 --run.dir="$OUT_DIR/train_run" "${MLP_DATA[@]}"   # timeline.png: what each stage did
 
-# 4. the table (also in table.md)
+# 4. GPU-sized work: the GPT-2-small config (bf16) for 30 steps. One GPU: 2 stages sharing it (gloo,
+#    host staging); 2 or 3 GPUs: 2 stages over NCCL; 4 or more: its 4. The CPU rehearsal runs the
+#    same command on a model cut down to seconds.
+if [ "$(data_rc kjv)" -ne 2 ]; then
+    GPUS=$(python -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+    NPROC=$([ "$GPUS" -ge 4 ] && echo 4 || echo 2)
+    SMALL=()
+    [ "$DEVICE" = cpu ] && SMALL=(--model.depth=2 --model.width=64 --model.heads=2 --data.seq_len=64
+                                  --data.batch_size=8 --train.microbatches=2)
+    NOTE="$NPROC stages on $GPUS GPU(s)${SMALL[*]:+; cut down for the CPU rehearsal}"
+    run gpt2 150 python -m pipedni.launch --nproc_per_node="$NPROC" configs/gpt2_small_kjv.yaml \
+        --dist.device="$DEVICE" --train.steps=30 --train.eval_every=0 --run.log_every=10 \
+        --run.dir="$OUT_DIR/gpt2_run" "${SMALL[@]}"
+else
+    printf 'gpt2\tskip\t0\tno kjv data (python -m pipedni.data fetch kjv, or bring data/)\n' >> "$PARTS"
+fi
+
+# 5. the table (also in table.md)
 echo "$((SECONDS - START))" > "$OUT_DIR/total_sec.txt"
 python scripts/gpu_check.py table "$OUT_DIR" | tee "$OUT_DIR/table.md"
 status=${PIPESTATUS[0]}

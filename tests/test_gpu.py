@@ -6,6 +6,8 @@ payloads device to device and the receiver thread's CUDA stream is ordered by ev
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from helpers import assert_same_parameters, make_config, run_distributed, train_single
@@ -58,7 +60,8 @@ def test_cuda_tensors_through_an_emulated_link_in_bfloat16():
         assert run_distributed(_cuda_round_trip, 2, "nccl", True, backend="nccl") == [True, True]
 
 
-def _train_on_gpu(rank, world_size, root, backend):
+def _train_on_gpu(rank, world_size, root, backend, cases=(("gpu", "1f1b", 4, ()),)):
+    """Each case (run folder, schedule, microbatches, extra flags) on the GPU(s); the summaries."""
     from pathlib import Path
 
     from pipedni.engine import Trainer
@@ -66,11 +69,12 @@ def _train_on_gpu(rank, world_size, root, backend):
 
     device = torch.device("cuda", rank % torch.cuda.device_count())
     runtime = Runtime(rank, world_size, rank, world_size, device, backend)
-    cfg = make_config(Path(root) / "gpu", "1f1b", 4, "--dist.device=cuda")
-    trainer = Trainer(cfg, runtime)
-    summary = trainer.fit()
-    trainer.close()
-    return summary
+    summaries = []
+    for folder, schedule, m, extra in cases:
+        trainer = Trainer(make_config(Path(root) / folder, schedule, m, "--dist.device=cuda", *extra), runtime)
+        summaries.append(trainer.fit())
+        trainer.close()
+    return summaries[0] if len(summaries) == 1 else summaries
 
 
 def _check_against_single(tmp_path, backend):
@@ -92,6 +96,38 @@ def test_two_stages_sharing_one_gpu_match_single(tmp_path):
 @two_gpus
 def test_two_stages_on_two_gpus_over_nccl_match_single(tmp_path):
     _check_against_single(tmp_path, "nccl")
+
+
+GPU_STACK = [("bf16", "naive", 1, ("--train.precision=bf16",)),
+             ("fp16", "naive", 1, ("--train.precision=fp16",)),
+             ("bf16_1f1b", "1f1b", 4, ("--train.precision=bf16", "--train.activation_checkpointing=blocks")),
+             ("compiled", "1f1b", 4, ("--train.precision=bf16", "--train.compile=true")),
+             ("dni_bf16", "dni", 1, ("--train.precision=bf16",))]
+
+
+def test_the_gpu_stack_on_one_gpu(tmp_path):
+    """bf16 and fp16 autocast on CUDA equal one GPU process at the same precision (the same
+    kernels, microbatch for microbatch); recomputing, compiled (inductor's GPU kernels) and dni
+    stages train in bf16 and report their compile time."""
+    from pathlib import Path
+
+    from pipedni.engine import Trainer
+    from pipedni.export import merge_checkpoints
+    from pipedni.runtime import Runtime
+
+    references = {}
+    for precision in ("bf16", "fp16"):
+        cfg = make_config(Path(tmp_path) / f"single-{precision}", "single", 1, "--dist.device=cuda",
+                          f"--train.precision={precision}")
+        references[precision] = Trainer(cfg, Runtime(0, 1, 0, 1, torch.device("cuda"), "none")).fit()
+    summaries = run_distributed(_train_on_gpu, 2, str(tmp_path), "gloo", GPU_STACK, timeout=300)[-1]
+    for precision in ("bf16", "fp16"):
+        assert_same_parameters(merge_checkpoints(tmp_path / precision), merge_checkpoints(tmp_path / f"single-{precision}"),
+                               f"{precision} on one GPU", atol=1e-5)
+    for (name, *_), summary in zip(GPU_STACK, summaries):
+        assert summary["precision"] == ("fp16" if name == "fp16" else "bf16"), name
+        assert math.isfinite(summary["test_loss"]), name
+    assert all(stage["compile_sec"] > 0 and stage["compiled"] for stage in summaries[3]["stages"])
 
 
 def test_dni_boundary_and_tbptt_on_cuda():

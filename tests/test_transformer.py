@@ -78,3 +78,20 @@ def test_any_cut_composes_back_to_the_model():
 def test_image_inputs_are_refused_with_the_fix():
     with pytest.raises(ConfigError, match=r"token-id inputs of shape \(seq_len,\), got \[1, 28, 28\].*data.name=kjv"):
         build_model(ModelConfig(name="transformer"), (1, 28, 28), 10, seed=0)
+
+
+def test_the_gpt2_small_config_is_gpt2_small_shaped():
+    """configs/gpt2_small_kjv.yaml: 12 blocks of width 768 with 12 heads over 1024 positions,
+    bf16, and a layout that fits its 4 stages."""
+    from pathlib import Path
+
+    from pipedni.config import load_config
+    from pipedni.schedules import registry
+    from pipedni.stage import num_params
+
+    cfg = load_config(Path(__file__).parent.parent / "configs" / "gpt2_small_kjv.yaml")
+    assert (cfg.model.depth, cfg.model.width, cfg.model.heads, cfg.data.seq_len) == (12, 768, 12, 1024)
+    assert cfg.train.precision == "bf16"
+    registry.check_layout(cfg, 4)
+    model = build_model(cfg.model, (cfg.data.seq_len,), 80, seed=0)
+    assert 85e6 < num_params(model) < 87e6

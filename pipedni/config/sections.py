@@ -142,6 +142,10 @@ class TrainConfig:
                 "nn.Sequential stage: a built-in model's layers) or stage (the whole stage from its input: least "
                 "memory, one more forward). Same gradients either way.",
     )
+    compile: bool = _f(
+        False, "torch.compile each stage as one graph before training (the time it takes is compile_sec in "
+               "summary.json, not training time); a stage that cannot be compiled runs eager, saying why.",
+    )
     on_nonfinite: Literal["stop", "skip"] = _f(
         "stop", "A non-finite loss or gradient (synthetic ones included): stop the run with an error naming the "
                 "stage and step, the last checkpoint kept; or skip that update (a stage whose last "

@@ -74,6 +74,8 @@ class StageTotals:
     peak_activation_bytes: Optional[int] = None  # run.activation_memory: see pipedni.metrics.memory
     peak_queued_messages: int = 0  # most messages waiting in one incoming mailbox at once
     skipped_updates: int = 0  # non-finite updates dropped under train.on_nonfinite: skip
+    compile_sec: Optional[float] = None  # train.compile: compiling and warming the stage, before training
+    compiled: Optional[bool] = None  # train.compile: False where the stage could not be and ran eager
     metrics: tuple[MetricSpec, ...] = ()  # the schedule's own, folded into ``extra``
     extra: dict[str, Number] = field(default_factory=dict)
 
