@@ -197,6 +197,8 @@ class Trainer:
             folder = checkpoint.find(self.run_dir / "checkpoints", resume) if resume else None
             cfg = with_saved_balance(cfg, folder, runtime.num_stages)
             cut = cut_model(cfg, self.spec, runtime, model, self.train_set)
+            for i, stage_module in enumerate(cut.stages):  # one error, not one per rank
+                recompute.check(stage_module, cfg.train.activation_checkpointing, i)
         self.cfg = cfg = cut.cfg
         self.train_set, self.test_set = (d.in_order(cut.input_names) for d in (self.train_set, self.test_set))
         self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)

@@ -61,22 +61,27 @@ def _recompute(module: nn.Module) -> None:
     module.forward = types.MethodType(_recomputed, module)
 
 
-def apply(module: nn.Module, mode: str, stage_index: int) -> nn.Module:
-    """``module`` (one stage) recomputing its activations as ``mode`` says; returns it."""
+def check(module: nn.Module, mode: str, stage_index: int) -> None:
+    """Whether stage ``stage_index``'s module can recompute as ``mode`` says: a ConfigError with the fix if not."""
     if mode == "none":
-        return module
+        return
     held = [name for name, m in module.named_modules() if isinstance(m, Boundary)]
     if held:
         raise ConfigError(f"train.activation_checkpointing = {mode!r}: stage {stage_index} holds a pipedni.dni.Boundary "
                           f"({held[0]}), which backpropagates in its forward and cannot be recomputed in a backward; "
                           "use --train.activation_checkpointing=none")
+    if mode == "blocks" and not isinstance(module, nn.Sequential):
+        raise ConfigError(f"train.activation_checkpointing = 'blocks' recomputes each block of an nn.Sequential stage, "
+                          f"but stage {stage_index} is cut from the model's graph (pipedni.split) and has no blocks "
+                          "of its own; use --train.activation_checkpointing=stage")
+
+
+def apply(module: nn.Module, mode: str, stage_index: int) -> nn.Module:
+    """``module`` (one stage) recomputing its activations as ``mode`` says; returns it."""
+    check(module, mode, stage_index)
     if mode == "stage":
         _recompute(module)
-    elif isinstance(module, nn.Sequential):
+    elif mode == "blocks":
         for block in module:
             _recompute(block)
-    else:
-        raise ConfigError(f"train.activation_checkpointing = 'blocks' recomputes each block of an nn.Sequential stage, "
-                          f"but stage {stage_index} is cut from a {type(module).__name__} graph; use "
-                          "--train.activation_checkpointing=stage")
     return module

@@ -185,3 +185,23 @@ def test_a_boundary_in_a_bf16_autocast_loop_trains_as_in_fp32():
     assert out.dtype == torch.bfloat16 and net[2].predictor.net[0].weight.dtype == torch.float32
     assert net[2].num_fits == 150 and sum(losses[-20:]) < 0.85 * sum(losses[:20])
     assert sum(losses[-20:]) == pytest.approx(sum(reference[-20:]), rel=0.05)
+
+
+def test_the_loss_scale_is_checkpointed_and_gives_up_after_forty_overflows(tmp_path):
+    """The scale and its count of finite steps come back on resume; 40 overflowing steps in a row
+    (the scale from 2^16 down to 2^-24) are divergence, not overflow."""
+    from pipedni import checkpoint
+    from pipedni.config import CheckpointConfig
+    from pipedni.stage import MAX_SCALED_SKIPS_IN_A_ROW, NonFinite
+
+    stage = Stage(_mlp(), 0, 1, CPU, OptimConfig(), 10, precision=FP16)
+    stage.loss_scale.value, stage.loss_scale.finite_in_a_row = 1024.0, 7
+    saver = checkpoint.Checkpointer(tmp_path, CheckpointConfig(), rank=0, distributed=False)
+    saver.save(stage, 3, 1, load_config(None, []).to_dict(), {})
+    resumed = Stage(_mlp(), 0, 1, CPU, OptimConfig(), 10, precision=FP16)
+    checkpoint.restore(resumed, checkpoint.find(tmp_path / "checkpoints", "latest"), 1)
+    assert resumed.loss_scale.state_dict() == {"value": 1024.0, "finite_in_a_row": 7}
+    for _ in range(MAX_SCALED_SKIPS_IN_A_ROW - 1):
+        assert resumed.step(math.inf) is False
+    with pytest.raises(NonFinite, match="at every loss scale"):
+        resumed.step(math.inf)
