@@ -6,9 +6,11 @@
 #   HEAD=10.0.0.1 NODE_RANK=0 NPROC=4 bash launch/multinode.sh configs/mlp_fashion.yaml   # on node 0
 #   HEAD=10.0.0.1 NODE_RANK=1 NPROC=4 bash launch/multinode.sh configs/mlp_fashion.yaml   # on node 1
 #
-# Stage = global rank = NODE_RANK * NPROC + local rank. The static rendezvous (--master_addr and
-# --node_rank) keeps that placement fixed; a c10d rendezvous would number nodes in the order
-# they join, so stage 0 could land on any node. The config must describe NNODES * NPROC stages.
+# Global rank = NODE_RANK * NPROC + local rank; stage = global rank mod stages, replica = global
+# rank div stages (dist.data_parallel: NNODES * NPROC = stages x replicas, a replica's stages on
+# neighbouring ranks). The static rendezvous (--master_addr and --node_rank) keeps that placement
+# fixed; a c10d rendezvous would number nodes in the order they join, so stage 0 could land on
+# any node. DRY_RUN=1 prints the torchrun line instead of running it.
 set -euo pipefail
 
 CONFIG=${1:?usage: HEAD=host NODE_RANK=i [NNODES=2] [NPROC=gpus] bash launch/multinode.sh CONFIG.yaml [overrides]}
@@ -18,10 +20,6 @@ shift
 NNODES=${NNODES:-2}
 NPROC=${NPROC:-$(nvidia-smi -L 2>/dev/null | wc -l)}
 
-exec torchrun \
-  --nnodes="$NNODES" \
-  --node_rank="$NODE_RANK" \
-  --nproc_per_node="$NPROC" \
-  --master_addr="$HEAD" \
-  --master_port="${PORT:-29500}" \
-  -m pipedni.train "$CONFIG" "$@"
+CMD=(torchrun --nnodes="$NNODES" --node_rank="$NODE_RANK" --nproc_per_node="$NPROC"
+     --master_addr="$HEAD" --master_port="${PORT:-29500}" -m pipedni.train "$CONFIG" "$@")
+if [ -n "${DRY_RUN:-}" ]; then echo "${CMD[*]}"; else exec "${CMD[@]}"; fi

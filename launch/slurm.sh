@@ -1,6 +1,8 @@
 #!/bin/bash
-# pipedni on Slurm: one task per node, torchrun starts one process per GPU (= one stage each).
-# Stages are numbered node by node, so neighbouring stages share a node except at node borders.
+# pipedni on Slurm: one task per node, torchrun starts one process per GPU. Processes are
+# stages x dist.data_parallel replicas, numbered node by node with a replica's stages on
+# neighbouring ranks, so neighbouring stages share a node except at node borders.
+# DRY_RUN=1 prints the line each node would run instead of running it.
 #
 #   sbatch --nodes=2 --gpus-per-node=4 launch/slurm.sh configs/mlp_fashion.yaml --train.epochs=5
 #
@@ -23,12 +25,8 @@ HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
 
-srun torchrun \
-  --nnodes="$SLURM_NNODES" \
-  --nproc_per_node="$GPUS_PER_NODE" \
-  --rdzv_id="$SLURM_JOB_ID" \
-  --rdzv_backend=c10d \
-  --rdzv_endpoint="$HEAD_NODE:29500" \
-  --max-restarts="$MAX_RESTARTS" \
-  -m pipedni.train "$CONFIG" --run.name="${SLURM_JOB_NAME}-${SLURM_JOB_ID}" \
-  --checkpoint.every_steps="$CHECKPOINT_EVERY" "$@"
+CMD=(srun torchrun --nnodes="$SLURM_NNODES" --nproc_per_node="$GPUS_PER_NODE" --rdzv_id="$SLURM_JOB_ID"
+     --rdzv_backend=c10d --rdzv_endpoint="$HEAD_NODE:29500" --max-restarts="$MAX_RESTARTS"
+     -m pipedni.train "$CONFIG" --run.name="${SLURM_JOB_NAME}-${SLURM_JOB_ID}"
+     --checkpoint.every_steps="$CHECKPOINT_EVERY" "$@")
+if [ -n "${DRY_RUN:-}" ]; then echo "${CMD[*]}"; else exec "${CMD[@]}"; fi

@@ -197,8 +197,11 @@ def set_rng_state(state: dict, device: torch.device) -> None:
 class Checkpointer:
     """Writes this rank's part of each checkpoint and, on rank 0, completes and prunes folders."""
 
-    def __init__(self, run_dir: Path, cfg, rank: int, distributed: bool, run_token: str = ""):
+    def __init__(self, run_dir: Path, cfg, rank: int, distributed: bool, run_token: str = "", writes: bool = True):
+        """``writes``: whether this rank writes its stage's file (one replica of each stage does:
+        the others hold the same weights and only take part in the agreement on failures)."""
         self.root, self.cfg, self.rank, self.distributed = run_dir / "checkpoints", cfg, rank, distributed
+        self.writes = writes
         self.run_token = run_token
         self.last_step: Optional[int] = None  # the newest complete checkpoint this run knows of
         self.last_train_sec = 0.0  # training seconds at the last one (checkpoint.every_minutes)
@@ -225,7 +228,8 @@ class Checkpointer:
                  "loss_scale": None if stage.loss_scale is None else stage.loss_scale.state_dict(), "config": config}
         failure = ""
         try:
-            save_atomic(state, partial / f"stage{stage.stage_index}.pt")
+            if self.writes:
+                save_atomic(state, partial / f"stage{stage.stage_index}.pt")
         except OSError as err:
             failure = f"{partial}: {err.strerror or err}"
         failed = self._who_failed(bool(failure))

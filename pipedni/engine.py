@@ -15,6 +15,7 @@ from typing import Callable, Optional
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
 
 from pipedni import checkpoint
 from pipedni import data as datasets
@@ -22,7 +23,7 @@ from pipedni import recompute
 from pipedni.checkpoint import Checkpointer
 from pipedni.compiling import compile_stage, microbatch_rows
 from pipedni.config import Config, save_config
-from pipedni.crossing import input_spec
+from pipedni.crossing import input_spec, input_split
 from pipedni.errors import ConfigError, DivergenceError, LaunchError, among_stages, same_on_every_rank
 from pipedni.importing import import_function
 from pipedni.metrics import MetricsWriter, StageTotals, build_summary, peak_memory_bytes, write_json_atomic
@@ -33,6 +34,7 @@ from pipedni.metrics.telemetry import make_telemetry
 from pipedni.metrics.timeline import make_timeline
 from pipedni.models import build_model
 from pipedni.precision import Precision
+from pipedni.replicas import make_replicas
 from pipedni.runtime import Runtime, restart_attempt
 from pipedni.schedules import registry
 from pipedni.schedules.passes import probe_shapes
@@ -81,7 +83,16 @@ def build_transport(cfg: Config, runtime: Runtime, tied: list[list[tuple[int, st
     wire_dtype = precision_of(cfg, runtime).wire_dtype(cfg.dist.wire_dtype)
     return Transport(runtime.stage_index, runtime.num_stages, runtime.device, wire, cfg.dist.queue_size,
                      cfg.dist.timeout_sec, link, wire_dtype, timeline, [[s for s, _ in group] for group in tied],
-                     direct_receive)
+                     direct_receive, runtime.replica, runtime.num_replicas)
+
+
+def replica_group(runtime: Runtime):
+    """This stage's group over its replicas, from the ("dp", "pp") mesh (see [Note: ranks of a
+    replicated pipeline] in runtime.py); None with one replica. Every rank builds it, in order."""
+    if runtime.num_replicas == 1:
+        return None
+    mesh = init_device_mesh(runtime.device.type, (runtime.num_replicas, runtime.num_stages), mesh_dim_names=("dp", "pp"))
+    return mesh["dp"].get_group()
 
 
 def precision_of(cfg: Config, runtime: Runtime) -> Precision:
@@ -110,6 +121,7 @@ def build_worker(cfg: Config, runtime: Runtime, spec: ScheduleSpec, cut: Cut, st
     module = recompute.apply(cut.stages[i], cfg.train.activation_checkpointing, i)
     stage = Stage(module, i, runtime.num_stages, runtime.device, cfg.optim, steps, cfg.train.on_nonfinite,
                   cut.tied_weights(i), loss, precision_of(cfg, runtime))
+    stage.replicas = make_replicas(stage.module, replica_group(runtime), runtime.device)
     transport = build_transport(cfg, runtime, cut.tied, direct_receive=spec.locked)  # see [Note: who receives]
     sample_spec = input_spec(train_set.inputs, train_set.input_names)
     shapes = cut.shapes_named(i, probe_shapes(stage, transport, sample_spec, train_set.num_classes))
@@ -149,7 +161,7 @@ def resume_from(cfg: Config, runtime: Runtime) -> str:
         return "latest"
     if which:
         return which
-    if runtime.is_first and root.is_dir() and any(root.iterdir()):
+    if runtime.rank == 0 and root.is_dir() and any(root.iterdir()):
         aside = root.with_name("checkpoints.previous")
         if aside.exists():
             shutil.rmtree(aside)
@@ -201,17 +213,18 @@ class Trainer:
                 recompute.check(stage_module, cfg.train.activation_checkpointing, i)
         self.cfg = cfg = cut.cfg
         self.train_set, self.test_set = (d.in_order(cut.input_names) for d in (self.train_set, self.test_set))
-        self.console = make_console(runtime.is_last, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
+        self.console = make_console(runtime.is_last and runtime.leads, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
         self.worker = build_worker(cfg, runtime, self.spec, cut, self.steps, self.train_set, loss)
         self.compiled = self._compile() if cfg.train.compile else (None, None)  # (seconds, whether it compiled)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, runtime.rank, runtime.distributed,
-                                         run_token(runtime))
+                                         run_token(runtime), writes=runtime.leads)
         self.start_step = self._resume(folder) if folder is not None else 0
-        if runtime.is_first:
+        if runtime.rank == 0:
             save_config(cfg, self.run_dir / "config.yaml")
             print(cut.description, flush=True)
-        self.metrics = MetricsWriter(self.run_dir, runtime.stage_index, self.start_step if folder else None,
-                                     cfg.run.tensorboard)
+        metrics_dir = self.run_dir if runtime.leads else self.run_dir / "replicas" / str(runtime.replica)
+        self.metrics = MetricsWriter(metrics_dir, runtime.stage_index, self.start_step if folder else None,
+                                     cfg.run.tensorboard and runtime.leads)
         self.totals = StageTotals(runtime.stage_index, num_params=self.worker.stage.num_params,
                                   metrics=self.spec.metrics)
         self.telemetry = make_telemetry(runtime.device)
@@ -236,7 +249,7 @@ class Trainer:
             stage.track_updates()
         if own is not None:
             self.worker.load_extra_state(own)
-        if self.runtime.is_first:
+        if self.runtime.rank == 0:
             how = "" if own is not None else " (written under another split: predictors and RNG start afresh)"
             print(f"resuming from {folder} at step {step}{how}", flush=True)
         self.checkpointer.last_step = step
@@ -257,7 +270,8 @@ class Trainer:
         """
         eval_start = time.perf_counter()
         train_sec = self.train_sec()
-        result = self.worker.evaluate(datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size))
+        batches = datasets.eval_batches(self.test_set, self.cfg.data.eval_batch_size) if self.runtime.leads else ()
+        result = self.worker.evaluate(batches)  # one replica evaluates: they all hold the same weights
         if self.runtime.distributed:
             clock = torch.tensor([train_sec], dtype=torch.float64, device=self.runtime.device)
             with among_stages(self.runtime.who, "the all-reduce that ends an evaluation"):
@@ -292,6 +306,7 @@ class Trainer:
                 lr = self.worker.stage.scheduler.get_last_lr()[0]  # the rate this step trains with
                 skipped = self.worker.stage.skipped_updates
                 self.worker.transport.timeline.begin_step(step)
+                inputs, targets = self._share(inputs, targets)
                 with self.meter:
                     stats = self.worker.train_step(step, inputs, targets)
                 self.worker.transport.timeline.end_step()
@@ -323,6 +338,14 @@ class Trainer:
         self.save_checkpoint(done)
         return self._summarize(wall, done)
 
+    def _share(self, inputs, targets):
+        """This replica's share of the global batch (all of it with one replica)."""
+        replicas, replica = self.runtime.num_replicas, self.runtime.replica
+        if replicas == 1:
+            return inputs, targets
+        share = None if inputs is None else input_split(inputs, replicas)[replica]
+        return share, torch.tensor_split(targets, replicas)[replica]
+
     @contextlib.contextmanager
     def _divergence(self, step: Callable[[], int]):
         """A non-finite loss or gradient becomes one line naming this stage and the step."""
@@ -348,15 +371,16 @@ class Trainer:
             gathered = [None] * self.runtime.world_size
             with among_stages(self.runtime.who, "the gathering of every stage's summary"):
                 dist.all_gather_object(gathered, mine)
-        stages = [stage for stage, _ in gathered]
+        stages = [stage for stage, _ in gathered[:self.runtime.num_stages]]  # replica 0's: see runtime.py
         self.metrics.close()
-        if not self.runtime.is_last:
+        if not (self.runtime.is_last and self.runtime.leads):
             return None
-        timeline.write([events for _, events in gathered], self.run_dir,
+        timeline.write([events for _, events in gathered[:self.runtime.num_stages]], self.run_dir,
                        f"{self.spec.name}, {self.runtime.num_stages} stages: {self.cfg.run.timeline_steps} steps")
         t = self.totals
         summary = build_summary(self.spec.name, self.runtime.num_stages, steps, self.cfg.data.batch_size, wall,
-                                t.step_sec, t.steps, self.last_eval, stages, self.cfg.train.precision)
+                                t.step_sec, t.steps, self.last_eval, stages, self.cfg.train.precision,
+                                self.runtime.num_replicas)
         write_json_atomic(self.run_dir / "summary.json", summary)
         self.console.finish(summary)
         return summary

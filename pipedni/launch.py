@@ -22,7 +22,7 @@ from pipedni.schedules.registry import check_config
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     parser = argparse.ArgumentParser(prog="python -m pipedni.launch", description=__doc__.splitlines()[0])
-    parser.add_argument("--nproc_per_node", "-n", type=int, required=True, help="number of stages (processes)")
+    parser.add_argument("--nproc_per_node", "-n", type=int, required=True, help="number of processes: stages x dist.data_parallel")
     parser.add_argument("--max-restarts", type=int, default=0,
                         help="restart every stage from the latest checkpoint this many times after a failure")
     parser.add_argument("config", help="YAML config file")
@@ -60,6 +60,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if args.nproc_per_node < 1:
         print(f"error: --nproc_per_node = {args.nproc_per_node}; need at least 1", file=sys.stderr)
+        return 2
+    replicas = load_config(args.config, overrides).dist.data_parallel
+    if args.nproc_per_node % replicas:
+        print(f"error: --nproc_per_node = {args.nproc_per_node} processes do not divide into dist.data_parallel = "
+              f"{replicas} replicas; start a multiple of {replicas} (stages x replicas)", file=sys.stderr)
         return 2
     if args.max_restarts < 0:
         print(f"error: --max-restarts = {args.max_restarts}; need 0 or more", file=sys.stderr)

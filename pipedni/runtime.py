@@ -25,27 +25,48 @@ class Runtime:
     local_world_size: int
     device: torch.device
     backend: str  # "nccl", or "gloo" (CPU tensors; GPU tensors staged through host memory); "none": no torchrun
+    num_replicas: int = 1  # dist.data_parallel: copies of the pipeline, each on its share of the batch
 
-    @property
-    def stage_index(self) -> int:
-        return self.rank
+    # [Note: ranks of a replicated pipeline]
+    # Rank = replica x num_stages + stage: a replica's stages are neighbouring ranks (on one node
+    # when they fit), and stage i's replicas are ranks i, N + i, 2N + i... The mesh of
+    # ``device_mesh`` has the dimensions ("dp", "pp") in that order: pp is the inner one.
 
     @property
     def num_stages(self) -> int:
-        return self.world_size
+        return self.world_size // self.num_replicas
+
+    @property
+    def stage_index(self) -> int:
+        return self.rank % self.num_stages
+
+    @property
+    def replica(self) -> int:
+        return self.rank // self.num_stages
+
+    @property
+    def leads(self) -> bool:
+        """Whether this process's replica is the one that evaluates, logs, writes the checkpoints
+        and the summary (replica 0; every replica holds the same weights)."""
+        return self.replica == 0
+
+    def rank_of(self, stage_index: int, replica: Optional[int] = None) -> int:
+        """The global rank of ``stage_index`` in ``replica`` (this process's by default)."""
+        return (self.replica if replica is None else replica) * self.num_stages + stage_index
 
     @property
     def who(self) -> str:
-        """This stage in messages: ``stage i/N``."""
-        return f"stage {self.stage_index}/{self.num_stages}"
+        """This stage in messages: ``stage i/N`` (and its replica, if there are several)."""
+        copies = f" (replica {self.replica}/{self.num_replicas})" if self.num_replicas > 1 else ""
+        return f"stage {self.stage_index}/{self.num_stages}{copies}"
 
     @property
     def is_first(self) -> bool:
-        return self.rank == 0
+        return self.stage_index == 0
 
     @property
     def is_last(self) -> bool:
-        return self.rank == self.world_size - 1
+        return self.stage_index == self.num_stages - 1
 
     @property
     def distributed(self) -> bool:
@@ -110,6 +131,10 @@ def init_runtime(cfg: Config) -> Runtime:
     torch.set_num_threads(cfg.run.threads or max(1, (os.cpu_count() or 1) // local_world_size))
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    replicas = cfg.dist.data_parallel
+    if world_size % replicas:
+        raise LaunchError(f"dist.data_parallel = {replicas} replicas do not divide the {world_size} processes started; "
+                          f"start a multiple of {replicas} (stages x replicas) or change dist.data_parallel")
     if not under_torchrun:
         return Runtime(0, 1, 0, 1, device, "none")
     if not dist.is_initialized():
@@ -124,7 +149,7 @@ def init_runtime(cfg: Config) -> Runtime:
                 f"({type(err).__name__}: {str(err).splitlines()[0][:160]}); check that every process started, "
                 "that the address and port are reachable, and dist.timeout_sec"
             ) from None
-    return Runtime(rank, world_size, local_rank, local_world_size, device, backend)
+    return Runtime(rank, world_size, local_rank, local_world_size, device, backend, replicas)
 
 
 def shutdown(runtime: Runtime) -> None:

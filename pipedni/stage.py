@@ -17,6 +17,7 @@ from pipedni.crossing import PROBE_ROWS, Spec, Value, example, spec_of
 from pipedni.errors import PartitionError
 from pipedni.optim import build_optimizer, build_scheduler
 from pipedni.precision import FP32, LossScale, Precision, fp32
+from pipedni.replicas import OneReplica
 
 
 def num_params(module: nn.Module) -> int:
@@ -113,6 +114,7 @@ class Stage:
         self.skipped_updates, self._skipped_in_a_row = 0, 0  # train.on_nonfinite: skip
         self.precision = precision
         self.loss_scale = LossScale() if precision.scaled else None
+        self.replicas = OneReplica()  # dist.data_parallel: see pipedni/replicas.py
 
     @property
     def num_params(self) -> int:
@@ -162,11 +164,14 @@ class Stage:
         self.outputs[mb] = out
         return _leaves(out) if isinstance(out, tuple) else out.detach()
 
-    def backward(self, mb: int, grad: Optional[Value] = None) -> Optional[Value]:
+    def backward(self, mb: int, grad: Optional[Value] = None, last: bool = False) -> Optional[Value]:
         """Backpropagate microbatch ``mb`` (from its loss, or from ``grad`` of its output: in a
         tuple, one per output that needs it); returns the gradient of its input (in a tuple, one
-        per input that needs it; None on the first stage)."""
+        per input that needs it; None on the first stage). ``last``: the step's last backward,
+        which averages the step's gradients over the stage's replicas (``dist.data_parallel``)."""
         out, x = self.outputs.pop(mb), self.inputs.pop(mb)
+        if last:
+            self.replicas.before_last_backward(out)
         if isinstance(out, tuple):
             needing = [o for o in out if o.requires_grad]
             if needing:  # else nothing this stage computed reaches the next one's loss

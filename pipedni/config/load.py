@@ -125,6 +125,16 @@ def _check_microbatches(cfg: Config, key: str, m: int) -> None:
     )
 
 
+def _validate_replicas(cfg: Config) -> None:
+    d, batch, m = cfg.dist.data_parallel, cfg.data.batch_size, cfg.train.microbatches
+    _require(d >= 1, f"dist.data_parallel = {d}; must be >= 1 (1: one pipeline)")
+    _require(batch % d == 0, f"data.batch_size = {batch} (the global batch) does not divide into dist.data_parallel = "
+                             f"{d} equal shares; make it a multiple of {d}")
+    _require(d == 1 or batch // d >= m, f"data.batch_size = {batch} gives each of dist.data_parallel = {d} replicas "
+                                        f"{batch // d} samples, fewer than train.microbatches = {m}; make the batch at "
+                                        f"least {d * m}")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field checks, run once at load. What depends on the schedule (its name, the
     boundary modes, where synthetic inputs may run) is checked by the schedules themselves
@@ -165,6 +175,7 @@ def validate(cfg: Config) -> None:
     )
     _require(cfg.dist.timeout_sec > 0, f"dist.timeout_sec = {cfg.dist.timeout_sec}; must be > 0")
     _require(cfg.dist.queue_size >= 2, f"dist.queue_size = {cfg.dist.queue_size}; must be >= 2")
+    _validate_replicas(cfg)
     for key in ("link_latency_ms", "link_bandwidth_mbps"):
         value = getattr(cfg.dist, key)
         _require(math.isfinite(value) and value >= 0, f"dist.{key} = {value}; must be >= 0 (0: off)")

@@ -283,6 +283,11 @@ class DistConfig:
         0.0, "Emulated bandwidth of every link, per direction (Mbit/s; 0: unlimited): a message occupies its "
              "link for its bytes / bandwidth, one message at a time.",
     )
+    data_parallel: int = _f(
+        1, "Replicas of the whole pipeline (D): torchrun starts stages x D processes; each replica trains on "
+           "1/D of every batch (data.batch_size stays the global batch) and each stage's gradients are averaged "
+           "over its D replicas every step. Locked schedules and torch's; see docs/gpu.md, 'Data parallel'.",
+    )
     wire_dtype: Literal["auto", "same", "bfloat16", "float16"] = _f(
         "auto", "Dtype floating activations and gradients travel in between stages, cast back on receipt "
                 "(auto: train.precision's compute dtype; same: their own; bfloat16/float16: half the bytes of fp32).",

@@ -81,7 +81,7 @@ def write_json_atomic(path: Path, data: dict) -> None:
 
 def build_summary(cfg_schedule: str, num_stages: int, steps: int, batch_size: int, wall_time_sec: float,
                   train_sec: float, timed_steps: int, test: Optional[dict], stages: list[dict],
-                  precision: str = "fp32") -> dict:
+                  precision: str = "fp32", data_parallel: int = 1) -> dict:
     """The stable ``summary.json`` contract (see docs/outputs.md)."""
     return {
         "schedule": cfg_schedule,
@@ -89,6 +89,7 @@ def build_summary(cfg_schedule: str, num_stages: int, steps: int, batch_size: in
         "steps": steps,
         "batch_size": batch_size,
         "precision": precision,
+        "data_parallel": data_parallel,
         "samples_per_sec": batch_size * timed_steps / train_sec if train_sec > 0 else 0.0,
         "wall_time_sec": wall_time_sec,
         "test_accuracy": None if test is None else test["accuracy"],

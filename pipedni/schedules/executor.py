@@ -14,7 +14,7 @@ import torch
 
 from pipedni.crossing import gradient_spec
 from pipedni.metrics.records import StepStats
-from pipedni.schedules.actions import Action, Plan, stage_actions, with_fits
+from pipedni.schedules.actions import Action, ActionKind, Plan, stage_actions, with_fits
 from pipedni.schedules.spec import WorkerContext
 from pipedni.schedules.worker import Microbatch, Timers, grad_norm, split_batch, sum_tied
 from pipedni.transport import Kind
@@ -35,6 +35,8 @@ class LockedExecutor:
         plan = stage_actions(schedule, stage.stage_index, stage.num_stages, num_microbatches,
                              reduce_norm=stage.needs_norm and whole_model_norm, reduce_tied=bool(stage.tied))
         self.plan: list[Action] = with_fits(plan) if fit is not None else plan
+        backwards = [a.microbatch for a in self.plan if a.kind is ActionKind.B]
+        self._last_backward = backwards[-1] if backwards else None  # it averages over replicas
         self._microbatches: list[Microbatch] = []
         self._received: dict[int, torch.Tensor] = {}
         self._outputs: dict[int, torch.Tensor] = {}  # detached, until the microbatch's backward
@@ -76,7 +78,8 @@ class LockedExecutor:
 
     def _do_b(self, step: int, mb: int) -> None:
         self._outputs.pop(mb)  # the output (or the last stage's loss value) is no longer needed
-        self._grads[mb] = self._timed("compute", self.stage.backward, mb, self._grads.pop(mb, None))
+        last = mb == self._last_backward
+        self._grads[mb] = self._timed("compute", self.stage.backward, mb, self._grads.pop(mb, None), last)
 
     def _do_send_b(self, step: int, mb: int) -> None:
         self.transport.send("prev", Kind.GRADIENT, step, mb, self._grads.pop(mb))

@@ -14,12 +14,14 @@ from typing import Optional
 
 import torch
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
+from torch.nn.parallel import DistributedDataParallel
 
 from pipedni.config import Config
 from pipedni.crossing import Spec, Value, example, gradient_spec, input_to
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
 from pipedni.precision import Autocast, fp32
+from pipedni.replicas import Replicas
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker, grad_norm, sum_tied
 from pipedni.stage import loss_fn
@@ -64,12 +66,16 @@ class PeerWorker(Worker):
     def __init__(self, ctx: WorkerContext, schedule: type):
         super().__init__(ctx)
         stage, shapes, m = self.stage, self.shapes, ctx.cfg.train.microbatches
-        rows = ctx.cfg.data.batch_size // m
+        rows = ctx.cfg.data.batch_size // ctx.cfg.dist.data_parallel // m
         # Static microbatch shapes from the start-up probe: no shape inference round at the first step.
         module = Autocast(stage.module, stage.precision) if stage.precision.mixed else stage.module
+        if isinstance(stage.replicas, Replicas):  # torch's stage syncs a DDP submodule on its last backward
+            module = DistributedDataParallel(module, process_group=stage.replicas.ddp.process_group,
+                                             broadcast_buffers=False, device_ids=stage.replicas.ddp.device_ids)
         self.pipe = _TimedStage(module, stage.stage_index, stage.num_stages, stage.device,
                                 input_args=_example(shapes.input, rows, stage.device, not stage.is_first),
-                                output_args=_example(shapes.output, rows, stage.device, True))
+                                output_args=_example(shapes.output, rows, stage.device, True),
+                                group=self.transport.group)
         self.schedule = schedule(self.pipe, m, loss_fn=self._loss)
         # What torch's schedule sends per step: M activations forward (but the last stage) and M
         # input gradients backward (but the first); torch keeps no byte counters of its own.
@@ -108,11 +114,12 @@ class PeerWorker(Worker):
 
 def _equal_microbatches(cfg: Config, num_stages: int) -> None:
     """torch's equal-microbatch averaging would silently train something else on an uneven split."""
-    m, batch = cfg.train.microbatches, cfg.data.batch_size
-    if batch % m:
+    m, batch, d = cfg.train.microbatches, cfg.data.batch_size, cfg.dist.data_parallel
+    if batch % (m * d):
+        per = f" x dist.data_parallel = {d} replicas" if d > 1 else ""
         raise LaunchError(
             f"train.schedule = {cfg.train.schedule!r} gives torch equal microbatches but data.batch_size = "
-            f"{batch} does not divide into train.microbatches = {m}; make it a multiple of {m}"
+            f"{batch} does not divide into train.microbatches = {m}{per}; make it a multiple of {m * d}"
         )
 
 

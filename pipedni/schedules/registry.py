@@ -69,6 +69,11 @@ def check_config(cfg: Config) -> ScheduleSpec:
         raise ConfigError(f"dni.synthetic_inputs is set but train.schedule = {spec.name!r} has no dni boundary to skip "
                           f"the wait across; use --train.schedule={dni_schedules[0]} (or "
                           f"{' or '.join(dni_schedules[1:])} with a dni boundary), or drop dni.synthetic_inputs")
+    if cfg.dist.data_parallel > 1 and not spec.locked:  # see [Note: averaging over replicas] in pipedni/replicas.py
+        locked = [s.name for s in SCHEDULES.values() if s.locked and s.name != REFERENCE]
+        raise ConfigError(f"dist.data_parallel = {cfg.dist.data_parallel} replicates locked pipelines only, and "
+                          f"train.schedule = {spec.name!r} is decoupled; use one of {', '.join(locked)}, or "
+                          "--dist.data_parallel=1")
     if cfg.train.precision == "fp16" and not spec.locked:  # see [Note: mixed precision] in pipedni/precision.py
         locked = [s.name for s in SCHEDULES.values() if s.locked and s.name != REFERENCE]
         raise ConfigError(f"train.precision = 'fp16' needs a loss scale that every stage moves alike at a step they "

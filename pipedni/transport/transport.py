@@ -70,32 +70,49 @@ class Transport:
     def __init__(self, stage_index: int, num_stages: int, device: torch.device, wire_device: torch.device,
                  queue_size: int = 64, timeout: float = 300.0, link: LinkSpec = LinkSpec(),
                  wire_dtype: Optional[torch.dtype] = None, timeline: Timeline | NullTimeline = NullTimeline(),
-                 tied: Sequence[Sequence[int]] = (), direct_receive: bool = False):
+                 tied: Sequence[Sequence[int]] = (), direct_receive: bool = False, replica: int = 0,
+                 num_replicas: int = 1):
         """``link``: every edge's emulated latency and bandwidth (off by default); ``wire_dtype``:
         the dtype floating payloads travel in (None: their own); ``timeline``: where sends are
         recorded (and the step timers' calls: see ``Timers``); ``tied``: the stages holding each
         tied weight, a group apiece (see ``all_reduce``); ``direct_receive``: receive on the
         consumer's thread where the backend and link allow (a locked schedule's stages: see
-        [Note: who receives])."""
+        [Note: who receives]); ``replica`` of ``num_replicas``: which copy of the pipeline this
+        stage belongs to (see [Note: ranks of a replicated pipeline] in pipedni/runtime.py)."""
         self.stage_index, self.num_stages, self.timeline = stage_index, num_stages, timeline
         self.device, self.timeout = device, timeout
-        self.who = f"stage {stage_index}/{num_stages}"
+        self.who = f"stage {stage_index}/{num_stages}" + (f" (replica {replica})" if num_replicas > 1 else "")
         self.outboxes: dict[str, Outbox] = {}
         self.inboxes: dict[str, Inbox] = {}
         self.direct = direct_receive and wire_device.type == "cpu" and not link.emulated
         window = queue_size if self.direct else min(SEND_WINDOW, queue_size)
         inbox = DirectInbox if self.direct else ThreadInbox
         sends = dict(link=link, link_capacity=queue_size, wire_dtype=wire_dtype)
-        for edge in range(num_stages - 1):  # same creation order on every rank: see the note
-            forward = dist.new_group([edge, edge + 1], timeout=IDLE_WAIT)
-            backward = dist.new_group([edge, edge + 1], timeout=IDLE_WAIT)
-            if stage_index == edge:  # my "next" link
-                self.outboxes["next"] = Outbox(forward, edge + 1, wire_device, window, timeout, self.who, **sends)
-                self.inboxes["next"] = inbox(backward, edge + 1, wire_device, device, queue_size, self.who)
-            elif stage_index == edge + 1:  # my "prev" link
-                self.inboxes["prev"] = inbox(forward, edge, wire_device, device, queue_size, self.who)
-                self.outboxes["prev"] = Outbox(backward, edge, wire_device, window, timeout, self.who, **sends)
-        self.tied_groups = [dist.new_group(sorted(ranks)) for ranks in tied]  # on every rank, in order
+        rank = lambda stage, r=replica: r * num_stages + stage  # noqa: E731 (global ranks)
+        for r in range(num_replicas):  # same creation order on every rank: see the note
+            for edge in range(num_stages - 1):
+                ranks = [rank(edge, r), rank(edge + 1, r)]
+                forward = dist.new_group(ranks, timeout=IDLE_WAIT)
+                backward = dist.new_group(ranks, timeout=IDLE_WAIT)
+                if r != replica:
+                    continue
+                if stage_index == edge:  # my "next" link
+                    self.outboxes["next"] = Outbox(forward, ranks[1], wire_device, window, timeout, self.who, **sends)
+                    self.inboxes["next"] = inbox(backward, ranks[1], wire_device, device, queue_size, self.who)
+                elif stage_index == edge + 1:  # my "prev" link
+                    self.inboxes["prev"] = inbox(forward, ranks[0], wire_device, device, queue_size, self.who)
+                    self.outboxes["prev"] = Outbox(backward, ranks[0], wire_device, window, timeout, self.who, **sends)
+        # This pipeline's stages (the whole world when there is one pipeline), and its holders of each tied weight.
+        self.group = None
+        self.tied_groups = []
+        for r in range(num_replicas) if num_replicas > 1 else ():
+            group = dist.new_group([rank(s, r) for s in range(num_stages)])
+            self.group = group if r == replica else self.group
+        for ranks in tied:
+            for r in range(num_replicas):
+                group = dist.new_group(sorted(rank(s, r) for s in ranks))
+                if r == replica:
+                    self.tied_groups.append(group)
         self._warm_up()
 
     def _warm_up(self) -> None:
@@ -141,7 +158,7 @@ class Transport:
         """Sum ``tensor`` in place over every stage (the default group), or over the holders of
         tied weight ``group``: a barrier of those stages, so schedules call it only as an
         explicit action (``ALL_REDUCE``, ``REDUCE_TIED``)."""
-        dist.all_reduce(tensor, group=None if group is None else self.tied_groups[group])
+        dist.all_reduce(tensor, group=self.group if group is None else self.tied_groups[group])
         return tensor
 
     @property
@@ -179,6 +196,8 @@ class Transport:
 class NullTransport:
     """The links of a stage that has no neighbours (one process): nothing to send or receive,
     an all-reduce over one stage is the identity, and every counter stays at zero."""
+
+    group = None  # its pipeline is itself
 
     stage_index, num_stages, who = 0, 1, "stage 0/1"
     send_wait_sec, bytes_sent, peak_queued = 0.0, 0, 0
