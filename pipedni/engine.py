@@ -91,7 +91,8 @@ def replica_group(runtime: Runtime):
     replicated pipeline] in runtime.py); None with one replica. Every rank builds it, in order."""
     if runtime.num_replicas == 1:
         return None
-    mesh = init_device_mesh(runtime.device.type, (runtime.num_replicas, runtime.num_stages), mesh_dim_names=("dp", "pp"))
+    mesh = init_device_mesh(runtime.device.type, (runtime.num_replicas, runtime.num_stages),
+                            mesh_dim_names=("dp", "pp"))
     return mesh["dp"].get_group()
 
 
@@ -213,7 +214,8 @@ class Trainer:
                 recompute.check(stage_module, cfg.train.activation_checkpointing, i)
         self.cfg = cfg = cut.cfg
         self.train_set, self.test_set = (d.in_order(cut.input_names) for d in (self.train_set, self.test_set))
-        self.console = make_console(runtime.is_last and runtime.leads, cfg.run.log_every, self.spec.metrics, self.spec.wait_grad_header)
+        self.console = make_console(runtime.is_last and runtime.leads, cfg.run.log_every, self.spec.metrics,
+                                    self.spec.wait_grad_header)
         self.worker = build_worker(cfg, runtime, self.spec, cut, self.steps, self.train_set, loss)
         self.compiled = self._compile() if cfg.train.compile else (None, None)  # (seconds, whether it compiled)
         self.checkpointer = Checkpointer(self.run_dir, cfg.checkpoint, runtime.rank, runtime.distributed,
