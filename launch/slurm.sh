@@ -21,7 +21,8 @@ set -euo pipefail
 CONFIG=${1:?usage: sbatch launch/slurm.sh CONFIG.yaml [--section.key=value ...]}
 shift
 GPUS_PER_NODE=${SLURM_GPUS_ON_NODE:-$(nvidia-smi -L | wc -l)}
-HEAD_NODE=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+NODES=$(scontrol show hostnames "$SLURM_JOB_NODELIST")  # whole: `| head` would break its pipe (pipefail)
+HEAD_NODE=${NODES%%$'\n'*}
 MAX_RESTARTS=${MAX_RESTARTS:-3}
 CHECKPOINT_EVERY=${CHECKPOINT_EVERY:-500}
 
