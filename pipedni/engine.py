@@ -373,7 +373,9 @@ class Trainer:
             gathered = [None] * self.runtime.world_size
             with among_stages(self.runtime.who, "the gathering of every stage's summary"):
                 dist.all_gather_object(gathered, mine)
-        stages = [stage for stage, _ in gathered[:self.runtime.num_stages]]  # replica 0's: see runtime.py
+        n, d = self.runtime.num_stages, self.runtime.num_replicas  # rank r * n + s: see runtime.py
+        copies = [[gathered[r * n + s][0] for r in range(d)] for s in range(n)]
+        stages = [dict(each[0], replicas=each) if d > 1 else each[0] for each in copies]  # replica 0's, and every one
         self.metrics.close()
         if not (self.runtime.is_last and self.runtime.leads):
             return None

@@ -1,7 +1,9 @@
 """dist.data_parallel: each stage replicated D times, each replica on its share of the global
 batch, gradients averaged over the replicas: 2 stages x 2 replicas train what one process
-trains at the same global batch; one replica writes the checkpoints and the summary; the
-launch scripts place a replicated job on several nodes, as two torchrun agents here show."""
+trains at the same global batch (a locked schedule), or what one process applying the same
+delays trains (async); dni's replicas, whose predictors each fit their own share, stay equal;
+one replica writes the checkpoints and the summary; the launch scripts place a replicated job
+on several nodes, as two torchrun agents here show."""
 
 from __future__ import annotations
 
@@ -17,11 +19,17 @@ import torch
 from pipedni.engine import Trainer
 from pipedni.export import merge_checkpoints
 from pipedni.runtime import Runtime
-from helpers import REPO, assert_same_parameters, free_port, make_config, one_line_error, run_cli, run_distributed, \
-    train_single
+from helpers import REPO, assert_same_parameters, free_port, make_config, one_line_error, read_steps, run_cli, \
+    run_distributed, train_single
+from references import mixed_reference
 
 EXTRA = ("--data.batch_size=32",)  # 16 a replica: 4 equal microbatches for torch's schedules
 CASES = [("1f1b", 4, ()), ("gpipe", 4, ()), ("torch_1f1b", 4, ()), ("naive", 1, ("--train.precision=bf16",))]
+# name, schedule, microbatches, settings; a dni stage starts untrusted (its fallback: delayed
+# updates) and at this min_cosine comes to trust its predictor within the run
+DECOUPLED = [("async", "async", 1, ()), ("mixed", "mixed", 2, ("--train.boundaries=[async]",)),
+             ("cdni", "dni", 2, ("--dni.condition_on_labels=true", "--train.steps=12",
+                                    "--dni.min_cosine=0.05"))]
 
 
 def _train_cases(rank: int, world_size: int, root: str) -> list:
@@ -32,6 +40,12 @@ def _train_cases(rank: int, world_size: int, root: str) -> list:
         trainer = Trainer(cfg, runtime)
         summaries.append(trainer.fit())
         trainer.close()
+    for name, schedule, m, extra in DECOUPLED:  # each replica's weights, to compare with the other's
+        trainer = Trainer(make_config(Path(root) / name, schedule, m, *EXTRA, "--dist.data_parallel=2", *extra),
+                          runtime)
+        trainer.fit()
+        trainer.close()
+        summaries.append(torch.nn.utils.parameters_to_vector(trainer.worker.stage.module.parameters()).tolist())
     return summaries
 
 
@@ -50,9 +64,20 @@ def test_two_stages_by_two_replicas_train_what_one_process_trains(tmp_path):
         assert sorted(p.name for p in next((run / "checkpoints").iterdir()).glob("*.pt")) == ["stage0.pt", "stage1.pt"]
         summary = summaries[1][i]  # rank 1: replica 0's last stage
         assert summary["data_parallel"] == 2 and [s["stage_index"] for s in summary["stages"]] == [0, 1]
+        assert [[r["stage_index"] for r in s["replicas"]] for s in summary["stages"]] == [[0, 0], [1, 1]]
         assert summary["test_loss"] == pytest.approx(reference["test_loss"], rel=1e-2 if extra else 1e-4)
         assert all(s is None for s in (summaries[0][i], summaries[2][i], summaries[3][i]))
         assert (run / "replicas/1/metrics/stage1.jsonl").is_file()
+    for j, (name, schedule, m, extra) in enumerate(DECOUPLED, start=len(CASES)):
+        for stage in (0, 1):  # ranks 0, 2 hold stage 0; 1, 3 stage 1
+            assert summaries[stage][j] == summaries[stage + 2][j], f"{name}: stage {stage}'s replicas differ"
+        if schedule == "dni":
+            untrusted = [r["sg_untrusted"] for r in read_steps(tmp_path / name, 0) if "sg_untrusted" in r]
+            assert untrusted[0] == 1 and 0 in untrusted, untrusted  # agreed both ways: fallback, then the predictor
+            continue
+        cfg = make_config(tmp_path / name, schedule, m, *EXTRA, *extra)
+        expected = mixed_reference(cfg, 2, ["async"], m, cfg.train.steps)[0]
+        assert_same_parameters(merge_checkpoints(tmp_path / name), expected, f"{name} 2x2")
     # resumed by one process (one replica of one stage), the run goes on as one process's would
     resumed, _ = train_single(tmp_path / "1f1b", *EXTRA, "--train.steps=6", "--checkpoint.resume=latest")
     longer, _ = train_single(tmp_path / "single6", *EXTRA, "--train.steps=6")
@@ -65,8 +90,8 @@ def test_bad_replica_layouts_are_one_clear_line():
     cases = [(["--nproc_per_node=3", *base, "--dist.data_parallel=2"], "do not divide into dist.data_parallel = 2"),
              (["--nproc_per_node=4", *base, "--dist.data_parallel=2", "--data.batch_size=127"],
               "does not divide into dist.data_parallel = 2 equal shares"),
-             (["--nproc_per_node=4", *base, "--dist.data_parallel=2", "--train.schedule=dni"],
-              "replicates locked pipelines only"),
+             (["--nproc_per_node=4", *base, "--dist.data_parallel=2", "--train.schedule=dni",
+               "--dni.synthetic_inputs=true"], "with dni.synthetic_inputs a stage's updates depend on when"),
              (["--nproc_per_node=4", *base, "--dist.data_parallel=0"], "dist.data_parallel = 0; must be >= 1")]
     for args, message in cases:
         proc = subprocess.run(launch + args, cwd=REPO, capture_output=True, text=True, timeout=120)

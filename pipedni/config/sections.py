@@ -286,7 +286,8 @@ class DistConfig:
     data_parallel: int = _f(
         1, "Replicas of the whole pipeline (D): torchrun starts stages x D processes; each replica trains on "
            "1/D of every batch (data.batch_size stays the global batch) and each stage's gradients are averaged "
-           "over its D replicas every step. Locked schedules and torch's; see docs/gpu.md, 'Data parallel'.",
+           "over its D replicas at every update. Every schedule but dni.synthetic_inputs; see docs/gpu.md, "
+           "'Data parallel'.",
     )
     wire_dtype: Literal["auto", "same", "bfloat16", "float16"] = _f(
         "auto", "Dtype floating activations and gradients travel in between stages, cast back on receipt "

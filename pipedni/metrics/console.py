@@ -75,8 +75,8 @@ class Console(NullConsole):
         columns = ["stage", "params", "busy", "wait in s", self.wait_grad_header, "send s", "peak MiB"]
         for column in columns + [spec.header for spec in self.metrics]:
             table.add_column(column, justify="right")
-        for s in summary["stages"]:
-            row = [str(s["stage_index"]), f"{s['num_params']:,}", f"{s['busy_fraction']:.0%}",
+        for label, s in _rows(summary["stages"]):
+            row = [label, f"{s['num_params']:,}", f"{s['busy_fraction']:.0%}",
                    f"{s['wait_input_sec']:.2f}", f"{s['wait_grad_sec']:.2f}", f"{s['send_wait_sec']:.2f}",
                    f"{s['peak_memory_bytes'] / 2**20:,.0f}"]
             table.add_row(*row, *[_fmt(s.get(spec.summary_key), spec.fmt) for spec in self.metrics])
@@ -94,3 +94,9 @@ def make_console(is_logging_rank: bool, log_every: int, metrics: tuple[MetricSpe
                  wait_grad_header: str = "wait grad s") -> NullConsole:
     """The console of the logging rank, with the schedule's own columns; a null object elsewhere."""
     return Console(log_every, metrics, wait_grad_header) if is_logging_rank else NullConsole()
+
+
+def _rows(stages: list[dict]) -> list[tuple[str, dict]]:
+    """One row per stage, or per replica of each stage (``0 r1``: stage 0's replica 1)."""
+    return [(f"{s['stage_index']}" + (f" r{r}" if "replicas" in s else ""), each)
+            for s in stages for r, each in enumerate(s.get("replicas", [s]))]

@@ -153,7 +153,8 @@ class BoundaryWorker(Worker):
         synthetic = self.gradients is not None and step >= self.warmup_steps
         if self.gradients is not None:
             self.gradients.begin(step)
-        trusted = synthetic and self.gradients.trusted  # see [Note: trusting the predictor]
+        # see [Note: trusting the predictor]; replicas agree (see [Note: averaging over replicas] in pipedni/replicas.py)
+        trusted = synthetic and stage.replicas.agree(self.gradients.trusted)
         at_once = stage.is_last or trusted or (synthetic and not self.fallback)  # backpropagated in the forward
         late = 0 if at_once else self.fallback if synthetic else self.delay  # steps until its true backward
         self.params = None
@@ -303,7 +304,8 @@ class BoundaryWorker(Worker):
         if drop:  # nothing to measure or check: the optimizer skips every parameter
             self.stage.optimizer.zero_grad(set_to_none=True)
             norm = None
-        else:  # this stage's own norm: no barrier across stages
+        else:  # averaged over the replicas, then this stage's own norm: no barrier across stages
+            timers.run_as(name, "compute", self.stage.replicas.average)
             norm = timers.run_as(name, "compute", grad_norm, self.stage)
         timers.run_as(name, "compute", self.stage.step, norm, source, count)
         return norm

@@ -21,7 +21,7 @@ from pipedni.crossing import Spec, Value, example, gradient_spec, input_to
 from pipedni.errors import LaunchError
 from pipedni.metrics.records import StepStats
 from pipedni.precision import Autocast, fp32
-from pipedni.replicas import Replicas
+from pipedni.replicas import NO_BUFFER_SYNC
 from pipedni.schedules.spec import ScheduleSpec, WorkerContext
 from pipedni.schedules.worker import Worker, grad_norm, sum_tied
 from pipedni.stage import loss_fn
@@ -69,9 +69,10 @@ class PeerWorker(Worker):
         rows = ctx.cfg.data.batch_size // ctx.cfg.dist.data_parallel // m
         # Static microbatch shapes from the start-up probe: no shape inference round at the first step.
         module = Autocast(stage.module, stage.precision) if stage.precision.mixed else stage.module
-        if isinstance(stage.replicas, Replicas):  # torch's stage syncs a DDP submodule on its last backward
-            module = DistributedDataParallel(module, process_group=stage.replicas.ddp.process_group,
-                                             broadcast_buffers=False, device_ids=stage.replicas.ddp.device_ids)
+        ddp = getattr(stage.replicas, "ddp", None)
+        if ddp is not None:  # torch's stage syncs a DDP submodule on its last backward
+            module = DistributedDataParallel(module, process_group=ddp.process_group, device_ids=ddp.device_ids,
+                                             **NO_BUFFER_SYNC)
         self.pipe = _TimedStage(module, stage.stage_index, stage.num_stages, stage.device,
                                 input_args=_example(shapes.input, rows, stage.device, not stage.is_first),
                                 output_args=_example(shapes.output, rows, stage.device, True),

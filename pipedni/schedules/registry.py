@@ -63,16 +63,16 @@ def check_config(cfg: Config) -> ScheduleSpec:
         raise ConfigError(f"train.boundaries = {modes} is read only by train.schedule: {' or '.join(readers)} (it is "
                           f"{spec.name!r}); set --train.schedule={readers[0]} or remove train.boundaries")
     d = cfg.dni
-    if (d.synthetic_inputs or any(entry.get("synthetic_inputs") for entry in d.boundaries)) \
-            and not spec.synthetic_gradients:
+    inputs_predicted = d.synthetic_inputs or any(entry.get("synthetic_inputs") for entry in d.boundaries)
+    if inputs_predicted and not spec.synthetic_gradients:
         dni_schedules = [s.name for s in SCHEDULES.values() if s.synthetic_gradients]
         raise ConfigError(f"dni.synthetic_inputs is set but train.schedule = {spec.name!r} has no dni boundary to skip "
                           f"the wait across; use --train.schedule={dni_schedules[0]} (or "
                           f"{' or '.join(dni_schedules[1:])} with a dni boundary), or drop dni.synthetic_inputs")
-    if cfg.dist.data_parallel > 1 and not spec.locked:  # see [Note: averaging over replicas] in pipedni/replicas.py
-        locked = [s.name for s in SCHEDULES.values() if s.locked and s.name != REFERENCE]
-        raise ConfigError(f"dist.data_parallel = {cfg.dist.data_parallel} replicates locked pipelines only, and "
-                          f"train.schedule = {spec.name!r} is decoupled; use one of {', '.join(locked)}, or "
+    if cfg.dist.data_parallel > 1 and inputs_predicted:  # see [Note: averaging over replicas] in pipedni/replicas.py
+        raise ConfigError(f"dist.data_parallel = {cfg.dist.data_parallel} replicas must make their updates at the same "
+                          "steps, and with dni.synthetic_inputs a stage's updates depend on when its true input "
+                          "arrives, which differs between replicas; drop dni.synthetic_inputs or use "
                           "--dist.data_parallel=1")
     if cfg.train.precision == "fp16" and not spec.locked:  # see [Note: mixed precision] in pipedni/precision.py
         locked = [s.name for s in SCHEDULES.values() if s.locked and s.name != REFERENCE]
