@@ -10,7 +10,8 @@ per size, interleaved between the two ways of sending so that machine noise hits
 - torch: ``dist.isend`` / ``dist.irecv`` of a tensor whose shape both sides know, as
   ``torch.distributed.pipelining`` sends once its shapes are set up (no header).
 Half a round trip is one message's cost, transfer included; the difference between the two
-is what pipedni's message format and threads add.
+is what pipedni's message format and threads add. Each way runs with only its own transport
+alive, as in a run (another transport's idle receives slowed the one measured).
 
     python scripts/transport_bench.py [--sizes 1024,262144,1048576] [--rounds 200] [--repeats 3] [--load 2]
 
@@ -57,6 +58,7 @@ def _ours_round(rank: int, t: Transport, x: torch.Tensor, step: int) -> None:
 
 
 WAYS = ("ours", "direct", "torch")
+WARM_UP = 10  # untimed rounds first: a new transport's payload guess needs a few messages (wire.REPEATS_TO_GUESS)
 
 
 def _worker(rank: int, port: int, sizes: list[int], rounds: int, repeats: int, out) -> None:
@@ -64,24 +66,25 @@ def _worker(rank: int, port: int, sizes: list[int], rounds: int, repeats: int, o
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=2, timeout=datetime.timedelta(seconds=120))
     cpu = torch.device("cpu")
-    ours = {"ours": Transport(rank, 2, cpu, cpu, timeout=120.0),
-            "direct": Transport(rank, 2, cpu, cpu, timeout=120.0, direct_receive=True)}
-    results, step = {}, 0
+    results = {}
     for size in sizes:
         x, buf = torch.randn(size // 4), torch.empty(size // 4)
         for r in range(repeats):
             for way in WAYS[r % 3:] + WAYS[:r % 3]:  # each way first in turn
-                dist.barrier()
-                start = time.perf_counter()
-                for _ in range(rounds):
-                    if way in ours:
-                        _ours_round(rank, ours[way], x, step)
-                        step += 1
+                # only this way's transport alive: a run has one (another's idle threads slow this one)
+                t = None if way == "torch" else Transport(rank, 2, cpu, cpu, timeout=120.0,
+                                                          direct_receive=way == "direct")
+                for step in range(WARM_UP + rounds):
+                    if step == WARM_UP:
+                        dist.barrier()
+                        start = time.perf_counter()
+                    if t is not None:
+                        _ours_round(rank, t, x, step)
                     else:
                         _torch_round(rank, x, buf)
                 results.setdefault((size, way), []).append((time.perf_counter() - start) / rounds / 2)
-    for t in ours.values():
-        t.close()
+                if t is not None:
+                    t.close()
     if rank == 0:
         out.put(results)
     dist.destroy_process_group()

@@ -12,14 +12,15 @@ import time
 from collections import deque
 from typing import Container, Optional
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from pipedni.crossing import Value
 from pipedni.errors import TransportError
 from pipedni.transport.link import Link, LinkSpec
-from pipedni.transport.wire import (HEADER_BYTES, HEADER_LEN, Header, Kind, NextSize, combined, next_size,
-                                    describe_message as _what)
+from pipedni.transport.wire import (HEADER_BYTES, Header, Kind, NextSize, as_bytes, combined, next_size,
+                                    packed, payload_of, wire_buffer, describe_message as _what)
 
 Part = tuple[Header, torch.Tensor, object]  # one tensor of a message as received: header, payload, CUDA event
 # Receiver threads block until the peer's CLOSE message; consumers enforce the real timeout.
@@ -64,41 +65,49 @@ class Outbox:
         sizes = next_size(self.sizes, header.part)
         guess, size = sizes.guess, header.nbytes
         sizes.update(size)
-        filler = [] if guess is None or guess == size else [torch.zeros(guess, dtype=torch.uint8, device=self.wire_device)]
-        payload = [wire.reshape(-1).view(torch.uint8)] if size else []
-        sent_bytes = sum(t.numel() * t.element_size() for t in filler + payload)
+        filler = [] if guess is None or guess == size else [self._zeros(guess)]
+        payload = [as_bytes(wire)] if size else []
+        sent_bytes = (guess if filler else 0) + size
         hold, waited = self.link.reserve(sent_bytes + HEADER_BYTES)
         if hold > 0:
             header = dataclasses.replace(header, hold_us=round(hold * 1e6))
-        encoded = header.encode().to(self.wire_device)
-        if combined(guess):  # one buffer with the payload it guessed, or with the filler: see the note in wire.py
-            first = (filler or payload)[0]
-            tensors = [torch.cat([encoded.view(torch.uint8), first]), *(payload if filler else [])]
-        else:
-            tensors = [encoded, *filler, *payload]
-        self._post(tensors, _what(header.kind, header.step, header.microbatch))
+        # one buffer with the payload it guessed, or with the filler: see the note in wire.py
+        first, rest = ((filler or payload)[0], payload if filler else []) if combined(guess) else (None, filler + payload)
+        tensors = [packed(header, first, self.wire_device), *map(self._tensor, rest)]
+        self._post(tensors, header)
         self.wait_sec += waited
         self.bytes_sent += sent_bytes
 
+    def _zeros(self, nbytes: int):
+        return np.zeros(nbytes, dtype=np.uint8) if self.wire_device.type == "cpu" else \
+            torch.zeros(nbytes, dtype=torch.uint8, device=self.wire_device)
+
+    @staticmethod
+    def _tensor(data) -> torch.Tensor:
+        return torch.from_numpy(data) if isinstance(data, np.ndarray) else data
+
     def _on_wire(self, tensor: torch.Tensor) -> torch.Tensor:
-        tensor = tensor.detach()
+        tensor = tensor.detach() if tensor.requires_grad else tensor
         if self.wire_dtype is not None and tensor.is_floating_point() and tensor.dtype != self.wire_dtype:
             tensor = tensor.to(self.wire_dtype)  # before the copy to the wire device: fewer bytes to copy
-        return tensor.to(self.wire_device).contiguous()
+        if tensor.device != self.wire_device:
+            tensor = tensor.to(self.wire_device)
+        return tensor if tensor.is_contiguous() else tensor.contiguous()
 
-    def _post(self, tensors: list[torch.Tensor], what: str) -> None:
+    def _post(self, tensors: list[torch.Tensor], header: Header) -> None:
         while len(self.pending) >= self.capacity:
             self._retire_oldest()
         works = [dist.isend(t, dst=self.peer, group=self.group) for t in tensors]
-        self.pending.append((works, tensors, what))
+        self.pending.append((works, tensors, header))
 
     def _retire_oldest(self) -> None:
-        works, _, what = self.pending.popleft()
+        works, _, header = self.pending.popleft()
         start = time.perf_counter()
         try:
             for work in works:
                 work.wait(datetime.timedelta(seconds=self.timeout))
         except RuntimeError as err:
+            what = _what(header.kind, header.step, header.microbatch)
             raise TransportError(
                 f"{self.who} could not send {what} to stage {self.peer} within {self.timeout:.0f}s "
                 f"(is stage {self.peer} alive and receiving?): {str(err).splitlines()[0]}"
@@ -141,12 +150,12 @@ class Inbox:
         one buffer up to ``COMBINED_MAX``: see [Note: pre-posted payloads] in wire.py)."""
         guess = next_size(self.sizes, len(self.parts)).guess
         if combined(guess):
-            both = torch.empty(HEADER_BYTES + guess, dtype=torch.uint8, device=self.wire_device)
-            raw, guessed, buffers = both[:HEADER_BYTES].view(torch.int64), both[HEADER_BYTES:], [both]
+            both, view = wire_buffer(HEADER_BYTES + guess, self.wire_device)
+            raw, guessed, buffers = view[:HEADER_BYTES], view[HEADER_BYTES:], [both]
         else:
-            raw = torch.empty(HEADER_LEN, dtype=torch.int64, device=self.wire_device)
-            guessed = None if guess is None else torch.empty(guess, dtype=torch.uint8, device=self.wire_device)
-            buffers = [raw] if guessed is None else [raw, guessed]
+            header, raw = wire_buffer(HEADER_BYTES, self.wire_device)
+            payload, guessed = (None, None) if guess is None else wire_buffer(guess, self.wire_device)
+            buffers = [header] if payload is None else [header, payload]
         self.posted = (raw, guessed, [dist.irecv(b, src=self.peer, group=self.group) for b in buffers])
 
     def _receive_one(self, wait: datetime.timedelta, stream=None) -> bool:
@@ -155,7 +164,7 @@ class Inbox:
         raw, guessed, receiving = self.posted
         receiving[0].wait(wait)  # the header, with a guessed payload in its buffer or not
         self.posted = None
-        header = Header.decode(raw.cpu())
+        header = Header.decode(raw)
         assert header.part == len(self.parts), f"part {header.part} came after {len(self.parts)} parts"
         size = header.nbytes
         next_size(self.sizes, header.part).update(size)
@@ -167,18 +176,18 @@ class Inbox:
                 self.num_received += 1
                 self.cond.notify_all()
             return False
-        if guessed is not None and guessed.numel() == size:
+        if guessed is not None and len(guessed) == size:
             data = guessed
             self.num_guessed += 1
         else:  # posted now that its size is known (an empty payload is never sent)
-            data = torch.empty(size, dtype=torch.uint8, device=self.wire_device)
+            posted, data = wire_buffer(size, self.wire_device)
             if size:
-                dist.irecv(data, src=self.peer, group=self.group).wait(wait)
+                dist.irecv(posted, src=self.peer, group=self.group).wait(wait)
         event = None
         if stream is not None:
             event = torch.cuda.Event()
             event.record(stream)
-        self.parts.append((header, data.view(header.payload_dtype).view(header.shape), event))
+        self.parts.append((header, payload_of(data, header), event))
         if header.last_part:  # due once the last part's hold has passed: the link delivers parts in order
             self._file(self.parts, time.perf_counter() + header.hold_sec)
             self.parts = []

@@ -43,6 +43,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from pipedni.errors import TransportError
@@ -53,6 +54,8 @@ HEADER_BYTES = HEADER_LEN * 8
 COMBINED_MAX = 1 << 20  # a guessed payload up to this many bytes travels in its header's buffer: see the note
 REPEATS_TO_GUESS = 3  # equal payload sizes in a row before the next one is guessed: see the note
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32, torch.uint8, torch.bool]
+DTYPE_INDEX = {dtype: i for i, dtype in enumerate(DTYPES)}
+ZEROS = (0,) * MAX_DIMS
 
 
 class Kind(enum.IntEnum):
@@ -81,22 +84,25 @@ class Header:
     def __post_init__(self) -> None:  # a sender's header fails here, before anything is sent or counted
         if len(self.shape) > MAX_DIMS:
             raise TransportError(f"tensor of {len(self.shape)} dims exceeds the transport's {MAX_DIMS}")
-        unsupported = {self.dtype, self.payload_dtype} - set(DTYPES)
-        if unsupported:
-            raise TransportError(f"tensors of {unsupported.pop()} cannot be sent between stages; the transport "
-                                 f"carries {', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
+        for dtype in (self.dtype, self.wire_dtype or self.dtype):
+            if dtype not in DTYPE_INDEX:
+                raise TransportError(f"tensors of {dtype} cannot be sent between stages; the transport "
+                                     f"carries {', '.join(str(d).replace('torch.', '') for d in DTYPES)}")
+
+    def values(self) -> list[int]:
+        """The header as its ``HEADER_LEN`` integers."""
+        flags = int(self.grouped) | int(self.requires_grad) << 1
+        return [int(self.kind), self.step, self.microbatch, DTYPE_INDEX[self.dtype],
+                DTYPE_INDEX[self.wire_dtype or self.dtype], self.part, self.num_parts, flags, self.hold_us,
+                len(self.shape), *self.shape, *ZEROS[len(self.shape):]]
 
     def encode(self) -> torch.Tensor:
-        dims = list(self.shape) + [0] * (MAX_DIMS - len(self.shape))
-        flags = int(self.grouped) | int(self.requires_grad) << 1
-        values = [int(self.kind), self.step, self.microbatch, DTYPES.index(self.dtype),
-                  DTYPES.index(self.wire_dtype or self.dtype), self.part, self.num_parts, flags, self.hold_us,
-                  len(self.shape), *dims]
-        return torch.tensor(values, dtype=torch.int64)
+        return torch.from_numpy(np.array(self.values(), dtype=np.int64))
 
     @staticmethod
-    def decode(t: torch.Tensor) -> "Header":
-        v = t.tolist()
+    def decode(t: torch.Tensor | np.ndarray) -> "Header":
+        """The header in ``t``: its integers, or its bytes (a received buffer)."""
+        v = (t.view(torch.int64) if isinstance(t, torch.Tensor) else t.view(np.int64)).tolist()
         dtype, wire = DTYPES[v[3]], DTYPES[v[4]]
         return Header(Kind(v[0]), v[1], v[2], dtype, tuple(v[10 : 10 + v[9]]), None if wire == dtype else wire,
                       v[5], v[6], bool(v[7] & 1), bool(v[7] & 2), v[8])
@@ -150,3 +156,53 @@ def next_size(sizes: list[NextSize], part: int) -> NextSize:
     while len(sizes) <= part:
         sizes.append(NextSize())
     return sizes[part]
+
+
+# [Note: host buffers]
+# On a CPU wire a message's buffers are numpy arrays shared with the tensors gloo sends and
+# receives: packing a header and payload, or viewing a received payload, is then a few numpy
+# operations rather than a dozen torch calls (each costs microseconds of dispatch; on a 1 KiB
+# message they were most of what pipedni added to torch's own isend/irecv: docs/benchmarks.md,
+# "The transport's cost per message"). A CUDA wire keeps torch's operations on the device.
+
+
+def as_bytes(t: torch.Tensor) -> torch.Tensor | np.ndarray:
+    """A contiguous tensor's bytes, flat: a numpy view on the CPU (bf16 through int16, which numpy has)."""
+    if t.device.type != "cpu":
+        return t.reshape(-1).view(torch.uint8)
+    return (t.view(torch.int16) if t.dtype == torch.bfloat16 else t).numpy().reshape(-1).view(np.uint8)
+
+
+def packed(header: Header, data: Optional[torch.Tensor | np.ndarray], device: torch.device) -> torch.Tensor:
+    """One buffer holding ``header`` and then ``data``'s bytes (from ``as_bytes``, or none)."""
+    if device.type != "cpu":
+        encoded = header.encode().to(device).view(torch.uint8)
+        return encoded if data is None else torch.cat([encoded, data])
+    buf = np.empty(HEADER_BYTES + (0 if data is None else data.size), dtype=np.uint8)
+    buf[:HEADER_BYTES].view(np.int64)[:] = header.values()
+    if data is not None:
+        buf[HEADER_BYTES:] = data
+    return torch.from_numpy(buf)
+
+
+def wire_buffer(nbytes: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | np.ndarray]:
+    """A receive buffer of ``nbytes``: the tensor to post, and the view to read it by."""
+    if device.type != "cpu":
+        t = torch.empty(nbytes, dtype=torch.uint8, device=device)
+        return t, t
+    buf = np.empty(nbytes, dtype=np.uint8)
+    return torch.from_numpy(buf), buf
+
+
+def payload_of(data: torch.Tensor | np.ndarray, header: Header) -> torch.Tensor:
+    """The received bytes ``data`` (a ``wire_buffer`` view) as the payload tensor ``header`` describes."""
+    dtype = header.payload_dtype
+    if isinstance(data, torch.Tensor):
+        return data.view(dtype).view(header.shape)
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(data.view(np.int16).reshape(header.shape)).view(torch.bfloat16)
+    return torch.from_numpy(data.view(NUMPY_DTYPES[dtype]).reshape(header.shape))
+
+
+NUMPY_DTYPES = {torch.float32: np.float32, torch.float16: np.float16, torch.float64: np.float64,
+                torch.int64: np.int64, torch.int32: np.int32, torch.uint8: np.uint8, torch.bool: np.bool_}
