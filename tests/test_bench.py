@@ -12,7 +12,7 @@ import pytest
 
 from pipedni.bench.plan import BASELINE, DEFAULT_MODES, parse_boundaries, parse_counts, parse_modes, plan_jobs
 from pipedni.bench.report import update_docs
-from pipedni.bench.runner import set_target
+from pipedni.bench.runner import command, set_target
 from pipedni.errors import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -39,6 +39,19 @@ def test_plan_sweeps_microbatches_and_leaves_out_what_torch_cannot_run():
     gpipe = jobs[labels.index("gpipe M=3")]
     assert "--train.microbatches=3" in gpipe.args() and gpipe.nproc == 4
     assert all(job.threads == 1 for job in jobs if job.mode != "single")
+
+
+def test_a_replicated_plan_starts_stages_x_replicas_and_splits_each_replicas_share():
+    """dist.data_parallel = 2: each job starts 2 copies of its pipeline; a replica's share of 12
+    samples is 6, which 4 microbatches do not divide evenly for torch's schedules."""
+    jobs = plan_jobs(["single", "gpipe", "torch_gpipe"], 2, [3, 4, 8], batch_size=12, replicas=2)
+    labels = [job.label for job in jobs]
+    assert "gpipe M=4" in labels and "gpipe M=8" not in labels  # 8 microbatches of a 6-sample share: none
+    assert "torch_gpipe M=3" in labels and "torch_gpipe M=4" not in labels
+    gpipe = jobs[labels.index("gpipe M=4")]
+    assert command(gpipe, "c.yaml", Path("run"), [])[:4] == [sys.executable, "-m", "pipedni.launch",
+                                                             "--nproc_per_node=4"]
+    assert command(jobs[0], "c.yaml", Path("run"), [])[3] == "--nproc_per_node=2"  # the reference, replicated
 
 
 def test_mixed_runs_its_boundaries_and_only_when_asked():

@@ -216,21 +216,22 @@ def summarize_runs(jobs: list[Job], runs: dict[str, list[dict]], ideal: float, i
             for key in ("peak_activation_bytes", "peak_memory_bytes"):
                 stage[key] = max((s[key] or 0) for s in per_repeat) or None
             stages.append(stage)
-        rows.append({**asdict(job), "samples_per_sec": speed, "ratio_to_ideal": speed["median"] / ideal,
-                     "ratio_to_ideal_together": speed["median"] / ideal_together, "stages": stages})
+        # the profile's limits are one pipeline's on the whole batch: D replicas could reach D times them
+        rows.append({**asdict(job), "samples_per_sec": speed, "ratio_to_ideal": speed["median"] / ideal / job.replicas,
+                     "ratio_to_ideal_together": speed["median"] / ideal_together / job.replicas, "stages": stages})
     return rows
 
 
 def run_benchmark(args: argparse.Namespace, overrides: list[str], out: Path) -> dict:
     cfg, modes, counts = check(args, overrides)
-    jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size, tuple(args.boundaries))
+    jobs = plan_jobs(modes, args.stages, counts, cfg.data.batch_size, tuple(args.boundaries), cfg.dist.data_parallel)
     print(f"{len(jobs)} jobs x {args.repeats} repeats, {args.steps} steps each ({args.warmup} untimed)", flush=True)
     runs, profiled = throughput_phase(args, overrides, jobs, out, cfg.data.batch_size)
     rows = summarize_runs(jobs, runs, profiled["ideal_samples_per_sec"]["median"],
                           profiled["ideal_together_samples_per_sec"]["median"])
     curves = accuracy_phase(args, overrides, jobs, rows, out, cfg.data.batch_size) if args.budget > 0 else []
     results = {"config": args.config, "workload": Path(args.config).stem, "stages": args.stages,
-               "batch_size": cfg.data.batch_size, "command": "python -m pipedni.bench " + shlex.join(sys.argv[1:]),
+               "data_parallel": cfg.dist.data_parallel, "batch_size": cfg.data.batch_size, "command": "python -m pipedni.bench " + shlex.join(sys.argv[1:]),
                "machine": machine(),
                "settings": {k: getattr(args, k) for k in ("steps", "warmup", "repeats", "budget", "budget_repeats")},
                "overrides": overrides, "profile": profiled, "throughput": rows, "accuracy": curves}

@@ -30,6 +30,11 @@ class Job:
     threads: int
     microbatches: int
     overrides: tuple[str, ...] = field(default=())
+    replicas: int = 1  # dist.data_parallel: the job starts nproc x replicas processes
+
+    @property
+    def processes(self) -> int:
+        return self.nproc * self.replicas
 
     def args(self, *extra: str) -> list[str]:
         """Config overrides for this job (``extra`` last: they win)."""
@@ -76,11 +81,12 @@ def _microbatch_args(spec: ScheduleSpec, variant: Variant, m: int) -> tuple[str,
     return (f"--{spec.microbatch_key}={m}", *variant.overrides)
 
 
-def _runs(spec: ScheduleSpec, num_stages: int, m: int, batch_size: int) -> bool:
+def _runs(spec: ScheduleSpec, num_stages: int, m: int, batch_size: int, replicas: int) -> bool:
     """Whether the schedule's own layout checks accept ``m`` microbatches (torch's need equal
     microbatches, and Schedule1F1B at least one per stage)."""
     cfg = Config()
     cfg.train.schedule, cfg.train.microbatches, cfg.data.batch_size = spec.name, m, batch_size
+    cfg.dist.data_parallel = replicas
     if spec.reads_boundaries:
         cfg.train.boundaries = [BoundaryMode.LOCKED.value] * (num_stages - 1)  # the count is what the layout checks
     try:
@@ -91,25 +97,27 @@ def _runs(spec: ScheduleSpec, num_stages: int, m: int, batch_size: int) -> bool:
 
 
 def plan_jobs(modes: list[str], num_stages: int, microbatches: list[int], batch_size: int,
-              boundaries: tuple[str, ...] = ()) -> list[Job]:
+              boundaries: tuple[str, ...] = (), replicas: int = 1) -> list[Job]:
     """Every job of the throughput sweep, in a fixed order. Microbatch counts a schedule cannot
     run (torch's: uneven microbatches, or 1F1B with M < N) are left out, not failed. ``mixed``
-    runs with ``boundaries`` (see ``parse_boundaries``)."""
+    runs with ``boundaries`` (see ``parse_boundaries``). With ``replicas`` (dist.data_parallel)
+    every job is that many copies, each on its share of ``batch_size``."""
     cores = os.cpu_count() or 1
     jobs: list[Job] = []
     for mode in modes:
         spec, variant = MODES[mode]
         if spec.max_stages == 1:  # the reference: one process, on one thread and on every core
-            jobs.append(Job(BASELINE, mode, spec.name, 1, 1, 1, variant.overrides))
+            jobs.append(Job(BASELINE, mode, spec.name, 1, 1, 1, variant.overrides, replicas))
             if cores > 1:
-                jobs.append(Job(f"{mode} {cores} threads", mode, spec.name, 1, cores, 1, variant.overrides))
+                jobs.append(Job(f"{mode} {cores} threads", mode, spec.name, 1, cores, 1, variant.overrides, replicas))
         elif not spec.sweeps_microbatches:
-            jobs.append(Job(mode, mode, spec.name, num_stages, 1, 1, ("--train.microbatches=1", *variant.overrides)))
+            jobs.append(Job(mode, mode, spec.name, num_stages, 1, 1, ("--train.microbatches=1", *variant.overrides),
+                            replicas))
         else:
             for m in microbatches:
-                if m > batch_size or not _runs(spec, num_stages, m, batch_size):
+                if m > batch_size // replicas or not _runs(spec, num_stages, m, batch_size, replicas):
                     continue
                 extra = (f"--train.boundaries=[{','.join(boundaries)}]",) if spec.reads_boundaries else ()
                 jobs.append(Job(f"{mode} M={m}", mode, spec.name, num_stages, 1, m,
-                                _microbatch_args(spec, variant, m) + extra))
+                                _microbatch_args(spec, variant, m) + extra, replicas))
     return jobs

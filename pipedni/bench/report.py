@@ -84,7 +84,9 @@ PROFILE_HEADER = ["stage", "params", "fwd+bwd ms alone", "fwd+bwd ms together", 
 
 
 def _title(results: dict) -> str:
-    return f"{results['workload']}: {results['stages']} stages, batch {results['batch_size']}"
+    replicas = results.get("data_parallel", 1)
+    copies = f" x {replicas} replicas" if replicas > 1 else ""
+    return f"{results['workload']}: {results['stages']} stages{copies}, batch {results['batch_size']}"
 
 
 def print_tables(results: dict, console: Optional[Console] = None) -> None:

@@ -30,9 +30,9 @@ class JobFailed(LaunchError):
 
 def command(job: Job, config: str, run_dir: Path, extra: list[str]) -> list[str]:
     args = [config, *job.args(*extra, f"--run.dir={run_dir}")]
-    if job.nproc == 1:
+    if job.processes == 1:
         return [sys.executable, "-m", "pipedni.train", *args]
-    return [sys.executable, "-m", "pipedni.launch", f"--nproc_per_node={job.nproc}", *args]
+    return [sys.executable, "-m", "pipedni.launch", f"--nproc_per_node={job.processes}", *args]
 
 
 def run_job(job: Job, config: str, run_dir: Path, extra: list[str], timeout: float) -> Path:
