@@ -10,7 +10,7 @@ from pipedni.schedules import DeadlockError, simulate as unit_simulate, pipeline
 from pipedni.sim import (PipelineCost, SimAction, StageCost, decoupled_stream, from_profile, replay, simulate,
                          uniform)
 from pipedni.sim.__main__ import main
-from pipedni.sim.costs import HEADER_BYTES
+from pipedni.sim.costs import HEADER_BYTES, allreduce_sec, replicated
 from pipedni.transport.link import LinkSpec
 
 CASES = [(n, m) for n in (2, 3, 5) for m in (1, 2, 4, 7)]
@@ -156,6 +156,28 @@ def test_cli_prints_throughput(capsys):
     assert main(["--schedule", "gpipe", "--stages", "3", "--microbatches", "2", "--steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "gpipe M=2" in out and "samples/s" in out
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "async", "dni"])
+def test_replicas_each_take_their_share_and_wait_for_their_all_reduce(schedule):
+    """D replicas on 1/D of the batch: a free all-reduce makes the job D times faster; a ring
+    all-reduce of 2 (D-1)/D of the gradients over the link lengthens every update by its time."""
+    one = simulate(schedule, unit(4, 4), 4, 30)
+    free = simulate(schedule, replicated(unit(4, 4), 2, [0.0] * 4), 4, 30)
+    assert free.samples_per_sec == pytest.approx(2 * one.samples_per_sec, rel=1e-9)
+    sync = allreduce_sec(1e8, 4, bandwidth_gbps=100.0)  # 100 MB, 4 replicas: 1.5 x 100 MB at 12.5 GB/s
+    assert sync == pytest.approx(0.012)
+    slow = simulate(schedule, replicated(unit(4, 4), 4, [sync] * 4), 4, 30)
+    quarter = simulate(schedule, replicated(unit(4, 4), 4, [0.0] * 4), 4, 30)
+    assert slow.samples_per_sec < quarter.samples_per_sec
+    assert slow.step_sec >= quarter.step_sec + sync * (1 - 1e-9)  # not overlapped with the backward
+
+
+def test_cli_predicts_replicas(capsys):
+    argv = ["--schedule", "1f1b", "--stages", "4", "--microbatches", "8", "--steps", "10"]
+    assert main(argv + ["--data-parallel", "2", "--grad-mb", "100", "--allreduce-gbps", "100"]) == 0
+    assert "4 stages x 2 replicas" in capsys.readouterr().out
+    assert exit_code(argv + ["--data-parallel", "0"]) == 2
 
 
 def exit_code(argv: list[str]) -> int:

@@ -4,9 +4,12 @@
         [--profile results.json | --forward-ms 10 --backward-ms 20 ...] \\
         [--latency-ms 10 --bandwidth-mbps 1000] [--batch-size 256] [--timeline out.png]
     python -m pipedni.sim --sweep --schedules 1f1b,dni,async --forward-ms 10 --backward-ms 20
+    python -m pipedni.sim --schedule 1f1b --stages 4 --data-parallel 2 --grad-mb 100 --allreduce-gbps 100
 
 Costs are per batch and per stage (``--profile``: measured by ``python -m pipedni.bench.profile``
 or a bench ``results.json``); a sweep predicts identical stages, 4 to 64 of them by default.
+``--data-parallel D`` predicts one of D replicas, each on 1/D of the batch, whose updates wait
+for a ring all-reduce of their gradients (``sim.costs.replicated``); samples/s is the job's.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pipedni.errors import USER_ERRORS, ConfigError
 from pipedni.metrics.timeline import chrome_trace, draw
 from pipedni.schedules.actions import DeadlockError
 from pipedni.schedules.streams import DEFAULT_DELAY, DEFAULT_MAX_STALENESS, effective_microbatches, simulated_modes
-from pipedni.sim.costs import PipelineCost, from_profile, uniform
+from pipedni.sim.costs import PipelineCost, allreduce_sec, from_profile, replicated, uniform
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.transport.link import LinkSpec
 
@@ -64,6 +67,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--reduce-norm", action="store_true", help="locked: all-reduce the gradient norm each step")
     p.add_argument("--untrusted", action="store_true", help="dni: every predictor untrusted, so each dni stage "
                    "trains on the true gradient a step late (dni.fallback: delayed), as until its cosine passes")
+    p.add_argument("--data-parallel", type=int, default=1, help="replicas of the pipeline (dist.data_parallel), "
+                   "each on 1/D of the batch, default 1")
+    p.add_argument("--grad-mb", type=float, help="with --data-parallel: each stage's gradients per update, MB "
+                   "(default: the profile's num_params x 4 bytes, else 0)")
+    p.add_argument("--allreduce-gbps", type=float, default=0.0, help="with --data-parallel: the replicas' "
+                   "all-reduce bandwidth, Gbit/s per replica (default 0: unlimited)")
+    p.add_argument("--allreduce-latency-ms", type=float, default=0.0, help="per all-reduce hop, default 0")
     p.add_argument("--timeline", help="write the timeline: .json (Chrome/Perfetto trace) or a picture (.png)")
     p.add_argument("--timeline-steps", type=int, default=3, help="steps drawn, after the untimed ones; default 3")
     p.add_argument("--sweep", action="store_true", help="a table over --sweep-stages for --schedules")
@@ -75,12 +85,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def _numbers(args: argparse.Namespace) -> None:
     """No negative figure gets as far as a cost."""
     for name in ("forward_ms", "backward_ms", "optimizer_ms", "predictor_ms", "activation_bytes", "message_ms",
-                 "receive_ms", "latency_ms", "bandwidth_mbps"):
+                 "receive_ms", "latency_ms", "bandwidth_mbps", "grad_mb", "allreduce_gbps", "allreduce_latency_ms"):
         value = getattr(args, name)
         if value is not None and not value >= 0:
             raise ConfigError(f"--{name.replace('_', '-')} = {value}; must be >= 0")
     if args.stages is not None and args.stages < 1:
         raise ConfigError(f"--stages = {args.stages}; must be >= 1")
+    if args.data_parallel < 1:
+        raise ConfigError(f"--data-parallel = {args.data_parallel}; must be >= 1 (1: one pipeline)")
     if args.cores < 0:
         raise ConfigError(f"--cores = {args.cores}; give 0 (a processor per stage) or more")
     if args.timeline_steps < 1:
@@ -105,7 +117,22 @@ def costs_of(args: argparse.Namespace, num_stages: Optional[int]) -> PipelineCos
     else:
         costs = uniform(num_stages or 4, args.forward_ms / 1e3, args.backward_ms / 1e3, args.optimizer_ms / 1e3,
                         args.predictor_ms / 1e3, args.activation_bytes or 0.0, message_sec=message_sec)
-    return dataclasses.replace(costs, receive_sec=args.receive_ms / 1e3)
+    costs = dataclasses.replace(costs, receive_sec=args.receive_ms / 1e3)
+    return costs if args.data_parallel == 1 else replicated(costs, args.data_parallel, _sync_sec(args, costs))
+
+
+def _sync_sec(args: argparse.Namespace, costs: PipelineCost) -> list[float]:
+    """Each stage's all-reduce of its gradients over the replicas, per update."""
+    if args.grad_mb is not None:
+        grad_bytes = [args.grad_mb * 1e6] * costs.num_stages
+    elif args.profile:
+        entries = _read_profile(args.profile).get("profile", {}).get("stages") or \
+            _read_profile(args.profile).get("stages", [])
+        grad_bytes = [4.0 * entry.get("num_params", 0) for entry in entries]
+    else:
+        grad_bytes = [0.0] * costs.num_stages
+    return [allreduce_sec(b, args.data_parallel, args.allreduce_gbps, args.allreduce_latency_ms / 1e3)
+            for b in grad_bytes]
 
 
 def _batch_size(args: argparse.Namespace) -> int:
@@ -138,7 +165,8 @@ def single(args: argparse.Namespace) -> None:
     costs = costs_of(args, args.stages)
     result = run_one(args, costs, args.schedule, record=args.timeline is not None)
     link = LinkSpec.from_config(args.latency_ms, args.bandwidth_mbps)
-    print(f"simulated {costs.num_stages} stages, {args.steps} steps ({args.warmup} untimed), batch "
+    copies = f" x {args.data_parallel} replicas" if args.data_parallel > 1 else ""
+    print(f"simulated {costs.num_stages} stages{copies}, {args.steps} steps ({args.warmup} untimed), batch "
           f"{_batch_size(args)}, links {link.describe()}" + (f", on {args.cores} shared cores" if args.cores else ""))
     print(result.describe())
     if args.timeline:

@@ -15,9 +15,10 @@ profile has ``forward_sec`` and ``backward_sec`` of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, fields
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from pipedni.errors import ConfigError
 from pipedni.transport.wire import HEADER_LEN
@@ -133,3 +134,30 @@ def from_profile(profile: dict[str, Any], message_sec: float = 0.0, together: bo
                             0.0 if i == last else activation_bytes, 0.0 if i == 0 else activation_bytes)
                   for i, s in enumerate(stages)]
     return PipelineCost(tuple(stages), message_sec)
+
+
+def allreduce_sec(nbytes: float, replicas: int, bandwidth_gbps: float, latency_sec: float = 0.0) -> float:
+    """A ring all-reduce of ``nbytes`` over ``replicas``: each sends and receives 2 (D-1)/D of it
+    in 2 (D-1) hops (``bandwidth_gbps``: gigabits a second per replica, 0: unlimited)."""
+    if replicas <= 1:
+        return 0.0
+    hops = 2 * (replicas - 1)
+    moved = nbytes * hops / replicas
+    return hops * latency_sec + (0.0 if bandwidth_gbps <= 0 else moved * 8 / (bandwidth_gbps * 1e9))
+
+
+def replicated(costs: PipelineCost, replicas: int, sync_sec: Sequence[float]) -> PipelineCost:
+    """One pipeline of ``replicas`` (``dist.data_parallel``), each on 1/D of the batch: every
+    stage's compute and message bytes scale with its share of the rows (per batch: see [Note:
+    simulated costs are per batch]; on a CPU small shares cost more per sample than that, as small
+    microbatches do), and every update first waits for its gradients' average over the replicas,
+    ``sync_sec[i]`` for stage i, added to its optimizer time. Not overlapped with the backward:
+    for locked schedules, whose reducer overlaps it with the step's last backward, an upper bound."""
+    if replicas < 1 or len(sync_sec) != costs.num_stages:
+        raise ConfigError(f"replicas = {replicas} with {len(sync_sec)} all-reduce times for {costs.num_stages} "
+                          "stages; give replicas >= 1 and one time per stage")
+    share = 1.0 / replicas
+    stages = tuple(StageCost(s.forward_sec * share, s.backward_sec * share, s.optimizer_sec + sync,
+                             s.predictor_sec * share, s.activation_bytes * share, s.gradient_bytes * share)
+                   for s, sync in zip(costs.stages, sync_sec))
+    return dataclasses.replace(costs, stages=stages)
