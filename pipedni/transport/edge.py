@@ -34,15 +34,17 @@ class Outbox:
     emulated links])."""
 
     def __init__(self, group, peer: int, wire_device: torch.device, capacity: int, timeout: float, who: str,
-                 link: LinkSpec = LinkSpec(), link_capacity: int = 64, wire_dtype: Optional[torch.dtype] = None):
+                 link: LinkSpec = LinkSpec(), link_capacity: int = 64, wire_dtype: Optional[torch.dtype] = None,
+                 peer_stage: Optional[int] = None):
         self.group, self.peer, self.wire_device = group, peer, wire_device
+        self.peer_name = f"stage {peer if peer_stage is None else peer_stage}"  # peer: its global rank
         self.capacity, self.timeout, self.who, self.wire_dtype = capacity, timeout, who, wire_dtype
         self.pending: deque = deque()  # (works, tensors kept alive, description)
         self.wait_sec = 0.0
         self.num_sent = 0
         self.bytes_sent = 0
         self.sizes: list[NextSize] = []  # per part, the receiver's guess of the next payload's size, kept in step
-        self.link = Link(link, link_capacity, timeout, who, f"to stage {peer}")
+        self.link = Link(link, link_capacity, timeout, who, f"to {self.peer_name}")
 
     def send(self, kind: Kind, step: int, microbatch: int, value: Optional[Value] = None) -> None:
         """One message: a tensor, a tuple of them (each part with its own header, an empty tuple
@@ -109,8 +111,8 @@ class Outbox:
         except RuntimeError as err:
             what = _what(header.kind, header.step, header.microbatch)
             raise TransportError(
-                f"{self.who} could not send {what} to stage {self.peer} within {self.timeout:.0f}s "
-                f"(is stage {self.peer} alive and receiving?): {str(err).splitlines()[0]}"
+                f"{self.who} could not send {what} to {self.peer_name} within {self.timeout:.0f}s "
+                f"(is {self.peer_name} alive and receiving?): {str(err).splitlines()[0]}"
             ) from None
         self.wait_sec += time.perf_counter() - start
 
@@ -131,8 +133,10 @@ class Inbox:
 
     waits_for_room = True  # a full mailbox stops the receiving (back-pressure), unless the consumer receives
 
-    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str,
+                 peer_stage: Optional[int] = None):
         self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
+        self.peer_name = f"stage {peer if peer_stage is None else peer_stage}"  # peer: its global rank
         self.capacity, self.who = capacity, who
         self.mailbox: dict[tuple[int, int, int], tuple[float, list[Part]]] = {}  # each message's due time and parts
         self.cond = threading.Condition()
@@ -201,7 +205,7 @@ class Inbox:
             while self.waits_for_room and len(self.mailbox) >= self.capacity:
                 self.cond.wait()
             if key in self.mailbox:
-                raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from stage {self.peer}")
+                raise TransportError(f"{self.who} received {_what(header.kind, header.step, header.microbatch)} twice from {self.peer_name}")
             self.mailbox[key] = (due, parts)
             self.num_received += 1
             self.peak_queued = max(self.peak_queued, len(self.mailbox))
@@ -211,23 +215,23 @@ class Inbox:
         if self.error is not None:
             detail = (str(self.error).splitlines() or [type(self.error).__name__])[0]
             err = TransportError(
-                f"{self.who} lost the connection from stage {self.peer} while waiting for {what} "
-                f"(stage {self.peer} exited or crashed; its own error says why): {detail[:120]}"
+                f"{self.who} lost the connection from {self.peer_name} while waiting for {what} "
+                f"({self.peer_name} exited or crashed; its own error says why): {detail[:120]}"
             )
             err.neighbour_lost = True  # a consequence: the CLI lets the neighbour's own error go first
             raise err
         if self.closed:
-            raise TransportError(f"{self.who} waited for {what} but stage {self.peer} had already closed its side")
+            raise TransportError(f"{self.who} waited for {what} but {self.peer_name} had already closed its side")
 
     def _timed_out(self, what: str, timeout: float, due: Optional[float]) -> None:
         if due is not None:
             raise TransportError(
-                f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer}, which the "
+                f"{self.who} timed out after {timeout:.0f}s waiting for {what} from {self.peer_name}, which the "
                 f"emulated link holds {due - time.perf_counter():.0f}s more; raise dist.timeout_sec or the link's "
                 "bandwidth (dist.link_bandwidth_mbps)")
         raise TransportError(
-            f"{self.who} timed out after {timeout:.0f}s waiting for {what} from stage {self.peer} "
-            f"({len(self.mailbox)} other message(s) queued); is stage {self.peer} stuck or much slower? "
+            f"{self.who} timed out after {timeout:.0f}s waiting for {what} from {self.peer_name} "
+            f"({len(self.mailbox)} other message(s) queued); is {self.peer_name} stuck or much slower? "
             "raise dist.timeout_sec if so")
 
     def has(self, kind: Kind, step: int, microbatch: int) -> bool:
@@ -276,8 +280,9 @@ class Inbox:
 class ThreadInbox(Inbox):
     """An inbox whose own thread receives every message as it lands; consumers wait on the mailbox."""
 
-    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
-        super().__init__(group, peer, wire_device, device, capacity, who)
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str,
+                 peer_stage: Optional[int] = None):
+        super().__init__(group, peer, wire_device, device, capacity, who, peer_stage)
         self.thread = threading.Thread(target=self._run, name=f"recv-from-{peer}", daemon=True)
         self.thread.start()
 
@@ -317,7 +322,7 @@ class ThreadInbox(Inbox):
     def join(self, timeout: float) -> None:
         self.thread.join(timeout)
         if self.thread.is_alive():
-            raise TransportError(f"{self.who} did not receive the closing message from stage {self.peer} within {timeout:.0f}s")
+            raise TransportError(f"{self.who} did not receive the closing message from {self.peer_name} within {timeout:.0f}s")
         if self.error is not None:
             self._check_alive("the closing message")
 
@@ -330,8 +335,9 @@ class DirectInbox(Inbox):
 
     waits_for_room = False
 
-    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str):
-        super().__init__(group, peer, wire_device, device, capacity, who)
+    def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str,
+                 peer_stage: Optional[int] = None):
+        super().__init__(group, peer, wire_device, device, capacity, who, peer_stage)
         self._post()
 
     def take(self, kind: Kind, step: int, microbatch: int, timeout: float) -> tuple[tuple[Header, ...], Value]:

@@ -97,11 +97,13 @@ class Transport:
                 if r != replica:
                     continue
                 if stage_index == edge:  # my "next" link
-                    self.outboxes["next"] = Outbox(forward, ranks[1], wire_device, window, timeout, self.who, **sends)
-                    self.inboxes["next"] = inbox(backward, ranks[1], wire_device, device, queue_size, self.who)
+                    self.outboxes["next"] = Outbox(forward, ranks[1], wire_device, window, timeout, self.who, **sends,
+                                                   peer_stage=edge + 1)
+                    self.inboxes["next"] = inbox(backward, ranks[1], wire_device, device, queue_size, self.who, edge + 1)
                 elif stage_index == edge + 1:  # my "prev" link
-                    self.inboxes["prev"] = inbox(forward, ranks[0], wire_device, device, queue_size, self.who)
-                    self.outboxes["prev"] = Outbox(backward, ranks[0], wire_device, window, timeout, self.who, **sends)
+                    self.inboxes["prev"] = inbox(forward, ranks[0], wire_device, device, queue_size, self.who, edge)
+                    self.outboxes["prev"] = Outbox(backward, ranks[0], wire_device, window, timeout, self.who, **sends,
+                                                   peer_stage=edge)
         # This pipeline's stages (the whole world when there is one pipeline), and its holders of each tied weight.
         self.group = None
         self.tied_groups = []
@@ -131,10 +133,10 @@ class Transport:
     def recv(self, direction: str, kind: Kind, step: int, microbatch: int, expect: Optional[Spec] = None) -> Value:
         headers, value = self.inboxes[direction].take(kind, step, microbatch, self.timeout)
         if expect is not None and not spec_matches(expect, headers):
-            peer = self.inboxes[direction].peer
+            peer = self.inboxes[direction].peer_name
             raise TransportError(
-                f"{self.who} expected {_what(kind, step, microbatch)} from stage {peer} as {describe_spec(expect)} "
-                f"but stage {peer} sent {describe_headers(headers)}"
+                f"{self.who} expected {_what(kind, step, microbatch)} from {peer} as {describe_spec(expect)} "
+                f"but {peer} sent {describe_headers(headers)}"
             )
         return value
 
@@ -188,7 +190,7 @@ class Transport:
             inbox.join(self.timeout)
         for outbox in self.outboxes.values():
             outbox.flush()
-        leftover = [f"{m} from stage {i.peer}" for i in self.inboxes.values() for m in i.pending()]
+        leftover = [f"{m} from {i.peer_name}" for i in self.inboxes.values() for m in i.pending()]
         if leftover:
             raise TransportError(f"{self.who} closed with {len(leftover)} unconsumed message(s): {', '.join(leftover[:5])}")
 
