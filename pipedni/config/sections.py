@@ -135,7 +135,7 @@ class TrainConfig:
     precision: Literal["fp32", "bf16", "fp16"] = _f(
         "fp32", "Compute dtype of every forward (stages, predictors, synthetic inputs) under autocast; weights, "
                 "optimizer state and the loss stay fp32. GPUs: bf16 (A100, H100; fp16 adds a loss scale and runs "
-                "locked schedules only). See docs/usage.md, 'Mixed precision'.",
+                "locked schedules only). See docs/gpu.md, 'Mixed precision'.",
     )
     activation_checkpointing: Literal["none", "blocks", "stage"] = _f(
         "none", "Recompute activations in the backward instead of keeping them: blocks (each block of an "

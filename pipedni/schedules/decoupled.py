@@ -390,13 +390,11 @@ def _mixed_copies(cfg: Config) -> int:
 DNI_METRICS = METRICS + SI_METRICS  # a schedule with dni boundaries, which may have synthetic inputs
 ASYNC = ScheduleSpec("async", "delayed true gradients: stage i updates from the gradient of step t - d_i "
                      "(delayed.* settings)", build=lambda ctx: build_decoupled(ctx, ASYNC), min_stages=2, locked=False,
-                     metrics=METRICS,
-                     wait_grad_header="backpressure s", copies_weights=_async_copies,
+                     metrics=METRICS, wait_grad_header="backpressure s", copies_weights=_async_copies,
                      microbatch_key=None, sweeps_microbatches=False, boundary_modes=every_boundary(BoundaryMode.ASYNC))
 MIXED = ScheduleSpec("mixed", "each boundary locked, dni or async (train.boundaries; dni.*, delayed.* settings)",
                      build=lambda ctx: build_decoupled(ctx, MIXED), min_stages=2, locked=False, check=check_mixed,
-                     metrics=DNI_METRICS,
-                     wait_grad_header="wait grad s", predictor_boundaries=_dni_boundaries,
+                     metrics=DNI_METRICS, wait_grad_header="wait grad s", predictor_boundaries=_dni_boundaries,
                      copies_weights=_mixed_copies, boundary_modes=listed_modes, reads_boundaries=True,
                      synthetic_gradients=True)
 SPECS = (ASYNC, MIXED)
