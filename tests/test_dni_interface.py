@@ -191,3 +191,47 @@ def test_feature_maps_get_a_conv_predictor_with_labels_tiled():
     h.square().sum().backward()
     assert boundary.num_fits == 1
     assert conv.weight.grad is not None and conv.weight.grad.abs().sum() == 0  # the zero last layer's first output
+
+
+class ThreeBlocks(nn.Module):
+    """The net a user writes: three Linear blocks, a cDNI Boundary (at its defaults) after each
+    hidden one, or none (plain backprop)."""
+
+    def __init__(self, boundaries: bool):
+        super().__init__()
+        self.b1, self.b2, self.head = nn.Linear(784, 256), nn.Linear(256, 256), nn.Linear(256, 10)
+        make = (lambda: Boundary((256,), num_classes=10, condition_on_labels=True)) if boundaries else (lambda: None)
+        self.sg1, self.sg2 = make(), make()
+
+    def forward(self, x, y=None):
+        h = torch.relu(self.b1(x))
+        h = h if self.sg1 is None else self.sg1(h, context=y)
+        h = torch.relu(self.b2(h))
+        return self.head(h if self.sg2 is None else self.sg2(h, context=y))
+
+
+def test_default_cdni_boundaries_in_a_plain_adam_loop_come_within_3_points_of_backprop():
+    """Two epochs of Fashion-MNIST, Adam 1e-3, batch 128, as a new user writes it: the default
+    predictor (linear on flat features) lets both decoupled blocks learn nearly what backprop
+    does (measured 0.848-0.854 against 0.862-0.866 over 3 seeds; the earlier mlp default 0.58)."""
+    from pipedni.data import load_datasets
+    from pipedni.config import DataConfig
+
+    train, test = load_datasets(DataConfig(name="fashion_mnist"))
+    x, y = train.inputs.reshape(len(train.inputs), -1), train.targets
+    accuracy = {}
+    for boundaries in (False, True):
+        torch.manual_seed(0)
+        net = ThreeBlocks(boundaries)
+        opt = torch.optim.Adam(net.parameters(), 1e-3)
+        for _ in range(2):
+            order = torch.randperm(len(x))
+            for i in range(0, len(x), 128):
+                rows = order[i:i + 128]
+                opt.zero_grad()
+                F.cross_entropy(net(x[rows], y[rows]), y[rows]).backward()
+                opt.step()
+        net.eval()
+        with torch.no_grad():
+            accuracy[boundaries] = (net(test.inputs.reshape(len(test.inputs), -1)).argmax(1) == test.targets).float().mean()
+    assert accuracy[True] >= accuracy[False] - 0.03, accuracy

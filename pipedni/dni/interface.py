@@ -42,15 +42,16 @@ OPTIONS = ("kind", "condition_on_labels", "hidden_layers", "hidden_width", "rank
 
 def boundary_config(feature_shape: Sequence[int], options: dict) -> DNIConfig:
     """The engine's DNIConfig with a Boundary's defaults: a conv predictor on feature maps
-    ``(C, H, W)``, else an mlp, as wide as the boundary (C channels, or the features of a sample
-    or a position; there is no stage to size ``auto`` against), used from the start as in the
-    paper (``min_cosine`` 0)."""
+    ``(C, H, W)`` (as wide as the boundary's C channels), else a linear one (there is no stage to
+    size ``auto`` against; in a user's Adam loop a linear predictor learnt what backprop does
+    where an mlp one fell far short, and costs less: docs/results.md, "DNI in your own loop"),
+    used from the start as in the paper (``min_cosine`` 0)."""
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise TypeError(f"pipedni.dni.Boundary got unknown option(s) {unknown}; valid: {', '.join(OPTIONS)}")
     maps = len(feature_shape) == 3
     width = feature_shape[0] if maps else feature_shape[-1] if len(feature_shape) == 2 else math.prod(feature_shape)
-    defaults = {"kind": "conv" if maps else "mlp", "hidden_width": int(width), "min_cosine": 0.0,
+    defaults = {"kind": "conv" if maps else "linear", "hidden_width": int(width), "min_cosine": 0.0,
                 "condition_on_labels": False}
     cfg = dataclasses.replace(DNIConfig(), **{**defaults, **options})
     if cfg.kind == "auto":
