@@ -14,6 +14,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import pickle
 import queue
 import socket
 import subprocess
@@ -59,7 +60,9 @@ def _entry(fn, rank, world_size, port, args, results, backend):
         if backend == "nccl":
             torch.cuda.set_device(rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size, timeout=datetime.timedelta(seconds=60))
-        results.put((rank, True, fn(rank, world_size, *args), None))
+        # pickled here, by value: a queue pickles in a thread of its own, whose failure would never
+        # reach the parent, and would hand tensors over as file descriptors this exiting process closes
+        results.put((rank, True, pickle.dumps(fn(rank, world_size, *args)), None))
     except BaseException as err:  # reported to the parent, which fails the test
         try:
             pickled: BaseException | None = err
@@ -92,7 +95,7 @@ def run_distributed(fn: Callable[..., Any], world_size: int, *args: Any, timeout
                 missing = sorted(set(range(world_size)) - set(out))
                 raise TimeoutError(f"ranks {missing} did not finish within {timeout:.0f}s") from None
             if ok:
-                out[rank] = value
+                out[rank] = pickle.loads(value)
             elif allow_failures:
                 out[rank] = RankFailed(rank, err, value)
             else:
