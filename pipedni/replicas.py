@@ -45,6 +45,8 @@ NO_BUFFER_SYNC = ({"forward_sync_buffers": False}
 class OneReplica:
     """No replicas: nothing to average or agree on."""
 
+    ddp = None
+
     def before_last_backward(self, outputs) -> None:
         pass
 

@@ -69,7 +69,7 @@ class PeerWorker(Worker):
         rows = ctx.cfg.data.batch_size // ctx.cfg.dist.data_parallel // m
         # Static microbatch shapes from the start-up probe: no shape inference round at the first step.
         module = Autocast(stage.module, stage.precision) if stage.precision.mixed else stage.module
-        ddp = getattr(stage.replicas, "ddp", None)
+        ddp = stage.replicas.ddp
         if ddp is not None:  # torch's stage syncs a DDP submodule on its last backward
             module = DistributedDataParallel(module, process_group=ddp.process_group, device_ids=ddp.device_ids,
                                              **NO_BUFFER_SYNC)

@@ -25,7 +25,7 @@ from pipedni.errors import USER_ERRORS, ConfigError
 from pipedni.metrics.timeline import chrome_trace, draw
 from pipedni.schedules.actions import DeadlockError
 from pipedni.schedules.streams import DEFAULT_DELAY, DEFAULT_MAX_STALENESS, effective_microbatches, simulated_modes
-from pipedni.sim.costs import PipelineCost, allreduce_sec, from_profile, replicated, uniform
+from pipedni.sim.costs import PipelineCost, allreduce_sec, from_profile, profile_stages, replicated, uniform
 from pipedni.sim.pipeline import SimResult, simulate
 from pipedni.transport.link import LinkSpec
 
@@ -126,9 +126,7 @@ def _sync_sec(args: argparse.Namespace, costs: PipelineCost) -> list[float]:
     if args.grad_mb is not None:
         grad_bytes = [args.grad_mb * 1e6] * costs.num_stages
     elif args.profile:
-        entries = _read_profile(args.profile).get("profile", {}).get("stages") or \
-            _read_profile(args.profile).get("stages", [])
-        grad_bytes = [4.0 * entry.get("num_params", 0) for entry in entries]
+        grad_bytes = [4.0 * entry.get("num_params", 0) for entry in profile_stages(_read_profile(args.profile))]
     else:
         grad_bytes = [0.0] * costs.num_stages
     return [allreduce_sec(b, args.data_parallel, args.allreduce_gbps, args.allreduce_latency_ms / 1e3)

@@ -116,18 +116,23 @@ def _stage_from_profile(entry: dict[str, Any], index: int, together: bool, micro
                      entry.get("activation_bytes", 0.0), entry.get("gradient_bytes", 0.0))
 
 
+def profile_stages(profile: dict[str, Any]) -> list[dict[str, Any]]:
+    """The per-stage entries of ``python -m pipedni.bench.profile``'s JSON, or of a bench ``results.json``."""
+    profile = profile.get("profile", profile)
+    entries = profile.get("stages") if isinstance(profile, dict) else None
+    if not entries:
+        raise ConfigError("the profile has no 'stages' list; give the output of python -m pipedni.bench.profile "
+                          "or a bench results.json")
+    return entries
+
+
 def from_profile(profile: dict[str, Any], message_sec: float = 0.0, together: bool = False,
                  activation_bytes: Optional[float] = None, microbatches: Optional[int] = None) -> PipelineCost:
     """Costs from ``python -m pipedni.bench.profile``'s JSON, or a bench ``results.json`` (its
     ``profile``). ``together``: the times taken with every stage running at once;
     ``microbatches``: a run's microbatch count, whose timing the profile may hold.
     ``activation_bytes`` (per batch) fills each boundary's messages where the profile has none."""
-    profile = profile.get("profile", profile)
-    entries = profile.get("stages") if isinstance(profile, dict) else None
-    if not entries:
-        raise ConfigError("the profile has no 'stages' list; give the output of python -m pipedni.bench.profile "
-                          "or a bench results.json")
-    stages = [_stage_from_profile(entry, i, together, microbatches) for i, entry in enumerate(entries)]
+    stages = [_stage_from_profile(entry, i, together, microbatches) for i, entry in enumerate(profile_stages(profile))]
     if activation_bytes is not None:
         last = len(stages) - 1
         stages = [StageCost(s.forward_sec, s.backward_sec, s.optimizer_sec, s.predictor_sec,

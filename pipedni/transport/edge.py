@@ -27,6 +27,12 @@ Part = tuple[Header, torch.Tensor, object]  # one tensor of a message as receive
 IDLE_WAIT = datetime.timedelta(days=365)
 
 
+def peer_name(peer: int, stage: Optional[int]) -> str:
+    """How messages name the neighbour: by its stage (``peer`` is its global rank, which differs
+    once the pipeline is replicated)."""
+    return f"stage {peer if stage is None else stage}"
+
+
 class Outbox:
     """Send side of one edge direction: async sends, at most ``capacity`` in flight (each holding
     its tensor alive); the oldest is waited for before another starts. Each message is posted at
@@ -37,7 +43,7 @@ class Outbox:
                  link: LinkSpec = LinkSpec(), link_capacity: int = 64, wire_dtype: Optional[torch.dtype] = None,
                  peer_stage: Optional[int] = None):
         self.group, self.peer, self.wire_device = group, peer, wire_device
-        self.peer_name = f"stage {peer if peer_stage is None else peer_stage}"  # peer: its global rank
+        self.peer_name = peer_name(peer, peer_stage)
         self.capacity, self.timeout, self.who, self.wire_dtype = capacity, timeout, who, wire_dtype
         self.pending: deque = deque()  # (works, tensors kept alive, description)
         self.wait_sec = 0.0
@@ -136,7 +142,7 @@ class Inbox:
     def __init__(self, group, peer: int, wire_device: torch.device, device: torch.device, capacity: int, who: str,
                  peer_stage: Optional[int] = None):
         self.group, self.peer, self.wire_device, self.device = group, peer, wire_device, device
-        self.peer_name = f"stage {peer if peer_stage is None else peer_stage}"  # peer: its global rank
+        self.peer_name = peer_name(peer, peer_stage)
         self.capacity, self.who = capacity, who
         self.mailbox: dict[tuple[int, int, int], tuple[float, list[Part]]] = {}  # each message's due time and parts
         self.cond = threading.Condition()
